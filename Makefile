@@ -1,0 +1,29 @@
+# Two commands do everything on a fresh machine:
+#   make run    set up, then generate the sample videos with the tiny model (outputs/sample-tiny)
+#   make test   set up, then run the test suite
+# ARGS passes Hydra overrides to `make run`, e.g. make run ARGS="model=svd_xt manifest.path=m.parquet"
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# On a machine without an NVIDIA GPU the CPU build of torch is installed first (fast, small);
+# where nvidia-smi works, pip's default (CUDA) build is used. Override with TORCH_SPEC=...
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+
+.PHONY: setup run test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+run: setup
+	$(BIN)/svd-batch $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) outputs/* build *.egg-info

@@ -1,0 +1,48 @@
+"""Step 5: results.parquet for the manifest, and the short summary a person reads at the end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .rundir import RESULT_SCHEMA, RunDir, write_parquet_atomic
+
+
+def results_table(records: pa.Table, manifest: pa.Table, extra_columns: list[str]) -> pa.Table:
+    """One row per manifest row that has a record, in manifest order, with the manifest's extra columns."""
+    if records.num_rows == 0:
+        return RESULT_SCHEMA.empty_table()
+    keep = manifest.select(["id", "row", *extra_columns]).rename_columns(["id", "__row", *extra_columns])
+    joined = records.join(keep, "id", join_type="inner", use_threads=False)
+    joined = joined.sort_by("__row")
+    row_idx = joined.schema.get_field_index("row")
+    joined = joined.set_column(row_idx, "row", joined["__row"]).drop_columns(["__row"])
+    ordered = [f.name for f in RESULT_SCHEMA] + extra_columns
+    return joined.select(ordered)
+
+
+def write_results(rundir: RunDir, records: pa.Table, manifest: pa.Table, extra_columns: list[str]) -> pa.Table:
+    table = results_table(records, manifest, extra_columns)
+    write_parquet_atomic(table, rundir.results_path)
+    return table
+
+
+def summary(results: pa.Table, *, total: int, ran: list[float], wall_seconds: float, output_dir: str) -> str:
+    ok = pc.sum(pc.equal(results["status"], "ok")).as_py() or 0 if results.num_rows else 0
+    failed = pc.sum(pc.equal(results["status"], "failed")).as_py() or 0 if results.num_rows else 0
+    pending = total - ok - failed
+    lines = [f"svd-batch: {ok} ok, {failed} failed" + (f", {pending} not done" if pending else "") + f" of {total} rows"]
+    if ran:
+        per_min = 60.0 * len(ran) / wall_seconds if wall_seconds > 0 else float("nan")
+        lines.append(
+            f"  this run: {len(ran)} rows in {wall_seconds:.1f} s, {per_min:.1f} videos/min, "
+            f"median {float(np.median(ran)):.2f} s per video"
+        )
+    else:
+        lines.append("  this run: nothing left to do")
+    lines.append(f"  output: {output_dir}  (videos/, results.parquet)")
+    if failed:
+        lines.append("  failed rows are listed with their errors in results.parquet (status == 'failed'); "
+                     "fix them and rerun with retry_failed=true")
+    return "\n".join(lines)
