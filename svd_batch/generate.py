@@ -48,17 +48,18 @@ def resolve_model_path(path: str, variant: str | None = None, name: str | None =
     try:
         return snapshot_download(path, allow_patterns=patterns)
     except Exception as exc:  # noqa: BLE001 - any failure here means the same thing to the user
+        include = f" --include '*.{variant}.safetensors' --include '*.json' --include '*.txt'" if variant else ""
         hint = (
             " It is gated: accept its licence on https://huggingface.co/" + path + " and log in with "
-            "`huggingface-cli login` first."
+            "`hf auth login` first."
             if "1-1" in path else ""
         )
         raise ModelUnavailable(
             f"The weights of model {name or path} ({path}) are not in the local Hugging Face cache and could not "
             f"be fetched from the Hub ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})."
-            f"{hint} Fetch them on a machine with internet access with `huggingface-cli download {path}"
-            f"{' --include ' + repr('*' + variant + '*') + ' --include *.json' if variant else ''}` (the cache "
-            "is $HF_HOME, default ~/.cache/huggingface, and can be copied to the nodes), or point model.path "
+            f"{hint} Fetch them on a machine with internet access with `hf download {path}"
+            f"{include}` (older huggingface_hub: `huggingface-cli download`; the cache is $HF_HOME, default "
+            "~/.cache/huggingface, and can be copied to the nodes), or point model.path "
             "at a local diffusers-format folder. Nothing was run."
         ) from None
 

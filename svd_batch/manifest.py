@@ -182,7 +182,7 @@ def load_manifest(
     if not pa.types.is_string(image.type) and not pa.types.is_large_string(image.type):
         raise ManifestError(source, [Problem(None, None, theirs["image"], str(image.type), "strings")])
     image = pc.cast(image, pa.string())
-    bad_image = pc.or_(pc.is_null(image), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(image)), 0))
+    bad_image = pc.or_kleene(pc.is_null(image), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(image)), 0))
 
     # 2. Ids: given ones are checked; missing ones are derived from the row number and the image name.
     derived = _derived_ids(rows, image)
@@ -195,7 +195,8 @@ def load_manifest(
     # 3. Generation fields, with defaults filled in: row > dataset defaults > generation.*.
     resolved: dict[str, pa.ChunkedArray] = {}
     for name in GENERATION_FIELDS:
-        fallback = (defaults or {}).get(name, generation.get(name))
+        # A missing seed is not filled with generation.seed: that is the base the row's seed is derived from.
+        fallback = None if name == "seed" else (defaults or {}).get(name, generation.get(name))
         col = theirs[name]
         values, col_problems = _typed_column(raw, col, name, rows, ids)
         problems += col_problems
@@ -280,13 +281,13 @@ def _range_problems(resolved: Mapping[str, pa.ChunkedArray], rows, ids) -> list[
         if name == "seed":  # a missing seed is derived at planning time
             bad = pc.and_(bad, pa.scalar(False))
         if name in FLOAT_FIELDS:
-            bad = pc.or_(bad, pc.invert(pc.is_finite(values)))
+            bad = pc.or_kleene(bad, pc.invert(pc.is_finite(values)))
         if low is not None:
-            bad = pc.or_(bad, pc.less(values, low))
+            bad = pc.or_kleene(bad, pc.less(values, low))
         if high is not None:
-            bad = pc.or_(bad, pc.greater(values, high))
+            bad = pc.or_kleene(bad, pc.greater(values, high))
         if multiple is not None:
-            bad = pc.or_(bad, pc.not_equal(pc.bit_wise_and(values, multiple - 1), 0))
+            bad = pc.or_kleene(bad, pc.not_equal(pc.bit_wise_and(values, multiple - 1), 0))
         mask = pc.fill_null(bad, False)
         for i in np.flatnonzero(mask.to_numpy(zero_copy_only=False)):
             value = values[i].as_py()
@@ -317,4 +318,4 @@ def _resolve_images(image: pa.ChunkedArray, root: str) -> pa.ChunkedArray:
     expanded = pc.replace_substring_regex(image, r"^~/", os.path.expanduser("~").rstrip("/") + "/")
     is_abs = pc.starts_with(expanded, "/")
     joined = pc.binary_join_element_wise(pa.scalar(root.rstrip("/")), expanded, "/")
-    return pc.if_else(pc.or_(is_url, is_abs), expanded, joined)
+    return pc.if_else(pc.or_kleene(is_url, is_abs), expanded, joined)

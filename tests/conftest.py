@@ -1,0 +1,64 @@
+"""Shared fixtures: the tiny model in a per-session cache, sample images, manifests and CLI runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "svd_batch" / "data" / "sample"
+
+# Tiny rows: 64x64, 8 frames, 4 steps (about 0.2 s each on one core).
+TINY = ["model=tiny", "generation.height=64", "generation.width=64", "generation.num_frames=8",
+        "generation.num_inference_steps=4", "runtime.progress=false"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_cache(tmp_path_factory):
+    """Every test (and every subprocess it starts) shares one tiny checkpoint, built once per session."""
+    cache = tmp_path_factory.mktemp("svd-batch-cache")
+    os.environ["SVD_BATCH_CACHE"] = str(cache)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from svd_batch.tiny import ensure_tiny_model
+
+    ensure_tiny_model()
+    return cache
+
+
+@pytest.fixture()
+def images(tmp_path) -> Path:
+    d = tmp_path / "images"
+    d.mkdir()
+    for f in ("rocket.jpg", "cat.jpg", "coffee.jpg", "astronaut.jpg"):
+        shutil.copy(SAMPLE / f, d / f)
+    return d
+
+
+def write_manifest(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if schema is None:  # from_pylist would take the columns of the first row only
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        table = pa.table({k: [r.get(k) for r in rows] for k in keys})
+    else:
+        table = pa.Table.from_pylist(rows, schema=schema)
+    pq.write_table(table, path)
+    return path
+
+
+def run_cli(*overrides: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600,
+            threads: int = 1) -> subprocess.CompletedProcess:
+    """`python -m svd_batch` as a user runs it; one torch thread so frames compare across runs."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    args = [sys.executable, "-m", "svd_batch", *TINY, f"runtime.threads={threads}", *overrides]
+    return subprocess.run(args, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_results(out: Path) -> pa.Table:
+    return pq.read_table(out / "results.parquet")

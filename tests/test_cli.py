@@ -1,0 +1,129 @@
+"""End to end: `python -m svd_batch` as a user runs it, on the tiny model."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from svd_batch.fields import CONDITIONING_FIELDS
+from svd_batch.plan import derive_seed
+from tests.conftest import REPO, read_results, run_cli, write_manifest
+from tests.test_write import read_mp4
+
+
+def test_bundled_sample_job_runs_every_row(tmp_path):
+    """The README's run command: no arguments, the bundled sample, the tiny model, a stable folder."""
+    env = {"PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "svd_batch", "runtime.progress=false"], cwd=tmp_path,
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "outputs" / "sample-tiny"
+    results = read_results(out)
+    assert results.num_rows == 8 and set(results["status"].to_pylist()) == {"ok"}
+    assert sorted(os.listdir(out / "videos")) == sorted(f"{i}.mp4" for i in results["id"].to_pylist())
+    assert "8 ok, 0 failed of 8 rows" in proc.stderr
+    # The same command again reaches the same folder and finds nothing left to do.
+    again = subprocess.run([sys.executable, "-m", "svd_batch", "runtime.progress=false"], cwd=tmp_path,
+                           env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "nothing left to do" in again.stderr
+    assert read_results(out).equals(results)
+
+
+def test_results_schema_videos_and_overrides(tmp_path, images):
+    rows = [
+        {"id": "a", "image": "images/cat.jpg", "fps": 12, "num_frames": 5},
+        {"id": "b", "image": "images/coffee.jpg", "seed": 3, "height": 48, "width": 80, "motion_bucket_id": 10},
+        {"image": "images/rocket.jpg", "caption": "a rocket"},
+    ]
+    m = write_manifest(tmp_path / "m.parquet", rows)
+    out = tmp_path / "out"
+    # Command-line overrides set the defaults that rows without a value use.
+    proc = run_cli(f"manifest.path={m}", f"output.dir={out}", "generation.fps=5", "generation.seed=777",
+                   "generation.noise_aug_strength=0.1", "video.crf=23")
+    assert proc.returncode == 0, proc.stderr
+    t = read_results(out)
+    expected = {"id", "status", "error", "video_path", "image", "seed", "frames_sha256", "load_seconds",
+                "generate_seconds", "write_seconds", "total_seconds", "peak_vram_bytes", "peak_host_memory_bytes",
+                "device", "rank", "host", "started_at", "finished_at", *CONDITIONING_FIELDS}
+    assert expected <= set(t.column_names)
+    assert t.schema.field("seed").type == pa.int64() and t.schema.field("noise_aug_strength").type == pa.float64()
+    assert t.schema.field("started_at").type == pa.timestamp("us", tz="UTC")
+    assert "extra.caption" in t.column_names and t["extra.caption"].to_pylist() == [None, None, "a rocket"]
+
+    df = pd.read_parquet(out / "results.parquet")  # what users open it with
+    assert list(df["id"]) == ["a", "b", "000002-rocket"]
+    a, b, c = (df.iloc[i] for i in range(3))
+    assert (a.fps, a.num_frames, a.height, a.width) == (12, 5, 64, 64)
+    assert (b.fps, b.seed, b.height, b.width, b.motion_bucket_id) == (5, 3, 48, 80, 10)
+    assert a.seed == derive_seed(777, "a") and c.seed == derive_seed(777, "000002-rocket")
+    assert all(df.noise_aug_strength == 0.1) and all(df.status == "ok") and df.error.isna().all()
+    assert all(df.device == "cpu") and df.peak_vram_bytes.isna().all() and all(df.peak_host_memory_bytes > 0)
+    assert all(df.total_seconds >= df.generate_seconds) and all(df.generate_seconds > 0)
+    assert all(df.finished_at >= df.started_at) and all(df["rank"] == 0)
+    assert all(len(h) == 64 for h in df.frames_sha256)
+
+    for r in df.itertuples():
+        meta, frames = read_mp4(out / r.video_path)
+        assert frames.shape == (r.num_frames, r.height, r.width, 3)
+        assert meta["fps"] == r.fps
+    assert (out / "config.yaml").exists() and "crf: 23" in (out / "config.yaml").read_text()
+    leftovers = [f for _, _, fs in os.walk(out) for f in fs if ".tmp-" in f]
+    assert leftovers == [] and not list((out / ".svd-batch" / "parts").iterdir())
+
+
+def test_bad_manifest_stops_before_work_with_exit_2(tmp_path):
+    rows = [{"id": "ok", "image": "x.jpg"}, {"id": "loud", "image": "x.jpg", "motion_bucket_id": 300},
+            {"id": "slow", "image": "x.jpg", "fps": 0}, {"id": "ok", "image": "y.jpg"}]
+    m = write_manifest(tmp_path / "m.parquet", rows)
+    out = tmp_path / "out"
+    proc = run_cli(f"manifest.path={m}", f"output.dir={out}")
+    assert proc.returncode == 2
+    err = proc.stderr
+    assert "row 1 (id 'loud'): column 'motion_bucket_id' = 300; allowed: an integer in 0..255" in err
+    assert "row 2 (id 'slow'): column 'fps' = 0" in err
+    assert "row 3 (id 'ok')" in err and "unique id" in err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_missing_real_checkpoint_gives_the_fetch_command(tmp_path):
+    proc = run_cli("model=svd_xt", f"output.dir={tmp_path / 'out'}",
+                   env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2
+    assert "stabilityai/stable-video-diffusion-img2vid-xt" in proc.stderr
+    assert "hf download stabilityai/stable-video-diffusion-img2vid-xt" in proc.stderr
+    assert "model.path" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "videos").exists()
+
+
+def test_dry_run_prints_plan_without_model(tmp_path, images):
+    m = write_manifest(tmp_path / "m.parquet", [{"image": "images/cat.jpg", "fps": f} for f in (5, 9)])
+    proc = run_cli(f"manifest.path={m}", f"output.dir={tmp_path / 'out'}", "dry_run=true")
+    assert proc.returncode == 0, proc.stderr
+    assert "2 to run" in proc.stdout and "fps 5..9" in proc.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_editable_install_carries_configs_and_sample(tmp_path):
+    """`pip install .` (a wheel) must work without the source tree: configs and sample travel."""
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(wheels), str(REPO)], check=True, capture_output=True, timeout=300)
+    target = tmp_path / "site"
+    whl = next(wheels.glob("svd_batch-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(whl)],
+                   check=True, capture_output=True, timeout=300)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    proc = subprocess.run([sys.executable, "-c", "import svd_batch, sys; print(svd_batch.__file__)"],
+                          cwd=work, env=env, capture_output=True, text=True)
+    assert proc.stdout.startswith(str(target))
+    proc = subprocess.run([str(target / "bin" / "svd-batch") if (target / "bin" / "svd-batch").exists()
+                           else sys.executable, *([] if (target / "bin" / "svd-batch").exists() else
+                           ["-m", "svd_batch"]), "dry_run=true"], cwd=work, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "8 selected" in proc.stdout and str(target) in proc.stdout

@@ -1,0 +1,72 @@
+import numpy as np
+import pyarrow as pa
+
+from svd_batch.manifest import load_manifest
+from svd_batch.plan import assign_ranks, derive_seed, make_plan, row_cost
+from svd_batch.rundir import RESULT_SCHEMA
+from tests.conftest import write_manifest
+from tests.test_manifest import GEN
+
+
+def manifest(tmp_path, rows):
+    return load_manifest(str(write_manifest(tmp_path / "m.parquet", rows)), GEN).table
+
+
+def test_seed_derivation_depends_on_base_seed_and_id_only(tmp_path):
+    rows = [{"id": f"r{i}", "image": "a.jpg"} for i in range(6)] + [{"id": "fixed", "image": "a.jpg", "seed": 9}]
+    m = manifest(tmp_path, rows)
+    seeds = {}
+    for world in (1, 2, 3):
+        plan = make_plan(m, RESULT_SCHEMA.empty_table(), world_size=world, base_seed=42)
+        got = dict(zip(plan.todo["id"].to_pylist(), plan.todo["seed"].to_pylist()))
+        seeds.setdefault("first", got)
+        assert got == seeds["first"]
+    assert seeds["first"]["fixed"] == 9
+    assert seeds["first"]["r0"] == derive_seed(42, "r0")
+    assert derive_seed(42, "r0") != derive_seed(43, "r0") and derive_seed(42, "r0") != derive_seed(42, "r1")
+    # The same row, placed elsewhere in another manifest, keeps its seed.
+    m2 = manifest(tmp_path / "b", list(reversed(rows)))
+    plan2 = make_plan(m2, RESULT_SCHEMA.empty_table(), world_size=1, base_seed=42)
+    assert dict(zip(plan2.todo["id"].to_pylist(), plan2.todo["seed"].to_pylist())) == seeds["first"]
+    assert 0 <= min(seeds["first"].values()) and max(seeds["first"].values()) < 2**63
+
+
+def test_every_row_exactly_once_and_cost_balanced():
+    rng = np.random.default_rng(0)
+    cost = np.concatenate([np.full(50, 14.0), np.full(50, 25.0)]) * rng.uniform(0.9, 1.1, 100)
+    for world in (1, 2, 3, 8):
+        ranks = assign_ranks(cost, world)
+        assert ranks.min() >= 0 and ranks.max() < world and len(ranks) == len(cost)
+        loads = np.bincount(ranks, weights=cost, minlength=world)
+        assert loads.max() - loads.min() <= cost.max()
+    # A contiguous split of the same rows would be badly unbalanced: the balance is real.
+    contiguous = np.array([cost[:50].sum(), cost[50:].sum()])
+    balanced = np.bincount(assign_ranks(cost, 2), weights=cost)
+    assert balanced.max() / balanced.mean() < 1.02 < contiguous.max() / contiguous.mean()
+
+
+def test_more_ranks_than_rows_leaves_ranks_idle_without_duplicates(tmp_path):
+    m = manifest(tmp_path, [{"id": "a", "image": "a.jpg"}, {"id": "b", "image": "b.jpg"}])
+    plan = make_plan(m, RESULT_SCHEMA.empty_table(), world_size=4, base_seed=1)
+    shards = [plan.shard(r)["id"].to_pylist() for r in range(4)]
+    assert sorted(sum(shards, [])) == ["a", "b"]
+    assert sum(1 for s in shards if not s) == 2
+
+
+def test_finished_rows_are_skipped_failed_ones_only_with_retry(tmp_path):
+    m = manifest(tmp_path, [{"id": x, "image": "a.jpg"} for x in "abcd"])
+    records = pa.Table.from_pylist([{"id": "a", "status": "ok"}, {"id": "b", "status": "failed"}],
+                                   schema=RESULT_SCHEMA)
+    plan = make_plan(m, records, world_size=1, base_seed=1)
+    assert plan.todo["id"].to_pylist() == ["c", "d"] and plan.done == 1 and plan.failed_skipped == 1
+    plan = make_plan(m, records, world_size=1, base_seed=1, retry_failed=True)
+    assert plan.todo["id"].to_pylist() == ["b", "c", "d"] and plan.failed_skipped == 0
+
+
+def test_cost_grows_with_frames_steps_and_pixels(tmp_path):
+    m = manifest(tmp_path, [
+        {"image": "a.jpg", "num_frames": 14}, {"image": "a.jpg", "num_frames": 25},
+        {"image": "a.jpg", "num_frames": 14, "num_inference_steps": 50}, {"image": "a.jpg", "height": 1152},
+    ])
+    c = row_cost(m)
+    assert c[1] > c[0] and c[2] > c[0] and c[3] > c[0]

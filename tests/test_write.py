@@ -1,0 +1,46 @@
+import hashlib
+import os
+
+import imageio_ffmpeg
+import numpy as np
+
+from svd_batch.write import frames_sha256, write_mp4
+
+
+def read_mp4(path):
+    gen = imageio_ffmpeg.read_frames(str(path))
+    meta = gen.__next__()
+    frames = [np.frombuffer(f, np.uint8).reshape(meta["size"][1], meta["size"][0], 3) for f in gen]
+    return meta, np.stack(frames)
+
+
+def test_hash_is_of_the_c_contiguous_uint8_array():
+    a = np.arange(2 * 8 * 16 * 3, dtype=np.uint8).reshape(2, 8, 16, 3)
+    assert frames_sha256(a) == hashlib.sha256(a.tobytes()).hexdigest()
+    assert frames_sha256(np.asfortranarray(a)) == frames_sha256(a)
+    b = a.copy()
+    b[1, 2, 3, 0] ^= 1
+    assert frames_sha256(b) != frames_sha256(a)
+
+
+def test_mp4_has_the_frames_size_and_fps(tmp_path):
+    y, x = np.mgrid[0:40, 0:72]
+    base = np.stack([x * 3, y * 5, (x + y) * 2], axis=-1).astype(np.uint8)  # smooth: survives yuv420p
+    frames = np.stack([np.roll(base, i, axis=1) for i in range(11)])
+    path = tmp_path / "v.mp4"
+    write_mp4(frames, str(path), fps=9, crf=10)
+    meta, back = read_mp4(path)
+    assert back.shape == frames.shape
+    assert meta["fps"] == 9 and tuple(meta["size"]) == (72, 40)
+    assert "h264" in meta["codec"] and "yuv420p" in meta["pix_fmt"]
+    assert np.abs(back.astype(int) - frames.astype(int)).mean() < 4  # lossy, but the same picture
+    assert os.listdir(tmp_path) == ["v.mp4"]  # no temporary left
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    frames = np.zeros((3, 8, 8, 3), np.uint8)
+    try:
+        write_mp4(frames, str(tmp_path / "v.mp4"), fps=7, codec="no-such-codec")
+    except Exception:
+        pass
+    assert os.listdir(tmp_path) == []
