@@ -35,6 +35,11 @@ def row_cost(table: pa.Table) -> np.ndarray:
     return frames * pixels * (steps * guided + 1.0)
 
 
+def assign_contiguous(n: int, world_size: int) -> np.ndarray:
+    """Equal row counts in manifest order: what a naive split does (kept for benchmarks)."""
+    return (np.arange(n) * world_size) // max(n, 1)
+
+
 def assign_ranks(cost: np.ndarray, world_size: int) -> np.ndarray:
     """Deal rows to ranks in decreasing cost, snaking 0..W-1, W-1..0: balanced to within one row's cost."""
     n = len(cost)
@@ -72,6 +77,7 @@ def make_plan(
     world_size: int,
     base_seed: int,
     retry_failed: bool = False,
+    strategy: str = "cost",
 ) -> Plan:
     """Rows of ``manifest`` without a finished record (ok, or failed unless ``retry_failed``), dealt to ranks."""
     if records.num_rows:
@@ -93,6 +99,11 @@ def make_plan(
         filled = [s if s is not None else derive_seed(base_seed, i) for s, i in zip(seeds.to_pylist(), ids)]
         todo = todo.set_column(todo.schema.get_field_index("seed"), "seed", pa.array(filled, pa.int64()))
 
-    ranks = assign_ranks(row_cost(todo), world_size) if todo.num_rows else np.zeros(0, dtype=np.int64)
+    if strategy == "contiguous":
+        ranks = assign_contiguous(todo.num_rows, world_size)
+    elif strategy == "cost":
+        ranks = assign_ranks(row_cost(todo), world_size) if todo.num_rows else np.zeros(0, dtype=np.int64)
+    else:
+        raise ValueError(f"runtime.shard_strategy={strategy!r}: use cost or contiguous")
     todo = todo.append_column("rank", pa.array(ranks, pa.int64()))
     return Plan(total=manifest.num_rows, done=done, failed_skipped=skipped, todo=todo, world_size=world_size)

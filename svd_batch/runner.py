@@ -159,7 +159,8 @@ def run(cfg: DictConfig) -> int:
     if cfg.dry_run:
         records = rundir.read_records(["id", "status"]) if os.path.isdir(rundir.state) else None
         plan = make_plan(manifest.table, records if records is not None else RESULT_SCHEMA.empty_table(),
-                         world_size=world, base_seed=int(cfg.generation.seed), retry_failed=bool(cfg.retry_failed))
+                         world_size=world, base_seed=int(cfg.generation.seed), retry_failed=bool(cfg.retry_failed),
+                         strategy=str(cfg.runtime.shard_strategy))
         if rank == 0:
             print(describe_plan(plan, manifest))
             print(f"output: {rundir.root} (dry run: no model loaded, nothing written)")
@@ -183,6 +184,9 @@ def _run_distributed(cfg: DictConfig, manifest: Manifest, rundir: RunDir) -> int
         return EXIT_USAGE
     state = PartialState(cpu=want_cpu)
     rank, world = state.process_index, state.num_processes
+    # accelerate names the CPU "cpu:0" under a launcher; diffusers then takes other code paths whose floats
+    # differ from plain "cpu". Plain "cpu" keeps rows identical to the guide's snippet at any world size.
+    device = state.device if state.device.type == "cuda" else torch.device("cpu")
     if cfg.runtime.threads:
         torch.set_num_threads(int(cfg.runtime.threads))
     stop = StopFlag()
@@ -207,8 +211,15 @@ def _run_distributed(cfg: DictConfig, manifest: Manifest, rundir: RunDir) -> int
 
     # 2. Every rank plans from the same records; nobody writes until all have read them.
     local = resolve_model_path(str(cfg.model.path), cfg.model.variant, str(cfg.model.name))
-    plan = make_plan(manifest.table, rundir.read_records(["id", "status"]), world_size=world,
-                     base_seed=int(cfg.generation.seed), retry_failed=bool(cfg.retry_failed))
+    try:
+        records = rundir.read_records(["id", "status"])
+    except RunDirError as exc:
+        if rank == 0:
+            log(f"svd-batch: {exc}")
+        return EXIT_USAGE
+    plan = make_plan(manifest.table, records, world_size=world,
+                     base_seed=int(cfg.generation.seed), retry_failed=bool(cfg.retry_failed),
+                     strategy=str(cfg.runtime.shard_strategy))
     shard = plan.shard(rank)
     if rank == 0:
         log(describe_plan(plan, manifest))
@@ -222,7 +233,7 @@ def _run_distributed(cfg: DictConfig, manifest: Manifest, rundir: RunDir) -> int
     try:
         if shard.num_rows:
             try:
-                gen = Generator.load(local, device=state.device, dtype_name=str(cfg.model.dtype),
+                gen = Generator.load(local, device=device, dtype_name=str(cfg.model.dtype),
                                      variant=cfg.model.variant, memory=plain(cfg.memory),
                                      compile=bool(cfg.runtime.compile))
             except ModelUnavailable as exc:

@@ -62,3 +62,60 @@ def run_cli(*overrides: str, cwd: Path | None = None, env: dict | None = None, t
 
 def read_results(out: Path) -> pa.Table:
     return pq.read_table(out / "results.parquet")
+
+
+def cli_args(*overrides: str, threads: int = 1) -> list[str]:
+    return ["-m", "svd_batch", *TINY, f"runtime.threads={threads}", *overrides]
+
+
+def launch(*overrides: str, num_processes: int = 2, extra: tuple[str, ...] = (), env: dict | None = None,
+           timeout: float = 600, background: bool = False, log=None):
+    """`accelerate launch --multi_gpu --num_processes N -m svd_batch ...` on CPU (gloo), as users run it."""
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    args = [accelerate, "launch", "--multi_gpu", "--num_processes", str(num_processes),
+            "--mixed_precision", "no", "--dynamo_backend", "no",
+            *(extra or ("--num_machines", "1", "--main_process_port", str(free_port()))), *cli_args(*overrides)]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if background:
+        return subprocess.Popen(args, cwd=REPO, env=full_env, stdout=log or subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.run(args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_cli(*overrides: str, threads: int = 1, log=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *cli_args(*overrides, threads=threads)], cwd=REPO,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log or subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def part_records(out: Path) -> pa.Table:
+    from svd_batch.rundir import RunDir
+
+    return RunDir(str(out)).read_records()
+
+
+def wait_for_records(out: Path, n: int, proc: subprocess.Popen, timeout: float = 300) -> int:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (out / ".svd-batch").exists():
+            got = part_records(out).num_rows
+            if got >= n:
+                return got
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before {n} records (exit {proc.returncode})")
+        time.sleep(0.05)
+    raise AssertionError(f"no {n} records within {timeout} s")
+
+
+def tmp_files(out: Path) -> list[str]:
+    return [f for _, _, fs in os.walk(out) for f in fs if ".tmp-" in f]
