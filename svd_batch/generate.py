@@ -17,6 +17,10 @@ from typing import Any, Mapping
 import numpy as np
 
 
+class OutOfMemory(Exception):
+    """A row ran out of memory in every mode of the fallback ladder."""
+
+
 class ModelUnavailable(Exception):
     """The model's weights cannot be found or fetched: stop before any work (exit code 2)."""
 
@@ -95,6 +99,23 @@ def resolve_dtype(name: str, device_type: str):
         raise ValueError(f"model.dtype={name!r}: use auto, float32, float16 or bfloat16") from None
 
 
+def _oom_types() -> tuple[type[BaseException], ...]:
+    import torch
+
+    return (torch.cuda.OutOfMemoryError,)
+
+
+def injected_oom_from_env() -> dict[str, int]:
+    """Test hook: SVD_BATCH_INJECT_OOM="id:n,..." makes a row's first n attempts raise CUDA OOM, so the
+    fallback ladder is testable without a GPU."""
+    spec = os.environ.get("SVD_BATCH_INJECT_OOM", "")
+    out = {}
+    for item in filter(None, spec.split(",")):
+        row_id, _, n = item.rpartition(":")
+        out[row_id] = int(n)
+    return out
+
+
 @dataclass
 class Generator:
     """The loaded pipeline of one process, with the memory mode applied."""
@@ -103,6 +124,13 @@ class Generator:
     device: Any
     memory_mode: str
     max_decode_chunk_size: int | None = None
+    cpu_offload: bool = False
+    forward_chunking: bool = False
+    inject_oom: dict[str, int] | None = None
+
+    def __post_init__(self) -> None:
+        self._chunking_now = self.forward_chunking
+        self._offload_now = self.cpu_offload
 
     @classmethod
     def load(cls, local_path: str, *, device, dtype_name: str = "auto", variant: str | None = None,
@@ -136,11 +164,83 @@ class Generator:
         if compile:
             pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
         return cls(pipe=pipe, device=device, memory_mode=str(memory.get("mode", "full")),
-                   max_decode_chunk_size=memory.get("max_decode_chunk_size"))
+                   max_decode_chunk_size=memory.get("max_decode_chunk_size"),
+                   cpu_offload=bool(memory.get("cpu_offload")), forward_chunking=bool(memory.get("forward_chunking")),
+                   inject_oom=injected_oom_from_env())
 
     def effective_decode_chunk(self, requested: int) -> int:
         cap = self.max_decode_chunk_size
         return min(int(requested), int(cap)) if cap else int(requested)
+
+    # -- out of memory: retry the row in cheaper modes, then go back ------------------------------------------
+    def _set_forward_chunking(self, on: bool) -> None:
+        if on:
+            self.pipe.unet.enable_forward_chunking()
+        else:  # the SVD UNet has no disable_forward_chunking(); undo what enable did
+            for module in self.pipe.unet.modules():
+                if hasattr(module, "set_chunk_feed_forward"):
+                    module.set_chunk_feed_forward(chunk_size=None, dim=0)
+
+    def _set_offload(self, on: bool) -> None:
+        if self.device.type != "cuda":
+            return  # offload moves models between CPU and GPU; on CPU there is nothing to move
+        if on:
+            self.pipe.enable_model_cpu_offload(device=self.device)
+        else:
+            self.pipe.remove_all_hooks()
+            self.pipe.to(self.device)
+
+    def ladder(self, decode_chunk: int) -> list[tuple[str, int, bool, bool]]:
+        """(mode label, decode chunk, forward chunking, offload) to try, in order: as configured, then a
+        smaller decode_chunk_size, then forward chunking, then model CPU offload."""
+        small = max(1, min(2, decode_chunk // 2))
+        steps = [(self.memory_mode, decode_chunk, self.forward_chunking, self.cpu_offload)]
+        label, chunk, chunking, offload = steps[0]
+        if small < chunk:
+            label, chunk = f"{label}+decode_chunk_{small}", small
+            steps.append((label, chunk, chunking, offload))
+        if not chunking:
+            label, chunking = f"{label}+forward_chunking", True
+            steps.append((label, chunk, chunking, offload))
+        if not offload:
+            label, offload = f"{label}+cpu_offload", True
+            steps.append((label, chunk, chunking, offload))
+        return steps
+
+    def _apply(self, chunking: bool, offload: bool) -> None:
+        """Put the pipeline in a mode (a no-op when it is already in it)."""
+        if chunking != self._chunking_now:
+            self._set_forward_chunking(chunking)
+            self._chunking_now = chunking
+        if offload != self._offload_now:
+            self._set_offload(offload)
+            self._offload_now = offload
+
+    def frames_with_fallback(self, image, row: Mapping[str, Any]) -> tuple[np.ndarray, str, int]:
+        """Frames of a row, retrying in cheaper memory modes on CUDA OOM; returns (frames, mode, decode chunk).
+        Later rows run in the configured mode again."""
+        import gc
+
+        import torch
+
+        steps = self.ladder(self.effective_decode_chunk(row["decode_chunk_size"]))
+        injected = (self.inject_oom or {}).get(str(row.get("id")), 0)
+        last: BaseException | None = None
+        try:
+            for attempt, (label, chunk, chunking, offload) in enumerate(steps):
+                self._apply(chunking, offload)
+                try:
+                    if attempt < injected:
+                        raise torch.cuda.OutOfMemoryError(f"injected out of memory (attempt {attempt + 1})")
+                    return self.frames(image, {**row, "decode_chunk_size": chunk}), label, chunk
+                except _oom_types() as exc:
+                    last = exc
+                    gc.collect()
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+            raise OutOfMemory(f"out of memory in every mode ({', '.join(s[0] for s in steps)}): {last}")
+        finally:
+            self._apply(self.forward_chunking, self.cpu_offload)
 
     def frames(self, image, row: Mapping[str, Any]) -> np.ndarray:
         """One row, as the guide's snippet: resize, then the pipeline with the row's values and seed."""

@@ -173,10 +173,8 @@ def _run_distributed(cfg: DictConfig, manifest: Manifest, rundir: RunDir) -> int
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    from .generate import Generator, ModelUnavailable, model_identity, peak_host_memory_bytes, resolve_model_path
-    from .images import ImageError, load_image
+    from .generate import Generator, ModelUnavailable, model_identity, resolve_model_path
     from .report import summary, write_results
-    from .write import frames_sha256, write_mp4
 
     want_cpu = str(cfg.runtime.device) == "cpu" or not torch.cuda.is_available()
     if str(cfg.runtime.device) == "cuda" and not torch.cuda.is_available():
@@ -247,8 +245,7 @@ def _run_distributed(cfg: DictConfig, manifest: Manifest, rundir: RunDir) -> int
                 for row in batch.to_pylist():
                     if stop.signum is not None:
                         break
-                    record = _run_row(row, gen, rundir, cfg, rank, world, host, img_cfg,
-                                      load_image, ImageError, frames_sha256, write_mp4, peak_host_memory_bytes)
+                    record = _run_row(row, gen, rundir, cfg, rank, world, host, img_cfg)
                     writer.add(record)
                     if record["status"] == "ok":
                         ran.append(record["total_seconds"])
@@ -303,9 +300,12 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def _run_row(row, gen, rundir: RunDir, cfg, rank, world, host, img_cfg, load_image, ImageError, frames_sha256,
-             write_mp4, peak_host_memory_bytes) -> dict[str, Any]:
+def _run_row(row, gen, rundir: RunDir, cfg, rank, world, host, img_cfg) -> dict[str, Any]:
     import torch
+
+    from .generate import OutOfMemory, peak_host_memory_bytes
+    from .images import ImageError, load_image
+    from .write import frames_sha256, write_mp4
 
     started_at = _now()
     t0 = time.perf_counter()
@@ -323,17 +323,17 @@ def _run_row(row, gen, rundir: RunDir, cfg, rank, world, host, img_cfg, load_ima
         "host": host,
         "started_at": started_at,
     }
-    record["decode_chunk_size"] = gen.effective_decode_chunk(row["decode_chunk_size"])
+    record["decode_chunk_size"] = gen.effective_decode_chunk(row["decode_chunk_size"])  # until a fallback
     if gen.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(gen.device)
     stage = "image"
     try:
         image = load_image(row["image_uri"], timeout=float(img_cfg.get("timeout", 30)),
                            max_bytes=int(img_cfg.get("max_bytes", 64 << 20)),
-                           max_pixels=img_cfg.get("max_pixels", 178956970))
+                           max_pixels=img_cfg.get("max_pixels"))
         t1 = time.perf_counter()
         stage = "generate"
-        frames = gen.frames(image, {**row, "decode_chunk_size": record["decode_chunk_size"]})
+        frames, record["memory_mode"], record["decode_chunk_size"] = gen.frames_with_fallback(image, row)
         t2 = time.perf_counter()
         stage = "write"
         digest = frames_sha256(frames)
@@ -344,6 +344,8 @@ def _run_row(row, gen, rundir: RunDir, cfg, rank, world, host, img_cfg, load_ima
                       load_seconds=t1 - t0, generate_seconds=t2 - t1, write_seconds=t3 - t2)
     except ImageError as exc:
         record.update(status="failed", error=f"row {row['id']}: image {row['image']!r}: {exc}")
+    except OutOfMemory as exc:
+        record.update(status="failed", error=f"row {row['id']}: {exc}")
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # noqa: BLE001 - one bad row must not stop the run; the reason is recorded
