@@ -45,17 +45,22 @@ class ManifestError(Exception):
     """The manifest cannot be run as it is; raised before any model is loaded (exit code 2)."""
 
     def __init__(self, source: str, problems: list[Problem], hint: str | None = None):
+        super().__init__(source)
         self.source = source
         self.problems = problems
-        n = len(problems)
-        head = (
-            f"The manifest {source} has {n} problem{'s' if n != 1 else ''}, so nothing was run. "
-            + (hint or "Fix these cells (or clear a cell to use the configured default) and run the same command again:")
+        self.hint = hint
+        self.dataset: str | None = None  # the manifest config entry, when the CLI knows it
+
+    def __str__(self) -> str:
+        n = len(self.problems)
+        what = f"{self.dataset!r} ({self.source})" if self.dataset else self.source
+        head = f"The manifest {what} has {n} problem{'s' if n != 1 else ''}, so nothing was run. " + (
+            self.hint or "Fix these cells (or clear a cell to use the configured default) and run the same command again:"
         )
-        lines = [str(p) for p in problems[:MAX_LISTED_PROBLEMS]]
+        lines = [str(p) for p in self.problems[:MAX_LISTED_PROBLEMS]]
         if n > MAX_LISTED_PROBLEMS:
             lines.append(f"... and {n - MAX_LISTED_PROBLEMS} more")
-        super().__init__(head + "\n" + "\n".join("  " + line for line in lines))
+        return head + "\n" + "\n".join("  " + line for line in lines)
 
 
 @dataclass
@@ -107,10 +112,11 @@ def read_table(path: str, columns: Mapping[str, str] | None = None) -> tuple[pa.
             [Problem(None, None, "manifest.path", path, "a directory or glob that holds .parquet files")],
             hint="No Parquet files were found:",
         )
+    schema = _unified_schema(files, source) if len(files) > 1 else None
     try:
         # Sorted file names, then row order within each file: the same directory read twice gives the same
         # order, which sharding and resume rely on.
-        table = pads.dataset(files, format="parquet").to_table(use_threads=True)
+        table = pads.dataset(files, schema=schema, format="parquet").to_table(use_threads=True)
     except (pa.ArrowInvalid, OSError) as exc:
         raise ManifestError(
             source,
@@ -118,6 +124,36 @@ def read_table(path: str, columns: Mapping[str, str] | None = None) -> tuple[pa.
             hint="It could not be read as Parquet:",
         ) from None
     return table, source
+
+
+def _unified_schema(files: list[str], source: str) -> pa.Schema:
+    """Shards must agree on each column's type (ints in one and floats in another are fine, and a column
+    missing from some shards reads as nulls there)."""
+    import pyarrow.parquet as pq
+
+    seen: dict[str, tuple[pa.DataType, str]] = {}
+    problems, schemas = [], []
+    for f in files:
+        try:
+            schema = pq.read_schema(f)
+            schemas.append(schema.remove_metadata())
+        except (pa.ArrowInvalid, OSError) as exc:
+            problems.append(Problem(None, None, "file", f, f"a readable Parquet file ({exc})"))
+            continue
+        for fld in schema:
+            if pa.types.is_null(fld.type):
+                continue  # an all-null column in one shard fits any type
+            first = seen.setdefault(fld.name, (fld.type, f))
+            if first[0] != fld.type and not (_numeric(first[0]) and _numeric(fld.type)):
+                problems.append(Problem(None, None, fld.name, f"{fld.type} in {f}",
+                                        f"one type in every file ({first[0]} in {first[1]})"))
+    if problems:
+        raise ManifestError(source, problems, hint="Its files do not fit together:")
+    return pa.unify_schemas(schemas, promote_options="permissive")
+
+
+def _numeric(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
 
 
 def load_manifest(

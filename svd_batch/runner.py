@@ -108,9 +108,9 @@ def prepare_rundir(cfg: DictConfig, rundir: RunDir, identity: str) -> None:
     write_text_atomic(OmegaConf.to_yaml(cfg, resolve=True), os.path.join(rundir.root, "config.yaml"))
 
 
-def describe_plan(plan: Plan, manifest: Manifest) -> str:
+def describe_plan(plan: Plan, manifest: Manifest, dataset: str | None = None) -> str:
     lines = [
-        f"manifest: {manifest.source}",
+        f"manifest: {dataset!r} ({manifest.source})" if dataset else f"manifest: {manifest.source}",
         f"rows: {plan.total} selected, {plan.done} done, {plan.failed_skipped} failed earlier (skipped; "
         f"retry_failed=true runs them), {plan.todo.num_rows} to run on {plan.world_size} process(es)",
     ]
@@ -151,6 +151,7 @@ def run(cfg: DictConfig) -> int:
     try:
         manifest = read_manifest(cfg)
     except ManifestError as exc:
+        exc.dataset = str(cfg.manifest.get("name") or "") or None
         if rank == 0:
             log(f"svd-batch: {exc}")
         return EXIT_USAGE
@@ -162,7 +163,7 @@ def run(cfg: DictConfig) -> int:
                          world_size=world, base_seed=int(cfg.generation.seed), retry_failed=bool(cfg.retry_failed),
                          strategy=str(cfg.runtime.shard_strategy))
         if rank == 0:
-            print(describe_plan(plan, manifest))
+            print(describe_plan(plan, manifest, cfg.manifest.get("name")))
             print(f"output: {rundir.root} (dry run: no model loaded, nothing written)")
         return EXIT_OK
     return _run_distributed(cfg, manifest, rundir)
@@ -220,7 +221,7 @@ def _run_distributed(cfg: DictConfig, manifest: Manifest, rundir: RunDir) -> int
                      strategy=str(cfg.runtime.shard_strategy))
     shard = plan.shard(rank)
     if rank == 0:
-        log(describe_plan(plan, manifest))
+        log(describe_plan(plan, manifest, cfg.manifest.get("name")))
     state.wait_for_everyone()
 
     # 3. Generate this rank's rows.

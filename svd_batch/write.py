@@ -16,7 +16,7 @@ def frames_sha256(frames: np.ndarray) -> str:
 
 
 def write_mp4(frames: np.ndarray, path: str, fps: int, *, crf: int = 18, codec: str = "libx264",
-              pix_fmt: str = "yuv420p", preset: str = "medium") -> None:
+              pix_fmt: str = "yuv420p", preset: str = "medium", threads: int = 1) -> None:
     """H.264 + yuv420p + faststart: what every browser plays. The file at ``path`` is always complete."""
     import imageio_ffmpeg
 
@@ -35,7 +35,7 @@ def write_mp4(frames: np.ndarray, path: str, fps: int, *, crf: int = 18, codec: 
             bitrate=None,
             macro_block_size=1,  # sizes are multiples of 8 already; never let the writer rescale frames
             ffmpeg_log_level="error",
-            output_params=["-crf", str(crf), "-preset", preset, "-movflags", "+faststart"],
+            output_params=["-crf", str(crf), "-preset", preset, "-movflags", "+faststart", "-threads", str(threads)],
         )
         writer.send(None)
         for frame in frames:

@@ -56,7 +56,7 @@ def run_cli(*overrides: str, cwd: Path | None = None, env: dict | None = None, t
             threads: int = 1) -> subprocess.CompletedProcess:
     """`python -m svd_batch` as a user runs it; one torch thread so frames compare across runs."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    args = [sys.executable, "-m", "svd_batch", *TINY, f"runtime.threads={threads}", *overrides]
+    args = [sys.executable, *cli_args(*overrides, threads=threads)]
     return subprocess.run(args, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -65,7 +65,10 @@ def read_results(out: Path) -> pa.Table:
 
 
 def cli_args(*overrides: str, threads: int = 1) -> list[str]:
-    return ["-m", "svd_batch", *TINY, f"runtime.threads={threads}", *overrides]
+    """Hydra's flags (--config-dir=...) go before the overrides; the tiny sizes before the caller's."""
+    flags = [o for o in overrides if o.startswith("--")]
+    rest = [o for o in overrides if not o.startswith("--")]
+    return ["-m", "svd_batch", *flags, *TINY, f"runtime.threads={threads}", *rest]
 
 
 def launch(*overrides: str, num_processes: int = 2, extra: tuple[str, ...] = (), env: dict | None = None,

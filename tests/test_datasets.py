@@ -1,0 +1,109 @@
+"""Describing a dataset with a manifest config entry: sharded Parquet, foreign columns, defaults, filters."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hydra import compose, initialize_config_module
+
+import svd_batch.cli  # noqa: F401  (resolvers)
+from svd_batch.manifest import ManifestError, load_manifest, read_table
+from svd_batch.runner import read_manifest
+from tests.conftest import SAMPLE, read_results, run_cli, write_manifest
+
+ENTRY = """\
+# @package _global_
+manifest:
+  name: mydata
+  path: {path}
+  image_root: {root}
+  columns: {{image: image_path, id: uid, motion_bucket_id: motion}}
+  defaults: {{fps: 10, noise_aug_strength: 0.05}}
+  limit: null
+  where: {{split: val}}
+"""
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    """Three Parquet shards, as Spark writes them, with their own column names and extra columns."""
+    root = tmp_path / "images"
+    root.mkdir()
+    for f in ("cat.jpg", "rocket.jpg"):
+        (root / f).write_bytes((SAMPLE / f).read_bytes())
+    shards = tmp_path / "ds"
+    shards.mkdir()
+    uid = 0
+    for part in range(3):
+        rows = []
+        for k in range(3):
+            rows.append({"uid": f"u{uid}", "image_path": ["cat.jpg", "rocket.jpg"][uid % 2],
+                         "motion": 20 * uid, "caption": f"caption {uid}",
+                         "split": "val" if uid % 3 != 2 else "train", "fps": 4 if uid == 0 else None})
+            uid += 1
+        pq.write_table(pa.Table.from_pylist(rows), shards / f"part-{part:05d}.snappy.parquet")
+    (shards / "_SUCCESS").write_text("")
+    conf = tmp_path / "myconf" / "manifest"
+    conf.mkdir(parents=True)
+    (conf / "mydata.yaml").write_text(ENTRY.format(path=shards, root=root))
+    return tmp_path
+
+
+def test_config_entry_maps_filters_and_keeps_extras(dataset):
+    out = dataset / "out"
+    proc = run_cli(f"--config-dir={dataset / 'myconf'}", "manifest=mydata", f"output.dir={out}")
+    assert proc.returncode == 0, proc.stderr
+    t = read_results(out)
+    val = [f"u{i}" for i in range(9) if i % 3 != 2]
+    assert t["id"].to_pylist() == val  # sorted files, then row order; train rows filtered out
+    assert t["extra.caption"].to_pylist() == [f"caption {i[1:]}" for i in val]
+    assert set(t["extra.split"].to_pylist()) == {"val"}
+    assert t["motion_bucket_id"].to_pylist() == [20 * int(i[1:]) for i in val]
+    assert t["fps"].to_pylist() == [4] + [10] * (len(val) - 1)  # row value beats dataset default
+    assert set(t["noise_aug_strength"].to_pylist()) == {0.05}
+    assert set(t["status"].to_pylist()) == {"ok"}
+    assert sorted(p.name for p in (out / "videos").iterdir()) == sorted(f"{i}.mp4" for i in val)
+    # Default output folder is named after the entry.
+    dry = run_cli(f"--config-dir={dataset / 'myconf'}", "manifest=mydata", "dry_run=true", "manifest.limit=2")
+    assert dry.returncode == 0 and "manifest: 'mydata'" in dry.stdout and "2 selected" in dry.stdout
+    assert "outputs/mydata-tiny" in dry.stdout
+
+
+def test_precedence_row_over_dataset_over_generation_over_preset(dataset):
+    with initialize_config_module("svd_batch.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "model=tiny", "generation.num_inference_steps=3", f"manifest.path={dataset / 'm.parquet'}",
+            "+manifest.defaults.fps=10", "+manifest.defaults.num_inference_steps=5"])
+    write_manifest(dataset / "m.parquet", [{"image": "a.jpg", "fps": 2}, {"image": "b.jpg"}])
+    t = read_manifest(cfg).table
+    assert t["fps"].to_pylist() == [2, 10]                  # row > dataset defaults
+    assert t["num_inference_steps"].to_pylist() == [5, 5]   # dataset defaults > generation.*
+    assert t["height"].to_pylist() == [64, 64]              # model preset (tiny), nothing above it
+    cfg.manifest.defaults = {}
+    assert read_manifest(cfg).table["num_inference_steps"].to_pylist() == [3, 3]  # generation.* > preset
+    assert read_manifest(cfg).table["motion_bucket_id"].to_pylist() == [127, 127]  # config.yaml base
+
+
+def test_row_order_is_stable_across_reads(dataset):
+    a, _ = read_table(str(dataset / "ds"))
+    b, _ = read_table(str(dataset / "ds"))
+    assert a.equals(b) and a["uid"].to_pylist() == [f"u{i}" for i in range(9)]
+
+
+def test_dataset_errors_name_the_entry(dataset):
+    gen = {"fps": 7}
+    with pytest.raises(ManifestError, match="'nope'.*mapped from 'image'"):
+        load_manifest(str(dataset / "ds"), gen, columns={"image": "nope"})
+    pq.write_table(pa.table({"image": ["a.jpg"], "fps": ["fast"]}), dataset / "s.parquet")
+    with pytest.raises(ManifestError, match="'fps'.*integer column"):
+        load_manifest(str(dataset / "s.parquet"), gen)
+    with pytest.raises(ManifestError, match="at least one row"):
+        load_manifest(str(dataset / "ds"), gen, columns={"image": "image_path"}, where={"split": "test"})
+    (dataset / "empty").mkdir()
+    with pytest.raises(ManifestError, match="no Parquet|No Parquet"):
+        load_manifest(str(dataset / "empty"), gen)
+    pq.write_table(pa.table({"motion": ["high"]}), dataset / "ds" / "part-00009.parquet")
+    with pytest.raises(ManifestError, match="do not fit together"):
+        load_manifest(str(dataset / "ds"), gen)
+    # Through the CLI, the message names the config entry.
+    proc = run_cli(f"--config-dir={dataset / 'myconf'}", "manifest=mydata", f"output.dir={dataset / 'o'}")
+    assert proc.returncode == 2 and "The manifest 'mydata'" in proc.stderr and "do not fit together" in proc.stderr
