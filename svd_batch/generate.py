@@ -134,10 +134,12 @@ class Generator:
 
     @classmethod
     def load(cls, local_path: str, *, device, dtype_name: str = "auto", variant: str | None = None,
-             memory: Mapping[str, Any] | None = None, compile: bool = False) -> "Generator":
+             memory: Mapping[str, Any] | None = None, compile: Mapping[str, Any] | None = None) -> "Generator":
         import torch
+
+        quiet_hf_logging()  # before the pipeline import, which is where transformers warns
         from diffusers import StableVideoDiffusionPipeline
-        quiet_hf_logging()
+
         memory = dict(memory or {})
         dtype = resolve_dtype(dtype_name, device.type)
         kwargs = {"torch_dtype": dtype}
@@ -162,7 +164,10 @@ class Generator:
         if memory.get("forward_chunking"):
             pipe.unet.enable_forward_chunking()
         if compile:
-            pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
+            # As the diffusers guide: the UNet, fullgraph, mode reduce-overhead (CUDA graphs) on inductor.
+            backend = compile.get("backend", "inductor")
+            mode = compile.get("mode") if backend == "inductor" else None
+            pipe.unet = torch.compile(pipe.unet, mode=mode, backend=backend, fullgraph=bool(compile.get("fullgraph", True)))
         return cls(pipe=pipe, device=device, memory_mode=str(memory.get("mode", "full")),
                    max_decode_chunk_size=memory.get("max_decode_chunk_size"),
                    cpu_offload=bool(memory.get("cpu_offload")), forward_chunking=bool(memory.get("forward_chunking")),
@@ -267,13 +272,14 @@ class Generator:
 
 def quiet_hf_logging() -> None:
     """Library progress bars and warnings would drown the run's own progress with 8 ranks."""
-    from diffusers.utils import logging as dlogging
     from transformers.utils import logging as tlogging
+
+    tlogging.set_verbosity_error()  # first: importing diffusers already makes transformers warn
+    tlogging.disable_progress_bar()
+    from diffusers.utils import logging as dlogging
 
     dlogging.set_verbosity_error()
     dlogging.disable_progress_bar()
-    tlogging.set_verbosity_error()
-    tlogging.disable_progress_bar()
 
 
 def peak_host_memory_bytes() -> int:

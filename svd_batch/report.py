@@ -28,7 +28,8 @@ def write_results(rundir: RunDir, records: pa.Table, manifest: pa.Table, extra_c
     return table
 
 
-def summary(results: pa.Table, *, total: int, ran: list[float], wall_seconds: float, output_dir: str) -> str:
+def summary(results: pa.Table, *, total: int, ran: list[float], wall_seconds: float, output_dir: str,
+            stats=None) -> str:
     ok = pc.sum(pc.equal(results["status"], "ok")).as_py() or 0 if results.num_rows else 0
     failed = pc.sum(pc.equal(results["status"], "failed")).as_py() or 0 if results.num_rows else 0
     pending = total - ok - failed
@@ -39,6 +40,10 @@ def summary(results: pa.Table, *, total: int, ran: list[float], wall_seconds: fl
             f"  this run: {len(ran)} rows in {wall_seconds:.1f} s, {per_min:.1f} videos/min, "
             f"median {float(np.median(ran)):.2f} s per video"
         )
+        if stats is not None:
+            lines.append(f"  rank 0: model load {stats.model_load_seconds:.1f} s, compile warm-up "
+                         f"{stats.warmup_seconds:.1f} s, pipeline busy {stats.pipeline_seconds:.1f} s of "
+                         f"{stats.wall_seconds:.1f} s")
     else:
         lines.append("  this run: nothing left to do")
     lines.append(f"  output: {output_dir}  (videos/, results.parquet)")

@@ -52,6 +52,8 @@ RESULT_SCHEMA = pa.schema(
         ("peak_vram_bytes", pa.int64()),
         ("peak_host_memory_bytes", pa.int64()),
         ("memory_mode", pa.string()),
+        ("batch_size", pa.int32()),
+        ("compiled", pa.bool_()),
         ("model", pa.string()),
         ("device", pa.string()),
         ("rank", pa.int32()),

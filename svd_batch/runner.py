@@ -8,13 +8,10 @@ records. Everything else each rank derives on its own.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import signal
-import socket
 import sys
 import time
-import traceback
 from typing import Any
 
 import numpy as np
@@ -24,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from .fields import CONDITIONING_FIELDS, GENERATION_FIELDS
 from .manifest import Manifest, ManifestError, load_manifest
 from .plan import Plan, make_plan
-from .rundir import RESULT_SCHEMA, PartWriter, RunDir, RunDirError, write_text_atomic
+from .rundir import RESULT_SCHEMA, RunDir, RunDirError, write_text_atomic
 
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -130,6 +127,12 @@ def describe_plan(plan: Plan, manifest: Manifest, dataset: str | None = None) ->
     return "\n".join(lines)
 
 
+def compile_options(cfg: DictConfig) -> dict[str, Any] | None:
+    if not cfg.runtime.compile:
+        return None
+    return {"mode": cfg.runtime.compile_mode, "backend": str(cfg.runtime.compile_backend), "fullgraph": True}
+
+
 class StopFlag:
     """SIGINT/SIGTERM: stop taking rows, finish the current one; a second signal abandons it."""
 
@@ -176,6 +179,7 @@ def _run_distributed(cfg: DictConfig, manifest: Manifest, rundir: RunDir) -> int
 
     from .generate import Generator, ModelUnavailable, model_identity, resolve_model_path
     from .report import summary, write_results
+    from .worker import RankWorker
 
     want_cpu = str(cfg.runtime.device) == "cpu" or not torch.cuda.is_available()
     if str(cfg.runtime.device) == "cuda" and not torch.cuda.is_available():
@@ -223,39 +227,25 @@ def _run_distributed(cfg: DictConfig, manifest: Manifest, rundir: RunDir) -> int
     if rank == 0:
         log(describe_plan(plan, manifest, cfg.manifest.get("name")))
     state.wait_for_everyone()
-
-    # 3. Generate this rank's rows.
     started = time.perf_counter()
-    ran: list[float] = []
-    failed_here = 0
-    exit_code = EXIT_OK
+
+    # 3. Generate this rank's rows: the model computes while threads load images and write videos.
+    stats = None
     try:
         if shard.num_rows:
+            t = time.perf_counter()
             try:
                 gen = Generator.load(local, device=device, dtype_name=str(cfg.model.dtype),
                                      variant=cfg.model.variant, memory=plain(cfg.memory),
-                                     compile=bool(cfg.runtime.compile))
+                                     compile=compile_options(cfg))
             except ModelUnavailable as exc:
                 log(f"svd-batch: {exc}", rank)
                 return EXIT_USAGE
-            writer = PartWriter(rundir, rank, int(cfg.runtime.results_chunk_rows))
             bar = _progress(cfg, shard.num_rows, rank, world)
-            host = socket.gethostname()
-            img_cfg = cfg.get("images") or {}
-            for batch in shard.to_batches(max_chunksize=256):
-                for row in batch.to_pylist():
-                    if stop.signum is not None:
-                        break
-                    record = _run_row(row, gen, rundir, cfg, rank, world, host, img_cfg)
-                    writer.add(record)
-                    if record["status"] == "ok":
-                        ran.append(record["total_seconds"])
-                    else:
-                        failed_here += 1
-                        log(f"svd-batch: {record['error']}", rank)
-                    bar.update(1)
-                if stop.signum is not None:
-                    break
+            worker = RankWorker(gen, rundir, cfg, rank=rank, world=world, stop=stop, progress=bar,
+                                log=lambda msg: log(msg, rank))
+            worker.stats.model_load_seconds = time.perf_counter() - t
+            stats = worker.run(shard)
             bar.close()
     except KeyboardInterrupt:
         stop.signum = stop.signum or signal.SIGINT
@@ -270,23 +260,18 @@ def _run_distributed(cfg: DictConfig, manifest: Manifest, rundir: RunDir) -> int
 
     # 4. Once every rank is through, rank 0 merges the records and writes results.parquet.
     state.wait_for_everyone()
-    if state.is_main_process:
-        records = rundir.merge()
-        results = write_results(rundir, records, manifest.table, manifest.extra_columns)
-        rundir.remove_temporaries()
-        rundir.release_lock()
-        log(summary(results, total=plan.total, ran=ran if world == 1 else _ran_all(results, plan),
-                    wall_seconds=time.perf_counter() - started, output_dir=rundir.root))
-        failed = results.filter(pc.equal(results["status"], "failed")).num_rows
-        exit_code = EXIT_ROWS_FAILED if failed else EXIT_OK
-    else:
-        exit_code = EXIT_ROWS_FAILED if failed_here else EXIT_OK
-    return exit_code
-
-
-def _ran_all(results, plan: Plan) -> list[float]:
-    mask = pc.and_(pc.is_in(results["id"], value_set=plan.todo["id"]), pc.equal(results["status"], "ok"))
-    return results.filter(mask)["total_seconds"].to_pylist()
+    if not state.is_main_process:
+        return EXIT_ROWS_FAILED if stats is not None and stats.failed else EXIT_OK
+    records = rundir.merge()
+    results = write_results(rundir, records, manifest.table, manifest.extra_columns)
+    rundir.remove_temporaries()
+    rundir.release_lock()
+    ran = results.filter(pc.and_(pc.is_in(results["id"], value_set=plan.todo["id"]),
+                                 pc.equal(results["status"], "ok")))["total_seconds"].to_pylist()
+    log(summary(results, total=plan.total, ran=ran, wall_seconds=time.perf_counter() - started,
+                output_dir=rundir.root, stats=stats))
+    failed = results.filter(pc.equal(results["status"], "failed")).num_rows
+    return EXIT_ROWS_FAILED if failed else EXIT_OK
 
 
 def _progress(cfg: DictConfig, total: int, rank: int, world: int):
@@ -295,67 +280,3 @@ def _progress(cfg: DictConfig, total: int, rank: int, world: int):
     return tqdm(total=total, desc=f"rank {rank}" if world > 1 else "videos", unit="video",
                 position=rank if world > 1 else None, leave=True, mininterval=1.0, dynamic_ncols=True,
                 disable=not cfg.runtime.progress, file=sys.stderr)
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
-
-
-def _run_row(row, gen, rundir: RunDir, cfg, rank, world, host, img_cfg) -> dict[str, Any]:
-    import torch
-
-    from .generate import OutOfMemory, peak_host_memory_bytes
-    from .images import ImageError, load_image
-    from .write import frames_sha256, write_mp4
-
-    started_at = _now()
-    t0 = time.perf_counter()
-    record: dict[str, Any] = {
-        "id": row["id"],
-        "image": row["image"],
-        "row": row["row"],
-        "seed": row["seed"],
-        **{f: row[f] for f in CONDITIONING_FIELDS},
-        "memory_mode": gen.memory_mode,
-        "model": str(cfg.model.name),
-        "device": str(gen.device),
-        "rank": rank,
-        "world_size": world,
-        "host": host,
-        "started_at": started_at,
-    }
-    record["decode_chunk_size"] = gen.effective_decode_chunk(row["decode_chunk_size"])  # until a fallback
-    if gen.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(gen.device)
-    stage = "image"
-    try:
-        image = load_image(row["image_uri"], timeout=float(img_cfg.get("timeout", 30)),
-                           max_bytes=int(img_cfg.get("max_bytes", 64 << 20)),
-                           max_pixels=img_cfg.get("max_pixels"))
-        t1 = time.perf_counter()
-        stage = "generate"
-        frames, record["memory_mode"], record["decode_chunk_size"] = gen.frames_with_fallback(image, row)
-        t2 = time.perf_counter()
-        stage = "write"
-        digest = frames_sha256(frames)
-        write_mp4(frames, rundir.video_path(row["id"]), int(row["fps"]), crf=int(cfg.video.crf),
-                  codec=str(cfg.video.codec), pix_fmt=str(cfg.video.pix_fmt), preset=str(cfg.video.preset))
-        t3 = time.perf_counter()
-        record.update(status="ok", error=None, video_path=f"videos/{row['id']}.mp4", frames_sha256=digest,
-                      load_seconds=t1 - t0, generate_seconds=t2 - t1, write_seconds=t3 - t2)
-    except ImageError as exc:
-        record.update(status="failed", error=f"row {row['id']}: image {row['image']!r}: {exc}")
-    except OutOfMemory as exc:
-        record.update(status="failed", error=f"row {row['id']}: {exc}")
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:  # noqa: BLE001 - one bad row must not stop the run; the reason is recorded
-        detail = str(exc).splitlines()[0][:500] if str(exc) else ""
-        record.update(status="failed", error=f"row {row['id']}: {stage} failed: {type(exc).__name__}: {detail}")
-        if os.environ.get("SVD_BATCH_DEBUG"):
-            traceback.print_exc()
-    record["total_seconds"] = time.perf_counter() - t0
-    record["finished_at"] = _now()
-    record["peak_vram_bytes"] = int(torch.cuda.max_memory_allocated(gen.device)) if gen.device.type == "cuda" else None
-    record["peak_host_memory_bytes"] = peak_host_memory_bytes()
-    return record
