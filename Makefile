@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # where nvidia-smi works, pip's default (CUDA) build is used. Override with TORCH_SPEC=...
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: setup run test clean
+.PHONY: setup run test browser clean
 
 setup: $(VENV)/.installed
 
@@ -22,8 +22,15 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(BIN)/svd-batch $(ARGS)
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The gallery test loads the page in headless Chromium (Debian package `chromium`).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  echo "installing chromium for the gallery test"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 clean:
 	rm -rf $(VENV) outputs/* build *.egg-info

@@ -127,6 +127,17 @@ def describe_plan(plan: Plan, manifest: Manifest, dataset: str | None = None) ->
     return "\n".join(lines)
 
 
+def _write_report(root: str, cfg: DictConfig) -> None:
+    """The gallery and contact sheet are for people: a failure there is reported, never fatal."""
+    from .gallery import write_report
+
+    try:
+        write_report(root, int(cfg.report.page_size), int(cfg.report.contact_sheet_rows))
+    except Exception as exc:  # noqa: BLE001
+        log(f"svd-batch: could not write the gallery ({type(exc).__name__}: {exc}); "
+            f"retry with svd-batch-report {root}")
+
+
 def compile_options(cfg: DictConfig) -> dict[str, Any] | None:
     if not cfg.runtime.compile:
         return None
@@ -265,6 +276,8 @@ def _run_distributed(cfg: DictConfig, manifest: Manifest, rundir: RunDir) -> int
     records = rundir.merge()
     results = write_results(rundir, records, manifest.table, manifest.extra_columns)
     rundir.remove_temporaries()
+    if cfg.report.enabled:
+        _write_report(rundir.root, cfg)
     rundir.release_lock()
     ran = results.filter(pc.and_(pc.is_in(results["id"], value_set=plan.todo["id"]),
                                  pc.equal(results["status"], "ok")))["total_seconds"].to_pylist()

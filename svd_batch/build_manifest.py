@@ -1,0 +1,149 @@
+"""`svd-batch-manifest`: build a manifest from a folder of images, a CSV or a JSONL, with sweeps.
+
+    svd-batch-manifest photos/ -o data/photos.parquet --sweep motion_bucket_id=60,127,180 --sweep seed=1,2
+
+gives one row per image and per combination of swept values (the cartesian product), with stable,
+readable ids like ``beach_sunset.motion_bucket_id=60.seed=1``. The result is validated as the runner
+validates a manifest, then written as Parquet (whole, then renamed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import os
+import re
+import sys
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .fields import GENERATION_FIELDS
+from .manifest import ManifestError, load_manifest
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+_UNSAFE = re.compile(r"[^A-Za-z0-9_=+,@.-]+")
+
+
+def _safe(text: str) -> str:
+    return _UNSAFE.sub("_", text).lstrip(".-") or "image"
+
+
+def parse_sweep(spec: str) -> tuple[str, list[Any]]:
+    key, sep, values = spec.partition("=")
+    if not sep or not values:
+        raise ValueError(f"--sweep {spec!r}: write it as column=value1,value2,...")
+    if key not in GENERATION_FIELDS:
+        raise ValueError(f"--sweep {spec!r}: {key!r} is not a generation column ({', '.join(GENERATION_FIELDS)})")
+    out: list[Any] = []
+    for v in values.split(","):
+        v = v.strip()
+        try:
+            out.append(int(v))
+        except ValueError:
+            try:
+                out.append(float(v))
+            except ValueError:
+                raise ValueError(f"--sweep {spec!r}: {v!r} is not a number") from None
+    return key, out
+
+
+def read_source(source: str, manifest_dir: str, image_column: str = "image") -> list[dict[str, Any]]:
+    """Rows with at least `image` and `id`; folder images are stored relative to the manifest's folder."""
+    if os.path.isdir(source):
+        rows = []
+        for root, dirs, files in os.walk(source):
+            dirs.sort()
+            for f in sorted(files):
+                if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS and not f.startswith("."):
+                    full = os.path.join(root, f)
+                    rel = os.path.relpath(full, source)
+                    rows.append({"id": _safe(os.path.splitext(rel)[0].replace(os.sep, "_")),
+                                 "image": os.path.relpath(os.path.abspath(full), manifest_dir)})
+        return rows
+    if source.endswith(".csv"):
+        with open(source, newline="") as f:
+            rows = [dict(r) for r in csv.DictReader(f)]
+    elif source.endswith((".jsonl", ".ndjson")):
+        with open(source) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    else:
+        raise ValueError(f"{source}: expected a folder of images, a .csv or a .jsonl file")
+    base = os.path.dirname(os.path.abspath(source))
+    for i, r in enumerate(rows):
+        if image_column != "image":
+            r["image"] = r.pop(image_column, None)
+        img = r.get("image")
+        if img and "://" not in img and not os.path.isabs(img):
+            # Relative paths in the source are relative to the source file; keep them valid from the manifest.
+            r["image"] = os.path.relpath(os.path.join(base, img), manifest_dir)
+        if not r.get("id"):
+            stem = os.path.splitext(os.path.basename(str(img or "")).split("?")[0])[0]
+            r["id"] = f"{i:06d}-{_safe(stem)}"
+        for k in GENERATION_FIELDS:  # CSV cells are text: numbers become numbers, empty cells nulls
+            if isinstance(r.get(k), str):
+                r[k] = None if r[k] == "" else (float(r[k]) if "." in r[k] or "e" in r[k].lower() else int(r[k]))
+    return rows
+
+
+def expand(rows: list[dict[str, Any]], sweeps: list[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
+    if not sweeps:
+        return rows
+    keys = [k for k, _ in sweeps]
+    out = []
+    for r in rows:
+        for combo in itertools.product(*(v for _, v in sweeps)):
+            suffix = ".".join(f"{k}={v}" for k, v in zip(keys, combo))
+            out.append({**r, **dict(zip(keys, combo)), "id": f"{r['id']}.{suffix}"})
+    return out
+
+
+def build(source: str, output: str, sweeps: list[str], image_column: str = "image") -> int:
+    manifest_dir = os.path.dirname(os.path.abspath(output))
+    os.makedirs(manifest_dir, exist_ok=True)
+    rows = expand(read_source(source, manifest_dir, image_column), [parse_sweep(s) for s in sweeps])
+    if not rows:
+        raise ValueError(f"{source}: no images found")
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    table = pa.table({k: [r.get(k) for r in rows] for k in keys})
+    tmp = f"{output}.tmp-{os.getpid()}.parquet"
+    pq.write_table(table, tmp)
+    try:
+        from hydra import compose, initialize_config_module
+
+        from . import cli  # noqa: F401  (resolvers)
+
+        with initialize_config_module("svd_batch.conf", version_base="1.3"):
+            generation = dict(compose("config").generation)
+        load_manifest(tmp, generation)
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return len(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="svd-batch-manifest", description=__doc__.split("\n\n")[0])
+    ap.add_argument("source", help="a folder of images (searched recursively), a .csv or a .jsonl")
+    ap.add_argument("-o", "--output", default="manifest.parquet", help="the Parquet manifest to write")
+    ap.add_argument("--sweep", action="append", default=[], metavar="COLUMN=V1,V2",
+                    help="one row per value (repeat for a cartesian product), e.g. motion_bucket_id=60,127,180")
+    ap.add_argument("--image-column", default="image", help="the CSV/JSONL column holding image paths or URLs")
+    args = ap.parse_args(argv)
+    try:
+        n = build(args.source, args.output, args.sweep, args.image_column)
+    except (ValueError, OSError) as exc:
+        print(f"svd-batch-manifest: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except ManifestError as exc:
+        print(f"svd-batch-manifest: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {n} rows to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

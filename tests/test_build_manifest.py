@@ -1,0 +1,55 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+
+from svd_batch.build_manifest import main
+from tests.conftest import REPO, SAMPLE, read_results, run_cli
+
+
+def test_folder_with_sweeps_gives_the_cartesian_product_with_readable_ids(tmp_path):
+    (tmp_path / "photos" / "trip").mkdir(parents=True)
+    shutil.copy(SAMPLE / "cat.jpg", tmp_path / "photos" / "cat.jpg")
+    shutil.copy(SAMPLE / "rocket.jpg", tmp_path / "photos" / "trip" / "launch day.JPG")
+    (tmp_path / "photos" / "notes.txt").write_text("not an image")
+    out = tmp_path / "data" / "m.parquet"
+    main([str(tmp_path / "photos"), "-o", str(out), "--sweep", "motion_bucket_id=60,127,180", "--sweep", "seed=1,2"])
+    t = pq.read_table(out).to_pylist()
+    assert len(t) == 2 * 3 * 2
+    assert t[0] == {"id": "cat.motion_bucket_id=60.seed=1", "image": "../photos/cat.jpg", "motion_bucket_id": 60, "seed": 1}
+    assert t[-1]["id"] == "trip_launch_day.motion_bucket_id=180.seed=2"
+    # It runs as is: images resolve from the manifest's folder.
+    res = run_cli(f"manifest.path={out}", f"output.dir={tmp_path / 'run'}", "manifest.limit=2")
+    assert res.returncode == 0, res.stderr
+    assert read_results(tmp_path / "run")["motion_bucket_id"].to_pylist() == [60, 60]
+
+
+def test_csv_and_jsonl_sources(tmp_path):
+    shutil.copy(SAMPLE / "coffee.jpg", tmp_path / "coffee.jpg")
+    (tmp_path / "in.csv").write_text("path,fps,caption\ncoffee.jpg,9,hot\ncoffee.jpg,,cold\n")
+    main([str(tmp_path / "in.csv"), "-o", str(tmp_path / "a.parquet"), "--image-column", "path",
+          "--sweep", "noise_aug_strength=0.0,0.1"])
+    rows = pq.read_table(tmp_path / "a.parquet").to_pylist()
+    assert [r["id"] for r in rows] == ["000000-coffee.noise_aug_strength=0.0", "000000-coffee.noise_aug_strength=0.1",
+                                       "000001-coffee.noise_aug_strength=0.0", "000001-coffee.noise_aug_strength=0.1"]
+    assert [r["fps"] for r in rows] == [9, 9, None, None] and rows[0]["caption"] == "hot"
+    with open(tmp_path / "in.jsonl", "w") as f:
+        for i in range(3):
+            f.write(json.dumps({"id": f"j{i}", "image": "coffee.jpg", "motion_bucket_id": 10 * i}) + "\n")
+    main([str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "b.parquet")])
+    assert pq.read_table(tmp_path / "b.parquet")["id"].to_pylist() == ["j0", "j1", "j2"]
+
+
+def test_invalid_values_are_refused_like_the_runner_does(tmp_path):
+    (tmp_path / "img").mkdir()
+    shutil.copy(SAMPLE / "cat.jpg", tmp_path / "img" / "cat.jpg")
+    proc = subprocess.run([sys.executable, "-m", "svd_batch.build_manifest", str(tmp_path / "img"), "-o",
+                           str(tmp_path / "m.parquet"), "--sweep", "motion_bucket_id=100,300"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "motion_bucket_id" in proc.stderr and "300" in proc.stderr
+    assert not (tmp_path / "m.parquet").exists() and list(tmp_path.iterdir()) == [tmp_path / "img"]
+    proc = subprocess.run([sys.executable, "-m", "svd_batch.build_manifest", str(tmp_path / "img"), "--sweep",
+                           "colour=1"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "not a generation column" in proc.stderr

@@ -1,0 +1,27 @@
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tests.conftest import REPO, SAMPLE, run_cli, write_manifest
+
+
+def test_verify_regenerates_a_sample_and_catches_a_tampered_hash(tmp_path):
+    rows = [{"id": f"r{i}", "image": str(SAMPLE / "cat.jpg"), "seed": i} for i in range(4)]
+    m = write_manifest(tmp_path / "m.parquet", rows)
+    out = tmp_path / "out"
+    assert run_cli(f"manifest.path={m}", f"output.dir={out}", "report.enabled=false").returncode == 0
+    proc = subprocess.run([sys.executable, "-m", "svd_batch.verify", str(out), "--sample", "2"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 of 2 sampled rows match" in proc.stdout and proc.stdout.count("match    r") == 2
+    # Tamper with one recorded hash: verify must notice.
+    t = pq.read_table(out / "results.parquet")
+    hashes = t["frames_sha256"].to_pylist()
+    hashes[1] = "0" * 64
+    t = t.set_column(t.schema.get_field_index("frames_sha256"), "frames_sha256", pa.array(hashes))
+    pq.write_table(t, out / "results.parquet")
+    proc = subprocess.run([sys.executable, "-m", "svd_batch.verify", str(out), "--ids", "r0,r1"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 1 and "MISMATCH r1" in proc.stdout and "match    r0" in proc.stdout
