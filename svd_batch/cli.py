@@ -28,16 +28,28 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
+_started = False
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def _main(cfg: DictConfig) -> None:
+    global _started
     from .runner import run
 
+    _started = True
     code = run(cfg)
     sys.exit(code)
 
 
 def main() -> None:
-    _main()
+    try:
+        _main()
+    except SystemExit as exc:
+        # Hydra reports a bad override or config with exit 1, which here means "some rows failed".
+        # Nothing has run yet in that case: it is a usage error, exit 2.
+        if exc.code == 1 and not _started:
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .atomic import atomic_path
 from .rundir import RunDir, write_text_atomic
 
 CSS = """
@@ -191,9 +192,8 @@ def write_contact_sheet(root: str, max_rows: int = 16, thumb_height: int = 128) 
         sheet.paste(s, (0, y))
         y += s.height
     path = os.path.join(root, "contact_sheet.png")
-    tmp = path + f".tmp-{os.getpid()}.png"
-    sheet.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
     return path
 
 

@@ -41,9 +41,9 @@ def summary(results: pa.Table, *, total: int, ran: list[float], wall_seconds: fl
             f"median {float(np.median(ran)):.2f} s per video"
         )
         if stats is not None:
-            lines.append(f"  rank 0: model load {stats.model_load_seconds:.1f} s, compile warm-up "
-                         f"{stats.warmup_seconds:.1f} s, pipeline busy {stats.pipeline_seconds:.1f} s of "
-                         f"{stats.wall_seconds:.1f} s")
+            warmup = f", compile warm-up {stats.warmup_seconds:.1f} s" if stats.warmup_seconds else ""
+            lines.append(f"  rank 0: model load {stats.model_load_seconds:.1f} s{warmup}, pipeline busy "
+                         f"{stats.pipeline_seconds:.1f} s of {stats.wall_seconds:.1f} s")
     else:
         lines.append("  this run: nothing left to do")
     lines.append(f"  output: {output_dir}  (videos/, results.parquet)")

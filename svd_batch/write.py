@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import os
 
 import numpy as np
+
+from .atomic import atomic_path
 
 
 def frames_sha256(frames: np.ndarray) -> str:
@@ -20,10 +21,9 @@ def write_mp4(frames: np.ndarray, path: str, fps: int, *, crf: int = 18, codec: 
     """H.264 + yuv420p + faststart: what every browser plays. The file at ``path`` is always complete."""
     import imageio_ffmpeg
 
-    n, height, width, _ = frames.shape
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}.mp4")
-    try:
+    _, height, width, _ = frames.shape
+    # Hidden and ending in .mp4: ffmpeg picks the container from the name, and nobody mistakes it for a video.
+    with atomic_path(path, hidden=True, keep_extension=True) as tmp:
         writer = imageio_ffmpeg.write_frames(
             tmp,
             (width, height),
@@ -41,9 +41,3 @@ def write_mp4(frames: np.ndarray, path: str, fps: int, *, crf: int = 18, codec: 
         for frame in frames:
             writer.send(np.ascontiguousarray(frame, dtype=np.uint8))
         writer.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -127,3 +127,8 @@ def test_non_editable_install_carries_configs_and_sample(tmp_path):
                            ["-m", "svd_batch"]), "dry_run=true"], cwd=work, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "8 selected" in proc.stdout and str(target) in proc.stdout
+
+
+def test_bad_override_is_a_usage_error(tmp_path):
+    proc = run_cli("generation.no_such_key=3", f"output.dir={tmp_path / 'out'}")
+    assert proc.returncode == 2 and "no_such_key" in proc.stderr

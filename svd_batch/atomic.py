@@ -1,0 +1,25 @@
+"""Files that are either absent or complete: write under a temporary name, fsync, rename into place."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, hidden: bool = False, keep_extension: bool = False) -> Iterator[str]:
+    """Yield a temporary path beside ``path``; on success it is fsynced and renamed to ``path``, on failure
+    removed. Temporary names contain ``.tmp-`` so a later start can sweep what a killed process left."""
+    directory, name = os.path.split(path)
+    stem, ext = os.path.splitext(name)
+    tmp_name = f"{'.' if hidden else ''}{name}.tmp-{os.getpid()}{ext if keep_extension else ''}"
+    tmp = os.path.join(directory, tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
