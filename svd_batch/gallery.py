@@ -155,7 +155,36 @@ def _frames(path: str) -> list[np.ndarray]:
     return [np.frombuffer(f, np.uint8).reshape(h, w, 3) for f in gen]
 
 
-def write_contact_sheet(root: str, max_rows: int = 16, thumb_height: int = 128) -> str | None:
+THUMB_HEIGHT, PAD = 128, 6
+
+
+def _thumb_path(root: str, row_id: str) -> str:
+    return os.path.join(root, ".svd-batch", "thumbs", f"{row_id}.png")
+
+
+def _strip(frames: list[np.ndarray]) -> "Image.Image":
+    """First, middle and last frame side by side, THUMB_HEIGHT high."""
+    from PIL import Image
+
+    picks = [Image.fromarray(np.asarray(f)) for f in (frames[0], frames[len(frames) // 2], frames[-1])]
+    picks = [p.resize((max(1, round(p.width * THUMB_HEIGHT / p.height)), THUMB_HEIGHT)) for p in picks]
+    strip = Image.new("RGB", (sum(p.width + PAD for p in picks), THUMB_HEIGHT), (24, 24, 24))
+    x = 0
+    for p in picks:
+        strip.paste(p, (x, 0))
+        x += p.width + PAD
+    return strip
+
+
+def save_thumbnails(root: str, row_id: str, frames) -> None:
+    """Called by the writer while it still holds the frames, so the contact sheet needs no decoding."""
+    path = _thumb_path(root, row_id)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_path(path) as tmp:
+        _strip(list(frames)).save(tmp, format="PNG")
+
+
+def write_contact_sheet(root: str, max_rows: int = 16) -> str | None:
     """First, middle and last frame of the first ``max_rows`` rows, each row labelled."""
     from PIL import Image, ImageDraw, ImageFont
 
@@ -163,28 +192,25 @@ def write_contact_sheet(root: str, max_rows: int = 16, thumb_height: int = 128) 
     if not rows:
         return None
     font = ImageFont.load_default(size=14)
-    label_w, pad = 300, 6
+    label_w = 300
     strips = []
     for r in rows:
-        thumbs = []
-        if r["status"] == "ok" and r["video_path"] and os.path.exists(os.path.join(root, r["video_path"])):
-            frames = _frames(os.path.join(root, r["video_path"]))
-            for f in (frames[0], frames[len(frames) // 2], frames[-1]):
-                img = Image.fromarray(f)
-                thumbs.append(img.resize((max(1, round(img.width * thumb_height / img.height)), thumb_height)))
-        width = label_w + sum(t.width + pad for t in thumbs)
-        strip = Image.new("RGB", (max(width, label_w + 3 * (thumb_height + pad)), thumb_height + 2 * pad), (24, 24, 24))
+        picture = None
+        video = os.path.join(root, r["video_path"]) if r["status"] == "ok" and r["video_path"] else None
+        if video and os.path.exists(video):
+            thumb = _thumb_path(root, r["id"])
+            picture = Image.open(thumb).convert("RGB") if os.path.exists(thumb) else _strip(_frames(video))
+        width = label_w + (picture.width if picture else 3 * (THUMB_HEIGHT + PAD))
+        strip = Image.new("RGB", (width, THUMB_HEIGHT + 2 * PAD), (24, 24, 24))
         draw = ImageDraw.Draw(strip)
         text = [r["id"][:40], f"seed {r['seed']}  fps {r['fps']}", f"motion {r['motion_bucket_id']}  noise {r['noise_aug_strength']:g}",
                 f"{r['num_frames']} frames  {r['width']}x{r['height']}"]
         if r["status"] != "ok":
             text += ["FAILED: " + (r["error"] or "")[:40]]
         for i, line in enumerate(text):
-            draw.text((pad, pad + i * 18), line, fill=(235, 235, 235) if i == 0 else (170, 170, 170), font=font)
-        x = label_w
-        for t in thumbs:
-            strip.paste(t, (x, pad))
-            x += t.width + pad
+            draw.text((PAD, PAD + i * 18), line, fill=(235, 235, 235) if i == 0 else (170, 170, 170), font=font)
+        if picture:
+            strip.paste(picture, (label_w, PAD))
         strips.append(strip)
     sheet = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips)), (24, 24, 24))
     y = 0

@@ -18,6 +18,14 @@ import pyarrow.compute as pc
 from .fields import SEED_MAX
 
 
+def with_seed(row: dict, base_seed: int) -> dict:
+    """The row with its seed: its own, or one derived from its id (done per row as it runs, so planning a
+    million rows creates no Python object per row)."""
+    if row.get("seed") is None:
+        row["seed"] = derive_seed(base_seed, row["id"])
+    return row
+
+
 def derive_seed(base_seed: int, row_id: str) -> int:
     """A row without a seed gets one from the base seed and its id: never from its shard or batch position,
     so the same row gives the same video whatever the world size or batching."""
@@ -57,7 +65,7 @@ class Plan:
     total: int          # rows in the manifest (after selection)
     done: int           # finished ok earlier
     failed_skipped: int  # failed earlier and not retried
-    todo: pa.Table      # rows to run now, with seeds filled in and a ``rank`` column
+    todo: pa.Table      # rows to run now, with a ``rank`` column (missing seeds are derived as rows run)
     world_size: int
 
     def shard(self, rank: int) -> pa.Table:
@@ -75,7 +83,6 @@ def make_plan(
     records: pa.Table,
     *,
     world_size: int,
-    base_seed: int,
     retry_failed: bool = False,
     strategy: str = "cost",
 ) -> Plan:
@@ -92,12 +99,6 @@ def make_plan(
         finished = None
         todo = manifest
     skipped = (manifest.num_rows - todo.num_rows) - done
-
-    seeds = todo["seed"]
-    if seeds.null_count:
-        ids = todo["id"].to_pylist()
-        filled = [s if s is not None else derive_seed(base_seed, i) for s, i in zip(seeds.to_pylist(), ids)]
-        todo = todo.set_column(todo.schema.get_field_index("seed"), "seed", pa.array(filled, pa.int64()))
 
     if strategy == "contiguous":
         ranks = assign_contiguous(todo.num_rows, world_size)

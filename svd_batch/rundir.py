@@ -160,10 +160,11 @@ class RunDir:
         for path in self.part_files() + [self.records_path, self.results_path, self.run_json]:
             if os.path.exists(path):
                 os.unlink(path)
-        if os.path.isdir(self.videos):
-            for entry in os.scandir(self.videos):
-                if entry.name.endswith(".mp4"):
-                    os.unlink(entry.path)
+        for folder, suffix in ((self.videos, ".mp4"), (os.path.join(self.state, "thumbs"), ".png")):
+            if os.path.isdir(folder):
+                for entry in os.scandir(folder):
+                    if entry.name.endswith(suffix):
+                        os.unlink(entry.path)
 
     # -- records ------------------------------------------------------------------------------------------
     def part_files(self) -> list[str]:
@@ -199,7 +200,7 @@ class RunDir:
 
     def remove_temporaries(self) -> None:
         """Drop files that a killed process left half-written; they never counted as done."""
-        for d in (self.videos, self.parts, self.state, self.root):
+        for d in (self.videos, self.parts, self.state, os.path.join(self.state, "thumbs"), self.root):
             if os.path.isdir(d):
                 for entry in os.scandir(d):
                     if ".tmp-" in entry.name:

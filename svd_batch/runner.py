@@ -127,6 +127,12 @@ def describe_plan(plan: Plan, manifest: Manifest, dataset: str | None = None) ->
     return "\n".join(lines)
 
 
+def _thumb_max_row(cfg: DictConfig, manifest: Manifest) -> int:
+    """Rows up to this manifest row keep contact-sheet thumbnails as they are written (no decode later)."""
+    n = min(int(cfg.report.contact_sheet_rows), manifest.table.num_rows)
+    return int(manifest.table["row"][n - 1].as_py()) if cfg.report.enabled and n > 0 else -1
+
+
 def _write_report(root: str, cfg: DictConfig) -> None:
     """The gallery and contact sheet are for people: a failure there is reported, never fatal."""
     from .gallery import write_report
@@ -174,7 +180,7 @@ def run(cfg: DictConfig) -> int:
     if cfg.dry_run:
         records = rundir.read_records(["id", "status"]) if os.path.isdir(rundir.state) else None
         plan = make_plan(manifest.table, records if records is not None else RESULT_SCHEMA.empty_table(),
-                         world_size=world, base_seed=int(cfg.generation.seed), retry_failed=bool(cfg.retry_failed),
+                         world_size=world, retry_failed=bool(cfg.retry_failed),
                          strategy=str(cfg.runtime.shard_strategy))
         if rank == 0:
             print(describe_plan(plan, manifest, cfg.manifest.get("name")))
@@ -231,8 +237,7 @@ def _run_distributed(cfg: DictConfig, manifest: Manifest, rundir: RunDir) -> int
         if rank == 0:
             log(f"svd-batch: {exc}")
         return EXIT_USAGE
-    plan = make_plan(manifest.table, records, world_size=world,
-                     base_seed=int(cfg.generation.seed), retry_failed=bool(cfg.retry_failed),
+    plan = make_plan(manifest.table, records, world_size=world, retry_failed=bool(cfg.retry_failed),
                      strategy=str(cfg.runtime.shard_strategy))
     shard = plan.shard(rank)
     if rank == 0:
@@ -254,7 +259,7 @@ def _run_distributed(cfg: DictConfig, manifest: Manifest, rundir: RunDir) -> int
                 return EXIT_USAGE
             bar = _progress(cfg, shard.num_rows, rank, world)
             worker = RankWorker(gen, rundir, cfg, rank=rank, world=world, stop=stop, progress=bar,
-                                log=lambda msg: log(msg, rank))
+                                log=lambda msg: log(msg, rank), thumb_max_row=_thumb_max_row(cfg, manifest))
             worker.stats.model_load_seconds = time.perf_counter() - t
             stats = worker.run(shard)
             bar.close()

@@ -24,8 +24,10 @@ import pyarrow as pa
 
 from .batch import batch_key, batched_frames
 from .fields import CONDITIONING_FIELDS
+from .gallery import save_thumbnails
 from .generate import Generator, OutOfMemory, peak_host_memory_bytes
 from .images import ImageError, load_image
+from .plan import with_seed
 from .rundir import PartWriter, RunDir, write_text_atomic
 from .write import frames_sha256, write_mp4
 
@@ -34,10 +36,12 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def iter_batches(shard: pa.Table, batch_size: int, window: int = 256) -> Iterator[list[dict[str, Any]]]:
-    """Rows in manifest order; with batch_size > 1, rows of a window that share shapes are grouped."""
+def iter_batches(shard: pa.Table, batch_size: int, base_seed: int = 42,
+                 window: int = 256) -> Iterator[list[dict[str, Any]]]:
+    """Rows in manifest order, seeds filled in; with batch_size > 1, rows of a window that share shapes are
+    grouped. Only one window of rows is ever held as Python objects."""
     for chunk in shard.to_batches(max_chunksize=max(window, batch_size)):
-        rows = chunk.to_pylist()
+        rows = [with_seed(r, base_seed) for r in chunk.to_pylist()]
         if batch_size <= 1:
             yield from ([r] for r in rows)
             continue
@@ -88,15 +92,19 @@ class RankStats:
 
 class RankWorker:
     def __init__(self, gen: Generator, rundir: RunDir, cfg, *, rank: int, world: int, stop, progress,
-                 log: Callable[[str], None]):
+                 log: Callable[[str], None], thumb_max_row: int = -1):
         self.gen, self.rundir, self.cfg = gen, rundir, cfg
         self.rank, self.world, self.stop, self.progress, self.log = rank, world, stop, progress, log
         self.batch_size = max(1, int(cfg.runtime.batch_size))
-        self.overlap = bool(cfg.runtime.get("overlap", True))
+        # auto: overlap on GPUs, where the CPU is otherwise idle while the model runs; on CPU the model already
+        # uses every core and loader/writer threads would only compete with it (BENCHMARKS.md).
+        overlap = cfg.runtime.get("overlap", "auto")
+        self.overlap = gen.device.type == "cuda" if overlap in ("auto", None) else bool(overlap)
         self.prefetch = max(1, int(cfg.runtime.get("prefetch_batches", 2)))
         self.parts = PartWriter(rundir, rank, int(cfg.runtime.results_chunk_rows))
         self.stats = RankStats(rank=rank, world_size=world, host=socket.gethostname(), device=str(gen.device))
         self._write_error: BaseException | None = None
+        self.thumb_max_row = thumb_max_row
 
     # -- the loop -----------------------------------------------------------------------------------------
     def run(self, shard: pa.Table) -> RankStats:
@@ -107,7 +115,7 @@ class RankWorker:
         if self.overlap:
             writer.start()
         pending: collections.deque = collections.deque()
-        batches = iter_batches(shard, self.batch_size)
+        batches = iter_batches(shard, self.batch_size, int(self.cfg.generation.seed))
         try:
             while True:
                 # Keep up to `prefetch` batches of images loading ahead of the model.
@@ -247,6 +255,8 @@ class RankWorker:
                 record["frames_sha256"] = frames_sha256(o["frames"])
                 write_mp4(o["frames"], self.rundir.video_path(row["id"]), int(row["fps"]), crf=int(cfg.video.crf),
                           codec=str(cfg.video.codec), pix_fmt=str(cfg.video.pix_fmt), preset=str(cfg.video.preset))
+                if row["row"] <= self.thumb_max_row:
+                    save_thumbnails(self.rundir.root, row["id"], o["frames"])
                 record.update(status="ok", error=None, video_path=f"videos/{row['id']}.mp4")
             except Exception as exc:  # noqa: BLE001 - e.g. ffmpeg failing on this row
                 detail = str(exc).splitlines()[0][:500] if str(exc) else ""

@@ -94,7 +94,8 @@ def test_sigkill_then_resume_on_two_processes(manifest, reference, tmp_path):
 
 def test_sigterm_on_two_processes_then_resume_on_one(manifest, reference, tmp_path):
     out = tmp_path / "out"
-    proc = launch(f"manifest.path={manifest}", f"output.dir={out}", background=True)
+    # Overlap on: the writer thread must flush what the model already computed before the rank exits.
+    proc = launch(f"manifest.path={manifest}", f"output.dir={out}", "runtime.overlap=true", background=True)
     wait_for_records(out, 2, proc)
     os.killpg(proc.pid, signal.SIGTERM)  # what a scheduler's preemption sends to the job
     log = proc.communicate(timeout=300)[0]

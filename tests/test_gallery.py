@@ -105,11 +105,22 @@ def test_page_content(run_dir):
     assert "IntersectionObserver" in page  # only visible videos play
 
 
-def test_contact_sheet_shows_first_middle_last_frames(run_dir):
+def test_contact_sheet_shows_first_middle_last_frames(run_dir, tmp_path):
+    # Thumbnails were kept while the frames were in memory, so the sheet decodes nothing.
+    assert sorted(p.name for p in (run_dir / ".svd-batch" / "thumbs").iterdir()) == ["cat.png", "coffee.png", "rocket.png"]
     sheet = Image.open(run_dir / "contact_sheet.png")
     assert sheet.mode == "RGB" and sheet.height >= 4 * 128  # four rows, the failed one labelled
     strip = sheet.crop((300, 0, sheet.width, 140)).convert("L")
     assert strip.getextrema()[1] - strip.getextrema()[0] > 50  # real frames, not an empty canvas
+    # Without thumbnails (a run made before them, or deleted) the sheet decodes the videos: same picture.
+    from svd_batch.gallery import write_contact_sheet
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / ".svd-batch" / "thumbs")
+    write_contact_sheet(str(copy))
+    decoded = Image.open(copy / "contact_sheet.png")
+    assert decoded.size == sheet.size
 
 
 def test_report_command_on_an_interrupted_run(run_dir, tmp_path):

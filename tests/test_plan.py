@@ -4,6 +4,7 @@ import pyarrow as pa
 from svd_batch.manifest import load_manifest
 from svd_batch.plan import assign_ranks, derive_seed, make_plan, row_cost
 from svd_batch.rundir import RESULT_SCHEMA
+from svd_batch.worker import iter_batches
 from tests.conftest import write_manifest
 from tests.test_manifest import GEN
 
@@ -12,23 +13,30 @@ def manifest(tmp_path, rows):
     return load_manifest(str(write_manifest(tmp_path / "m.parquet", rows)), GEN).table
 
 
+def seeds_as_run(m, world: int, base_seed: int = 42, batch_size: int = 1) -> dict:
+    """The seed each row runs with, over all ranks' shards, as the workers fill them in."""
+    plan = make_plan(m, RESULT_SCHEMA.empty_table(), world_size=world)
+    return {r["id"]: r["seed"] for rank in range(world)
+            for batch in iter_batches(plan.shard(rank), batch_size, base_seed) for r in batch}
+
+
 def test_seed_derivation_depends_on_base_seed_and_id_only(tmp_path):
-    rows = [{"id": f"r{i}", "image": "a.jpg"} for i in range(6)] + [{"id": "fixed", "image": "a.jpg", "seed": 9}]
+    rows = [{"id": f"r{i}", "image": "a.jpg", "num_frames": 8 + i % 3} for i in range(6)]
+    rows.append({"id": "fixed", "image": "a.jpg", "seed": 9})
     m = manifest(tmp_path, rows)
-    seeds = {}
-    for world in (1, 2, 3):
-        plan = make_plan(m, RESULT_SCHEMA.empty_table(), world_size=world, base_seed=42)
-        got = dict(zip(plan.todo["id"].to_pylist(), plan.todo["seed"].to_pylist()))
-        seeds.setdefault("first", got)
-        assert got == seeds["first"]
-    assert seeds["first"]["fixed"] == 9
-    assert seeds["first"]["r0"] == derive_seed(42, "r0")
+    first = seeds_as_run(m, 1)
+    for world, batch_size in ((2, 1), (3, 1), (2, 4)):
+        assert seeds_as_run(m, world, batch_size=batch_size) == first
+    assert first["fixed"] == 9
+    assert first["r0"] == derive_seed(42, "r0")
     assert derive_seed(42, "r0") != derive_seed(43, "r0") and derive_seed(42, "r0") != derive_seed(42, "r1")
+    assert seeds_as_run(m, 1, base_seed=43)["r0"] == derive_seed(43, "r0")
     # The same row, placed elsewhere in another manifest, keeps its seed.
     m2 = manifest(tmp_path / "b", list(reversed(rows)))
-    plan2 = make_plan(m2, RESULT_SCHEMA.empty_table(), world_size=1, base_seed=42)
-    assert dict(zip(plan2.todo["id"].to_pylist(), plan2.todo["seed"].to_pylist())) == seeds["first"]
-    assert 0 <= min(seeds["first"].values()) and max(seeds["first"].values()) < 2**63
+    assert seeds_as_run(m2, 1) == first
+    assert 0 <= min(first.values()) and max(first.values()) < 2**63
+    # Planning itself derives nothing: the plan's table still has the manifest's nulls.
+    assert make_plan(m, RESULT_SCHEMA.empty_table(), world_size=2).todo["seed"].null_count == 6
 
 
 def test_every_row_exactly_once_and_cost_balanced():
@@ -47,7 +55,7 @@ def test_every_row_exactly_once_and_cost_balanced():
 
 def test_more_ranks_than_rows_leaves_ranks_idle_without_duplicates(tmp_path):
     m = manifest(tmp_path, [{"id": "a", "image": "a.jpg"}, {"id": "b", "image": "b.jpg"}])
-    plan = make_plan(m, RESULT_SCHEMA.empty_table(), world_size=4, base_seed=1)
+    plan = make_plan(m, RESULT_SCHEMA.empty_table(), world_size=4)
     shards = [plan.shard(r)["id"].to_pylist() for r in range(4)]
     assert sorted(sum(shards, [])) == ["a", "b"]
     assert sum(1 for s in shards if not s) == 2
@@ -57,9 +65,9 @@ def test_finished_rows_are_skipped_failed_ones_only_with_retry(tmp_path):
     m = manifest(tmp_path, [{"id": x, "image": "a.jpg"} for x in "abcd"])
     records = pa.Table.from_pylist([{"id": "a", "status": "ok"}, {"id": "b", "status": "failed"}],
                                    schema=RESULT_SCHEMA)
-    plan = make_plan(m, records, world_size=1, base_seed=1)
+    plan = make_plan(m, records, world_size=1)
     assert plan.todo["id"].to_pylist() == ["c", "d"] and plan.done == 1 and plan.failed_skipped == 1
-    plan = make_plan(m, records, world_size=1, base_seed=1, retry_failed=True)
+    plan = make_plan(m, records, world_size=1, retry_failed=True)
     assert plan.todo["id"].to_pylist() == ["b", "c", "d"] and plan.failed_skipped == 0
 
 

@@ -84,7 +84,7 @@ def test_images_in_flight_are_bounded(tmp_path, monkeypatch):
                                         "results_chunk_rows": 1024, "compile": False},
                             "images": {"timeout": 5, "max_bytes": 10**7, "max_pixels": 10**8},
                             "video": {"crf": 30, "codec": "libx264", "pix_fmt": "yuv420p", "preset": "ultrafast"},
-                            "model": {"name": "fake"}})
+                            "model": {"name": "fake"}, "generation": {"seed": 1}})
     from svd_batch.rundir import RunDir
 
     rd = RunDir(str(tmp_path / "out"))
