@@ -221,12 +221,13 @@ def load_manifest(
     bad_image = pc.or_kleene(pc.is_null(image), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(image)), 0))
 
     # 2. Ids: given ones are checked; missing ones are derived from the row number and the image name.
-    derived = _derived_ids(rows, image)
-    if ids_raw is not None:
+    if ids_raw is not None and ids_raw.null_count == 0:
+        ids = pc.cast(ids_raw, pa.string())  # the common case at scale: no string work for derived ids
+    elif ids_raw is not None:
         ids_given = pc.cast(ids_raw, pa.string())
-        ids = pc.if_else(pc.is_null(ids_given), derived, ids_given)
+        ids = pc.if_else(pc.is_null(ids_given), _derived_ids(rows, image), ids_given)
     else:
-        ids = derived
+        ids = _derived_ids(rows, image)
 
     # 3. Generation fields, with defaults filled in: row > dataset defaults > generation.*.
     resolved: dict[str, pa.ChunkedArray] = {}

@@ -96,7 +96,6 @@ def make_plan(
         todo = manifest.filter(pc.invert(finished))
     else:
         done = 0
-        finished = None
         todo = manifest
     skipped = (manifest.num_rows - todo.num_rows) - done
 
@@ -108,3 +107,39 @@ def make_plan(
         raise ValueError(f"runtime.shard_strategy={strategy!r}: use cost or contiguous")
     todo = todo.append_column("rank", pa.array(ranks, pa.int64()))
     return Plan(total=manifest.num_rows, done=done, failed_skipped=skipped, todo=todo, world_size=world_size)
+
+
+# Values a finished row's video depends on and that a manifest edit can change. decode_chunk_size is left out:
+# the recorded value is the effective one (memory cap, out-of-memory fallback), not the manifest's.
+CHANGE_FIELDS = ("seed", "fps", "motion_bucket_id", "noise_aug_strength", "num_frames", "num_inference_steps",
+                 "height", "width", "min_guidance_scale", "max_guidance_scale")
+
+
+def changed_rows(manifest: pa.Table, records: pa.Table, limit: int = 20) -> tuple[int, list[str]]:
+    """Finished rows whose manifest values no longer match what their video was made with.
+
+    Returns the count and up to ``limit`` descriptions ("id: column recorded -> manifest"). A missing seed in
+    the manifest is not compared: it is derived from generation.seed, which the run's fingerprint guards."""
+    ok = records.filter(pc.equal(records["status"], "ok"))
+    if ok.num_rows == 0:
+        return 0, []
+    cols = [c for c in CHANGE_FIELDS if c in ok.column_names]
+    # Align by position rather than a hash join: one index array, then one column at a time (memory stays
+    # flat at a million rows).
+    pos = pc.index_in(manifest["id"], value_set=ok["id"])
+    present = pc.is_valid(pos)
+    m = manifest.filter(present)
+    pos = pos.filter(present)
+    mask = None
+    for c in cols:
+        diff = pc.fill_null(pc.not_equal(m[c], pc.take(ok[c], pos)), False)  # null seed: not compared
+        mask = diff if mask is None else pc.or_(mask, diff)
+    if mask is None or not pc.any(mask).as_py():
+        return 0, []
+    bad_m = m.filter(mask).select(["id", *cols])
+    bad_r = ok.select(cols).take(pos.filter(mask))
+    out = []
+    for mine, rec in zip(bad_m.slice(0, limit).to_pylist(), bad_r.slice(0, limit).to_pylist()):
+        parts = [f"{c} {rec[c]!r} -> {mine[c]!r}" for c in cols if mine[c] is not None and mine[c] != rec[c]]
+        out.append(f"{mine['id']}: " + ", ".join(parts))
+    return bad_m.num_rows, out

@@ -172,20 +172,29 @@ class RunDir:
 
     def read_records(self, columns: list[str] | None = None) -> pa.Table:
         """Every record made in this folder, the latest per id (a retried row replaces its failure)."""
-        tables = []
-        for path in ([self.records_path] if os.path.exists(self.records_path) else []) + self.part_files():
-            try:
-                tables.append(pq.read_table(path, columns=columns or None, schema=None))
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise RunDirError(
-                    f"The results file {path} cannot be read ({exc}). It is not one svd-batch writes "
-                    "half-way, so something else changed it. Move it away and run the same command again: "
-                    "the rows it recorded are regenerated."
-                ) from None
-        if not tables:
+        merged = self._read(self.records_path, columns) if os.path.exists(self.records_path) else None
+        parts = [self._read(p, columns) for p in self.part_files()]
+        if merged is None and not parts:
             return RESULT_SCHEMA.empty_table().select(columns) if columns else RESULT_SCHEMA.empty_table()
-        table = pa.concat_tables(tables, promote_options="permissive")
-        return latest_per_id(table)
+        if not parts:
+            return merged  # written by merge(): one record per id already
+        recent = latest_per_id(pa.concat_tables(parts, promote_options="permissive"))
+        if merged is None:
+            return recent
+        # Only the few ids in the parts can repeat; the merged file need not be hashed whole.
+        older = merged.filter(pc.invert(pc.is_in(merged["id"], value_set=recent["id"])))
+        return pa.concat_tables([older, recent], promote_options="permissive")
+
+    @staticmethod
+    def _read(path: str, columns: list[str] | None) -> pa.Table:
+        try:
+            return pq.read_table(path, columns=columns or None)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise RunDirError(
+                f"The results file {path} cannot be read ({exc}). It is not one svd-batch writes "
+                "half-way, so something else changed it. Move it away and run the same command again: "
+                "the rows it recorded are regenerated."
+            ) from None
 
     def merge(self) -> pa.Table:
         """Fold the part files into records.parquet (written whole, then renamed), then delete the parts."""

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .fields import CONDITIONING_FIELDS, GENERATION_FIELDS
 from .manifest import Manifest, ManifestError, load_manifest
-from .plan import Plan, make_plan
+from .plan import CHANGE_FIELDS, Plan, changed_rows, make_plan
 from .rundir import RESULT_SCHEMA, RunDir, RunDirError, write_text_atomic
 
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE = 0, 1, 2
@@ -105,6 +105,18 @@ def prepare_rundir(cfg: DictConfig, rundir: RunDir, identity: str) -> None:
     write_text_atomic(OmegaConf.to_yaml(cfg, resolve=True), os.path.join(rundir.root, "config.yaml"))
 
 
+def check_unchanged(manifest, records) -> None:
+    """A manifest edited since rows finished would leave videos that no longer match their rows."""
+    n, examples = changed_rows(manifest, records)
+    if n:
+        raise RunDirError(
+            f"{n} finished row{'s' if n != 1 else ''} changed in the manifest since {'their' if n != 1 else 'its'} "
+            f"video was made (recorded -> manifest): " + "; ".join(examples) + ("; ..." if n > len(examples) else "")
+            + ". Resuming would keep videos that no longer match their rows. Restore those values, give the "
+            "changed rows new ids (they are then new rows), or add overwrite=true to redo everything."
+        )
+
+
 def describe_plan(plan: Plan, manifest: Manifest, dataset: str | None = None) -> str:
     lines = [
         f"manifest: {dataset!r} ({manifest.source})" if dataset else f"manifest: {manifest.source}",
@@ -178,7 +190,14 @@ def run(cfg: DictConfig) -> int:
     rundir = RunDir(str(cfg.output.dir))
 
     if cfg.dry_run:
-        records = rundir.read_records(["id", "status"]) if os.path.isdir(rundir.state) else None
+        records = rundir.read_records(["id", "status", *CHANGE_FIELDS]) if os.path.isdir(rundir.state) else None
+        try:
+            if records is not None:
+                check_unchanged(manifest.table, records)
+        except RunDirError as exc:
+            if rank == 0:
+                log(f"svd-batch: {exc}")
+            return EXIT_USAGE
         plan = make_plan(manifest.table, records if records is not None else RESULT_SCHEMA.empty_table(),
                          world_size=world, retry_failed=bool(cfg.retry_failed),
                          strategy=str(cfg.runtime.shard_strategy))
@@ -232,7 +251,8 @@ def _run_distributed(cfg: DictConfig, manifest: Manifest, rundir: RunDir) -> int
     # 2. Every rank plans from the same records; nobody writes until all have read them.
     local = resolve_model_path(str(cfg.model.path), cfg.model.variant, str(cfg.model.name))
     try:
-        records = rundir.read_records(["id", "status"])
+        records = rundir.read_records(["id", "status", *CHANGE_FIELDS])
+        check_unchanged(manifest.table, records)
     except RunDirError as exc:
         if rank == 0:
             log(f"svd-batch: {exc}")

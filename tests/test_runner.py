@@ -114,3 +114,21 @@ def test_records_are_durable_per_row(tmp_path):
         time.sleep(0.02)
     assert proc.returncode == 0
     assert len(seen) >= 3 and max(seen) <= 6  # grew row by row, never half-written
+
+
+def test_rows_edited_after_they_finished_are_named(tmp_path):
+    rows = [{"id": f"r{i}", "image": str(SAMPLE / "cat.jpg"), "motion_bucket_id": 100} for i in range(3)]
+    m, out = write_manifest(tmp_path / "m.parquet", rows), tmp_path / "out"
+    assert run_cli(f"manifest.path={m}", f"output.dir={out}").returncode == 0
+    rows[1]["motion_bucket_id"] = 7
+    rows.append({"id": "r3", "image": str(SAMPLE / "cat.jpg"), "motion_bucket_id": 100})  # new rows are fine
+    write_manifest(m, rows)
+    proc = run_cli(f"manifest.path={m}", f"output.dir={out}")
+    assert proc.returncode == 2
+    assert "1 finished row changed" in proc.stderr and "r1: motion_bucket_id 100 -> 7" in proc.stderr
+    dry = run_cli(f"manifest.path={m}", f"output.dir={out}", "dry_run=true")
+    assert dry.returncode == 2 and "r1: motion_bucket_id 100 -> 7" in dry.stderr
+    rows[1]["motion_bucket_id"] = 100
+    write_manifest(m, rows)
+    proc = run_cli(f"manifest.path={m}", f"output.dir={out}")
+    assert proc.returncode == 0 and read_results(out).num_rows == 4
