@@ -105,6 +105,15 @@ def prepare_rundir(cfg: DictConfig, rundir: RunDir, identity: str) -> None:
     write_text_atomic(OmegaConf.to_yaml(cfg, resolve=True), os.path.join(rundir.root, "config.yaml"))
 
 
+def plan_run(cfg: DictConfig, manifest: Manifest, rundir: RunDir, world: int) -> Plan:
+    """What is left to do in ``rundir`` and who does it; raises RunDirError for an unusable folder."""
+    has_state = os.path.isdir(rundir.state)
+    records = rundir.read_records(["id", "status", *CHANGE_FIELDS]) if has_state else RESULT_SCHEMA.empty_table()
+    check_unchanged(manifest.table, records)
+    return make_plan(manifest.table, records, world_size=world, retry_failed=bool(cfg.retry_failed),
+                     strategy=str(cfg.runtime.shard_strategy))
+
+
 def check_unchanged(manifest, records) -> None:
     """A manifest edited since rows finished would leave videos that no longer match their rows."""
     n, examples = changed_rows(manifest, records)
@@ -190,17 +199,12 @@ def run(cfg: DictConfig) -> int:
     rundir = RunDir(str(cfg.output.dir))
 
     if cfg.dry_run:
-        records = rundir.read_records(["id", "status", *CHANGE_FIELDS]) if os.path.isdir(rundir.state) else None
         try:
-            if records is not None:
-                check_unchanged(manifest.table, records)
+            plan = plan_run(cfg, manifest, rundir, world)
         except RunDirError as exc:
             if rank == 0:
                 log(f"svd-batch: {exc}")
             return EXIT_USAGE
-        plan = make_plan(manifest.table, records if records is not None else RESULT_SCHEMA.empty_table(),
-                         world_size=world, retry_failed=bool(cfg.retry_failed),
-                         strategy=str(cfg.runtime.shard_strategy))
         if rank == 0:
             print(describe_plan(plan, manifest, cfg.manifest.get("name")))
             print(f"output: {rundir.root} (dry run: no model loaded, nothing written)")
@@ -251,14 +255,11 @@ def _run_distributed(cfg: DictConfig, manifest: Manifest, rundir: RunDir) -> int
     # 2. Every rank plans from the same records; nobody writes until all have read them.
     local = resolve_model_path(str(cfg.model.path), cfg.model.variant, str(cfg.model.name))
     try:
-        records = rundir.read_records(["id", "status", *CHANGE_FIELDS])
-        check_unchanged(manifest.table, records)
+        plan = plan_run(cfg, manifest, rundir, world)
     except RunDirError as exc:
         if rank == 0:
             log(f"svd-batch: {exc}")
         return EXIT_USAGE
-    plan = make_plan(manifest.table, records, world_size=world, retry_failed=bool(cfg.retry_failed),
-                     strategy=str(cfg.runtime.shard_strategy))
     shard = plan.shard(rank)
     if rank == 0:
         log(describe_plan(plan, manifest, cfg.manifest.get("name")))
