@@ -66,6 +66,16 @@ def test_results_schema_videos_and_overrides(tmp_path, images):
     assert all(df.finished_at >= df.started_at) and all(df["rank"] == 0)
     assert all(len(h) == 64 for h in df.frames_sha256)
 
+    # polars and duckdb read it too, with the same rows and types.
+    import duckdb
+    import polars as pl
+
+    pdf = pl.read_parquet(out / "results.parquet")
+    assert pdf["id"].to_list() == list(df["id"]) and pdf.schema["started_at"] == pl.Datetime("us", "UTC")
+    n_ok, max_frames = duckdb.sql(f"select count(*) filter (where status = 'ok'), max(num_frames) "
+                                  f"from read_parquet('{out / 'results.parquet'}')").fetchall()[0]
+    assert (n_ok, max_frames) == (3, 8)
+
     for r in df.itertuples():
         meta, frames = read_mp4(out / r.video_path)
         assert frames.shape == (r.num_frames, r.height, r.width, 3)
