@@ -8,6 +8,7 @@ records. Everything else each rank derives on its own.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import signal
 import sys
@@ -225,7 +226,10 @@ def _run_distributed(cfg: DictConfig, manifest: Manifest, rundir: RunDir) -> int
     if str(cfg.runtime.device) == "cuda" and not torch.cuda.is_available():
         log("svd-batch: runtime.device=cuda but no CUDA device is visible. Use runtime.device=auto or cpu.")
         return EXIT_USAGE
-    state = PartialState(cpu=want_cpu)
+    # Ranks wait for each other twice: while rank 0 downloads the model (minutes for SVD-XT) and at the end,
+    # when the fastest rank waits for the slowest. torch's default 10-minute collective timeout would kill
+    # healthy runs at either point.
+    state = PartialState(cpu=want_cpu, timeout=dt.timedelta(minutes=float(cfg.runtime.dist_timeout_minutes)))
     rank, world = state.process_index, state.num_processes
     # accelerate names the CPU "cpu:0" under a launcher; diffusers then takes other code paths whose floats
     # differ from plain "cpu". Plain "cpu" keeps rows identical to the guide's snippet at any world size.

@@ -142,3 +142,10 @@ def test_non_editable_install_carries_configs_and_sample(tmp_path):
 def test_bad_override_is_a_usage_error(tmp_path):
     proc = run_cli("generation.no_such_key=3", f"output.dir={tmp_path / 'out'}")
     assert proc.returncode == 2 and "no_such_key" in proc.stderr
+
+
+def test_help_lists_usage_groups_and_exit_codes():
+    proc = subprocess.run([sys.executable, "-m", "svd_batch", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0
+    assert "Usage: svd-batch" in proc.stdout and "Exit codes" in proc.stdout
+    assert "model: svd, svd_xt, svd_xt_1_1, tiny" in proc.stdout and "memory: full, low_vram, offload" in proc.stdout
