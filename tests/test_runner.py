@@ -42,7 +42,7 @@ def test_resume_false_with_existing_results_stops(tmp_path):
 
 
 def test_second_launch_is_refused_and_a_killed_run_leaves_no_stale_lock(tmp_path):
-    m, out = small_manifest(tmp_path, n=12), tmp_path / "out"
+    m, out = small_manifest(tmp_path, n=40), tmp_path / "out"  # long enough to still run when the second starts
     first = start_cli(f"manifest.path={m}", f"output.dir={out}")
     wait_for_records(out, 1, first)
     second = run_cli(f"manifest.path={m}", f"output.dir={out}")
@@ -53,7 +53,7 @@ def test_second_launch_is_refused_and_a_killed_run_leaves_no_stale_lock(tmp_path
     resumed = run_cli(f"manifest.path={m}", f"output.dir={out}")
     assert resumed.returncode == 0, resumed.stderr
     t = read_results(out)
-    assert t.num_rows == 12 and set(t["status"].to_pylist()) == {"ok"} and not tmp_files(out)
+    assert t.num_rows == 40 and set(t["status"].to_pylist()) == {"ok"} and not tmp_files(out)
 
 
 def test_failed_rows_are_kept_until_retry_failed(tmp_path, images):
