@@ -115,6 +115,16 @@ def plan_run(cfg: DictConfig, manifest: Manifest, rundir: RunDir, world: int) ->
                      strategy=str(cfg.runtime.shard_strategy))
 
 
+def plan_or_report(cfg: DictConfig, manifest: Manifest, rundir: RunDir, world: int, rank: int) -> Plan | None:
+    """plan_run, with an unusable folder reported once (by rank 0) instead of raised."""
+    try:
+        return plan_run(cfg, manifest, rundir, world)
+    except RunDirError as exc:
+        if rank == 0:
+            log(f"svd-batch: {exc}")
+        return None
+
+
 def check_unchanged(manifest, records) -> None:
     """A manifest edited since rows finished would leave videos that no longer match their rows."""
     n, examples = changed_rows(manifest, records)
@@ -200,11 +210,8 @@ def run(cfg: DictConfig) -> int:
     rundir = RunDir(str(cfg.output.dir))
 
     if cfg.dry_run:
-        try:
-            plan = plan_run(cfg, manifest, rundir, world)
-        except RunDirError as exc:
-            if rank == 0:
-                log(f"svd-batch: {exc}")
+        plan = plan_or_report(cfg, manifest, rundir, world, rank)
+        if plan is None:
             return EXIT_USAGE
         if rank == 0:
             print(describe_plan(plan, manifest, cfg.manifest.get("name")))
@@ -258,11 +265,8 @@ def _run_distributed(cfg: DictConfig, manifest: Manifest, rundir: RunDir) -> int
 
     # 2. Every rank plans from the same records; nobody writes until all have read them.
     local = resolve_model_path(str(cfg.model.path), cfg.model.variant, str(cfg.model.name))
-    try:
-        plan = plan_run(cfg, manifest, rundir, world)
-    except RunDirError as exc:
-        if rank == 0:
-            log(f"svd-batch: {exc}")
+    plan = plan_or_report(cfg, manifest, rundir, world, rank)
+    if plan is None:
         return EXIT_USAGE
     shard = plan.shard(rank)
     if rank == 0:
