@@ -23,6 +23,7 @@ import glob
 import json
 import os
 import socket
+import time
 import uuid
 from typing import Any
 
@@ -237,12 +238,14 @@ class PartWriter:
         self.rundir = rundir
         self.rank = rank
         self.chunk_rows = max(1, int(chunk_rows))
-        self.session = uuid.uuid4().hex[:12]
+        # Names sort in time order (start of this process, then chunk): when a row was retried in a later run
+        # that was also interrupted before merging, the later part is read last and its record wins.
+        self.session = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
         self.chunk = 0
         self.rows: list[dict[str, Any]] = []
 
     def _path(self) -> str:
-        return os.path.join(self.rundir.parts, f"rank{self.rank:05d}-{self.session}-{self.chunk:05d}.parquet")
+        return os.path.join(self.rundir.parts, f"{self.session}-rank{self.rank:05d}-{self.chunk:05d}.parquet")
 
     def add(self, record: dict[str, Any]) -> None:
         self.rows.append(record)
