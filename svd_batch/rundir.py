@@ -174,7 +174,7 @@ class RunDir:
     def read_records(self, columns: list[str] | None = None) -> pa.Table:
         """Every record made in this folder, the latest per id (a retried row replaces its failure)."""
         merged = self._read(self.records_path, columns) if os.path.exists(self.records_path) else None
-        parts = [self._read(p, columns) for p in self.part_files()]
+        parts = [t for t in (self._read_if_present(p, columns) for p in self.part_files()) if t is not None]
         if merged is None and not parts:
             return RESULT_SCHEMA.empty_table().select(columns) if columns else RESULT_SCHEMA.empty_table()
         if not parts:
@@ -186,10 +186,23 @@ class RunDir:
         older = merged.filter(pc.invert(pc.is_in(merged["id"], value_set=recent["id"])))
         return pa.concat_tables([older, recent], promote_options="permissive")
 
+    @classmethod
+    def _read_if_present(cls, path: str, columns: list[str] | None) -> pa.Table | None:
+        """A part merged away since the listing (another process finishing) is simply gone."""
+        try:
+            return cls._read(path, columns)
+        except FileNotFoundError:
+            return None
+
     @staticmethod
     def _read(path: str, columns: list[str] | None) -> pa.Table:
         try:
-            return pq.read_table(path, columns=columns or None)
+            # One open file: a part may be replaced (renamed over) while we read, and reading by path can
+            # open it twice, pairing the old file's footer with the new file's pages.
+            with open(path, "rb") as f:
+                return pq.read_table(f, columns=columns or None)
+        except FileNotFoundError:
+            raise
         except (pa.ArrowInvalid, OSError) as exc:
             raise RunDirError(
                 f"The results file {path} cannot be read ({exc}). It is not one svd-batch writes "

@@ -108,7 +108,8 @@ def test_records_are_durable_per_row(tmp_path):
         parts = list((out / ".svd-batch" / "parts").glob("*.parquet")) if (out / ".svd-batch").exists() else []
         for p in parts:
             try:
-                seen.add(pq.read_table(p).num_rows)
+                with open(p, "rb") as f:  # one open: the file is renamed over after every row
+                    seen.add(pq.read_table(f).num_rows)
             except FileNotFoundError:
                 pass  # merged away at the end
         time.sleep(0.02)
