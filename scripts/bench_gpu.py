@@ -33,8 +33,7 @@ H200_BF16_FLOPS = 790e12  # measured dense bf16/fp16 matrix rate on this workpla
 
 def build_xt(device, dtype):
     """SVD-XT's architecture (stabilityai/stable-video-diffusion-img2vid-xt configs), random weights."""
-    from diffusers import (AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, StableVideoDiffusionPipeline,
-                           UNetSpatioTemporalConditionModel)
+    from diffusers import AutoencoderKLTemporalDecoder, StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from svd_batch.tiny import build_tiny_pipeline
@@ -112,6 +111,7 @@ def count_flops(pipe, args, device, dtype):
 
 
 def run_mode(pipe, mode, args, device, image):
+    from svd_batch.generate import set_forward_chunking
     from svd_batch.write import write_mp4
 
     memo = {"full": (False, False, 8), "offload": (True, False, 8), "low_vram": (True, True, 2)}[mode]
@@ -119,7 +119,7 @@ def run_mode(pipe, mode, args, device, image):
     if offload and device.type == "cuda":
         pipe.enable_model_cpu_offload(device=device)
     if chunking:
-        pipe.unet.enable_forward_chunking()
+        set_forward_chunking(pipe.unet, True)
     timer = StageTimer(pipe, device)
     results = []
     try:
@@ -151,9 +151,7 @@ def run_mode(pipe, mode, args, device, image):
     finally:
         timer.restore()
         if chunking:
-            for m in pipe.unet.modules():
-                if hasattr(m, "set_chunk_feed_forward"):
-                    m.set_chunk_feed_forward(chunk_size=None, dim=0)
+            set_forward_chunking(pipe.unet, False)
         if offload and device.type == "cuda":
             pipe.remove_all_hooks()
             pipe.to(device)

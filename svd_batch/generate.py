@@ -17,6 +17,22 @@ from typing import Any, Mapping
 import numpy as np
 
 
+def first_line(exc: BaseException, limit: int = 500) -> str:
+    """An exception's message cut to one line, for one-line errors in results and messages."""
+    text = str(exc)
+    return text.splitlines()[0][:limit] if text else ""
+
+
+def set_forward_chunking(unet, on: bool) -> None:
+    """The SVD UNet has enable_forward_chunking() but no disable: undo what enable does, module by module."""
+    if on:
+        unet.enable_forward_chunking()
+        return
+    for module in unet.modules():
+        if hasattr(module, "set_chunk_feed_forward"):
+            module.set_chunk_feed_forward(chunk_size=None, dim=0)
+
+
 class OutOfMemory(Exception):
     """A row ran out of memory in every mode of the fallback ladder."""
 
@@ -60,7 +76,7 @@ def resolve_model_path(path: str, variant: str | None = None, name: str | None =
         )
         raise ModelUnavailable(
             f"The weights of model {name or path} ({path}) are not in the local Hugging Face cache and could not "
-            f"be fetched from the Hub ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})."
+            f"be fetched from the Hub ({type(exc).__name__}: {first_line(exc, 200)})."
             f"{hint} Fetch them on a machine with internet access with `hf download {path}"
             f"{include}` (older huggingface_hub: `huggingface-cli download`; the cache is $HF_HOME, default "
             "~/.cache/huggingface, and can be copied to the nodes), or point model.path "
@@ -153,7 +169,7 @@ class Generator:
         except Exception as exc:  # noqa: BLE001 - a broken checkpoint: say which and what to do
             raise ModelUnavailable(
                 f"The model at {local_path} could not be loaded ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:300] if str(exc) else ''}). A weight file may be truncated or "
+                f"{first_line(exc, 300)}). A weight file may be truncated or "
                 "incomplete: download it again (or delete the folder to rebuild the tiny model) and rerun."
             ) from None
         pipe.set_progress_bar_config(disable=True)
@@ -178,14 +194,6 @@ class Generator:
         return min(int(requested), int(cap)) if cap else int(requested)
 
     # -- out of memory: retry the row in cheaper modes, then go back ------------------------------------------
-    def _set_forward_chunking(self, on: bool) -> None:
-        if on:
-            self.pipe.unet.enable_forward_chunking()
-        else:  # the SVD UNet has no disable_forward_chunking(); undo what enable did
-            for module in self.pipe.unet.modules():
-                if hasattr(module, "set_chunk_feed_forward"):
-                    module.set_chunk_feed_forward(chunk_size=None, dim=0)
-
     def _set_offload(self, on: bool) -> None:
         if self.device.type != "cuda":
             return  # offload moves models between CPU and GPU; on CPU there is nothing to move
@@ -215,7 +223,7 @@ class Generator:
     def _apply(self, chunking: bool, offload: bool) -> None:
         """Put the pipeline in a mode (a no-op when it is already in it)."""
         if chunking != self._chunking_now:
-            self._set_forward_chunking(chunking)
+            set_forward_chunking(self.pipe.unet, chunking)
             self._chunking_now = chunking
         if offload != self._offload_now:
             self._set_offload(offload)

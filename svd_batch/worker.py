@@ -25,7 +25,7 @@ import pyarrow as pa
 from .batch import batch_key, batched_frames
 from .fields import CONDITIONING_FIELDS
 from .gallery import save_thumbnails
-from .generate import Generator, OutOfMemory, peak_host_memory_bytes
+from .generate import Generator, OutOfMemory, first_line, peak_host_memory_bytes
 from .images import ImageError, load_image
 from .plan import with_seed
 from .rundir import PartWriter, RunDir, write_text_atomic
@@ -209,8 +209,7 @@ class RankWorker:
             except OutOfMemory as exc:
                 o["error"] = f"row {o['row']['id']}: {exc}"
             except Exception as exc:  # noqa: BLE001 - one bad row must not stop the run; the reason is recorded
-                detail = str(exc).splitlines()[0][:500] if str(exc) else ""
-                o["error"] = f"row {o['row']['id']}: generate failed: {type(exc).__name__}: {detail}"
+                o["error"] = f"row {o['row']['id']}: generate failed: {type(exc).__name__}: {first_line(exc)}"
         elapsed = time.perf_counter() - t
         self.stats.pipeline_seconds += elapsed
         peak = int(torch.cuda.max_memory_allocated(gen.device)) if gen.device.type == "cuda" else None
@@ -259,9 +258,8 @@ class RankWorker:
                     save_thumbnails(self.rundir.root, row["id"], o["frames"])
                 record.update(status="ok", error=None, video_path=f"videos/{row['id']}.mp4")
             except Exception as exc:  # noqa: BLE001 - e.g. ffmpeg failing on this row
-                detail = str(exc).splitlines()[0][:500] if str(exc) else ""
                 record.update(status="failed", frames_sha256=None,
-                              error=f"row {row['id']}: write failed: {type(exc).__name__}: {detail}")
+                              error=f"row {row['id']}: write failed: {type(exc).__name__}: {first_line(exc)}")
         else:
             record.update(status="failed", error=o["error"])
         record["write_seconds"] = time.perf_counter() - t

@@ -1,13 +1,11 @@
 """End to end: `python -m svd_batch` as a user runs it, on the tiny model."""
 
 import os
-import shutil
 import subprocess
 import sys
 
 import pandas as pd
 import pyarrow as pa
-import pytest
 
 from svd_batch.fields import CONDITIONING_FIELDS
 from svd_batch.plan import derive_seed
