@@ -7,10 +7,25 @@ import os
 from typing import Iterator
 
 
+def fsync_dir(path: str) -> None:
+    """Make renames in ``path`` durable (a record must never reach disk before the video it points to)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, hidden: bool = False, keep_extension: bool = False) -> Iterator[str]:
-    """Yield a temporary path beside ``path``; on success it is fsynced and renamed to ``path``, on failure
-    removed. Temporary names contain ``.tmp-`` so a later start can sweep what a killed process left."""
+    """Yield a temporary path beside ``path``; on success it is fsynced, renamed to ``path`` and the rename made
+    durable, on failure removed. Temporary names contain ``.tmp-`` so a later start can sweep what a killed
+    process left."""
     directory, name = os.path.split(path)
     stem, ext = os.path.splitext(name)
     tmp_name = f"{'.' if hidden else ''}{name}.tmp-{os.getpid()}{ext if keep_extension else ''}"
@@ -20,6 +35,7 @@ def atomic_path(path: str, hidden: bool = False, keep_extension: bool = False) -
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(directory or ".")
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

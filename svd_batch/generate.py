@@ -37,6 +37,11 @@ class OutOfMemory(Exception):
     """A row ran out of memory in every mode of the fallback ladder."""
 
 
+class DeviceFailure(Exception):
+    """The device can no longer be trusted (a CUDA error that poisons the context, or the same failure row
+    after row): the rank stops, and its unfinished rows are left for others instead of recorded as failed."""
+
+
 class ModelUnavailable(Exception):
     """The model's weights cannot be found or fetched: stop before any work (exit code 2)."""
 

@@ -220,14 +220,15 @@ def load_manifest(
     image = pc.cast(image, pa.string())
     bad_image = pc.or_kleene(pc.is_null(image), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(image)), 0))
 
-    # 2. Ids: given ones are checked; missing ones are derived from the row number and the image name.
+    # 2. Ids: given ones are checked; missing ones are derived from the row's content (never its position).
+    cells = [theirs[f] for f in GENERATION_FIELDS if theirs[f] in raw.column_names]
     if ids_raw is not None and ids_raw.null_count == 0:
         ids = pc.cast(ids_raw, pa.string())  # the common case at scale: no string work for derived ids
     elif ids_raw is not None:
         ids_given = pc.cast(ids_raw, pa.string())
-        ids = pc.if_else(pc.is_null(ids_given), _derived_ids(rows, image), ids_given)
+        ids = pc.if_else(pc.is_null(ids_given), _derived_ids(raw, image, cells), ids_given)
     else:
-        ids = _derived_ids(rows, image)
+        ids = _derived_ids(raw, image, cells)
 
     # 3. Generation fields, with defaults filled in: row > dataset defaults > generation.*.
     resolved: dict[str, pa.ChunkedArray] = {}
@@ -268,13 +269,39 @@ def load_manifest(
     return Manifest(source=source, table=table, extra_columns=[f"extra.{c}" for c in extra])
 
 
-def _derived_ids(rows: pa.ChunkedArray, image: pa.ChunkedArray) -> pa.ChunkedArray:
+def _derived_ids(raw: pa.Table, image: pa.ChunkedArray, cells: list[str]) -> pa.ChunkedArray:
+    """``<image name>-<10 hex digits>``: the digits hash the image as written and the row's own cells of the
+    generation columns, so an id stays the same when rows are inserted, removed or reordered (and so does
+    its seed, derived from it). Identical rows get ``-2``, ``-3``, ... in manifest order."""
+    import hashlib
+
     stem = pc.replace_substring_regex(pc.fill_null(image, ""), r"^.*[/\\]", "")
     stem = pc.replace_substring_regex(stem, r"\?.*$", "")
     stem = pc.replace_substring_regex(stem, r"\.[^.]*$", "")
     stem = pc.utf8_slice_codeunits(pc.replace_substring_regex(stem, r"[^A-Za-z0-9_-]+", "_"), 0, 80)
-    number = pc.utf8_lpad(pc.cast(rows, pa.string()), 6, "0")
-    return pc.binary_join_element_wise(number, stem, "-")
+    stem = pc.replace_substring_regex(stem, r"^-+", "")
+    stem = pc.if_else(pc.equal(stem, ""), pa.scalar("image"), stem)
+    parts = [pc.fill_null(image, "")]
+    for c in cells:
+        parts.append(pc.fill_null(pc.cast(raw[c], pa.string()), "\x00"))  # a null differs from any value
+    content = pc.binary_join_element_wise(*parts, "\x1f") if len(parts) > 1 else parts[0]
+    blake = hashlib.blake2b
+    digests = np.fromiter((int.from_bytes(blake(k.encode(), digest_size=5).digest(), "big")
+                           for k in content.to_pylist()), dtype=np.int64, count=len(content))
+    # The n-th copy of an identical row (n >= 2) gets "-n": stable as long as the copies keep their order.
+    by_digest = np.argsort(digests, kind="stable")
+    sorted_d = digests[by_digest]
+    group_start = np.r_[0, np.flatnonzero(np.diff(sorted_d)) + 1] if len(sorted_d) else np.zeros(0, np.int64)
+    lens = np.diff(np.r_[group_start, len(sorted_d)])
+    occurrence = np.empty(len(digests), np.int64)
+    occurrence[by_digest] = np.arange(len(digests)) - np.repeat(group_start, lens)
+    hexes = np.char.mod("-%010x", digests)
+    dup = occurrence > 0
+    if dup.any():
+        hexes = hexes.astype(object)
+        hexes[dup] = [f"{h}-{k + 1}" for h, k in zip(hexes[dup], occurrence[dup])]
+    ids = hexes
+    return pc.binary_join_element_wise(stem, pa.array(ids.astype(object), pa.string()), "")
 
 
 def _typed_column(raw: pa.Table, col: str, name: str, rows, ids) -> tuple[pa.ChunkedArray, list[Problem]]:

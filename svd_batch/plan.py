@@ -1,9 +1,10 @@
-"""Step 2: decide which rows still need work and which rank does each of them.
+"""Step 2: decide which rows still need work and in which order they are handed out.
 
-Every rank computes the same plan from the manifest, the records in the run folder and the world size
-alone, with no exchange of row lists: the assignment is a pure function of those inputs. Rows are
-balanced by estimated cost (frames x steps x pixels), not by count, so mixed 14- and 25-frame rows
-finish together; and, unlike accelerate's ``split_between_processes``, nothing is padded or duplicated.
+One rank (rank 0) computes the plan from the manifest and one snapshot of the run folder's records, and
+shares it: every rank then works from the same list, whatever its filesystem cache shows. The rows to do are
+ordered by estimated cost (frames x steps x pixels, x2 with guidance), largest first, and grouped into units
+(one row, or one batch of rows that share shapes); ranks claim the next unit when they need work, so a slow
+rank simply claims less and everyone finishes together. Nothing is padded or duplicated.
 """
 
 from __future__ import annotations
@@ -60,22 +61,86 @@ def assign_ranks(cost: np.ndarray, world_size: int) -> np.ndarray:
     return ranks
 
 
+def batch_keys(table: pa.Table) -> np.ndarray:
+    """Per row, the values that fix tensor shapes (rows sharing them can share a pipeline batch): height, width,
+    frames, steps and whether guidance is on (the UNet then runs on a batch of two)."""
+    cols = [table[c].to_numpy() for c in ("height", "width", "num_frames", "num_inference_steps")]
+    cols.append((table["max_guidance_scale"].to_numpy() > 1.0).astype(np.int64))
+    return np.stack(cols, axis=1).astype(np.int64) if table.num_rows else np.zeros((0, 5), np.int64)
+
+
+def group_units(cost: np.ndarray, keys: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row order and unit boundaries: rows by cost, largest first (ties in manifest order); with batch_size > 1
+    consecutive rows of equal ``keys`` in that order form batches of up to batch_size, and a batch goes where
+    its first row stands. Returns (row positions in claim order, unit start offsets ending with n)."""
+    n = len(cost)
+    order = np.lexsort((np.arange(n), -cost))
+    if n == 0:
+        return order, np.zeros(1, np.int64)
+    if batch_size <= 1:
+        return order, np.arange(n + 1, dtype=np.int64)
+    _, key_id = np.unique(keys[order], axis=0, return_inverse=True)
+    key_id = key_id.reshape(-1)
+    pos = np.arange(n)
+    by_key = np.argsort(key_id, kind="stable")
+    sorted_keys = key_id[by_key]
+    group_start = np.r_[0, np.flatnonzero(np.diff(sorted_keys)) + 1]
+    group_len = np.diff(np.r_[group_start, n])
+    within = np.empty(n, np.int64)
+    within[by_key] = pos - np.repeat(group_start, group_len)
+    _, unit = np.unique(key_id * (n // batch_size + 1) + within // batch_size, return_inverse=True)
+    unit = unit.reshape(-1)
+    first = np.full(unit.max() + 1, n, np.int64)
+    np.minimum.at(first, unit, pos)
+    regroup = np.lexsort((pos, first[unit]))
+    units_in_order = unit[regroup]
+    starts = np.r_[0, np.flatnonzero(np.diff(units_in_order)) + 1, n].astype(np.int64)
+    return order[regroup], starts
+
+
 @dataclass
 class Plan:
     total: int          # rows in the manifest (after selection)
     done: int           # finished ok earlier
     failed_skipped: int  # failed earlier and not retried
-    todo: pa.Table      # rows to run now, with a ``rank`` column (missing seeds are derived as rows run)
+    todo: pa.Table      # rows to run now, in claim order (missing seeds are derived as rows run)
+    starts: np.ndarray  # unit i is todo rows starts[i]:starts[i+1]
     world_size: int
+    indices: np.ndarray | None = None  # todo's positions in the manifest table
 
-    def shard(self, rank: int) -> pa.Table:
-        # Within a shard rows keep manifest order; the cost only decided who gets them.
-        return self.todo.filter(pc.equal(self.todo["rank"], rank))
+    def spec(self) -> "PlanSpec":
+        return PlanSpec(self.total, self.done, self.failed_skipped, self.indices, self.starts, self.world_size)
 
-    def shard_costs(self) -> np.ndarray:
-        if self.todo.num_rows == 0:
-            return np.zeros(self.world_size)
-        return np.bincount(self.todo["rank"].to_numpy(), weights=row_cost(self.todo), minlength=self.world_size)
+    @property
+    def num_units(self) -> int:
+        return len(self.starts) - 1
+
+    def unit(self, i: int) -> pa.Table:
+        return self.todo.slice(int(self.starts[i]), int(self.starts[i + 1] - self.starts[i]))
+
+    def unit_costs(self) -> np.ndarray:
+        cost = row_cost(self.todo) if self.todo.num_rows else np.zeros(0)
+        return np.add.reduceat(cost, self.starts[:-1]) if self.num_units else np.zeros(0)
+
+    def static_units(self, rank: int, strategy: str = "cost") -> np.ndarray:
+        """The units a rank runs under runtime.schedule=static: dealt out before the start (kept to compare
+        against claiming; a slow rank then sets the pace)."""
+        if strategy == "contiguous":
+            ranks = assign_contiguous(self.num_units, self.world_size)
+        else:
+            ranks = assign_ranks(self.unit_costs(), self.world_size)
+        return np.flatnonzero(ranks == rank)
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """(first todo row, unit size) for each distinct (shape key, unit size): what a compile warm-up covers."""
+        if not self.num_units:
+            return []
+        keys = batch_keys(self.todo)[self.starts[:-1]]
+        sizes = np.diff(self.starts)
+        seen: dict[tuple, int] = {}
+        for i, (k, n) in enumerate(zip(map(tuple, keys.tolist()), sizes.tolist())):
+            seen.setdefault((k, n), int(self.starts[i]))
+        return [(first, n) for (_, n), first in seen.items()]
 
 
 def make_plan(
@@ -84,34 +149,50 @@ def make_plan(
     *,
     world_size: int,
     retry_failed: bool = False,
-    strategy: str = "cost",
+    batch_size: int = 1,
 ) -> Plan:
-    """Rows of ``manifest`` without a finished record (ok, or failed unless ``retry_failed``), dealt to ranks."""
+    """Rows of ``manifest`` without a finished record (ok, or failed unless ``retry_failed``), in claim order."""
     if records.num_rows:
         statuses = ["ok"] if retry_failed else ["ok", "failed"]
         finished_ids = records.filter(pc.is_in(records["status"], value_set=pa.array(statuses)))["id"]
-        finished = pc.is_in(manifest["id"], value_set=finished_ids)
+        finished = pc.is_in(manifest["id"], value_set=finished_ids).to_numpy(zero_copy_only=False)
         ok_ids = records.filter(pc.equal(records["status"], "ok"))["id"]
         done = pc.sum(pc.is_in(manifest["id"], value_set=ok_ids)).as_py() or 0
-        todo = manifest.filter(pc.invert(finished))
+        left = np.flatnonzero(~finished)
     else:
         done = 0
-        todo = manifest
-    skipped = (manifest.num_rows - todo.num_rows) - done
-
-    if strategy == "contiguous":
-        ranks = assign_contiguous(todo.num_rows, world_size)
-    elif strategy == "cost":
-        ranks = assign_ranks(row_cost(todo), world_size) if todo.num_rows else np.zeros(0, dtype=np.int64)
-    else:
-        raise ValueError(f"runtime.shard_strategy={strategy!r}: use cost or contiguous")
-    todo = todo.append_column("rank", pa.array(ranks, pa.int64()))
-    return Plan(total=manifest.num_rows, done=done, failed_skipped=skipped, todo=todo, world_size=world_size)
+        left = np.arange(manifest.num_rows)
+    skipped = (manifest.num_rows - len(left)) - done
+    todo = manifest.take(pa.array(left, pa.int64()))
+    cost = row_cost(todo) if todo.num_rows else np.zeros(0)
+    order, starts = group_units(cost, batch_keys(todo), max(1, int(batch_size)))
+    spec = PlanSpec(total=manifest.num_rows, done=done, failed_skipped=skipped, indices=left[order],
+                    starts=starts, world_size=world_size)
+    return spec.build(manifest)
 
 
-# Values a finished row's video depends on and that a manifest edit can change. decode_chunk_size is left out:
-# the recorded value is the effective one (memory cap, out-of-memory fallback), not the manifest's.
-CHANGE_FIELDS = ("seed", "fps", "motion_bucket_id", "noise_aug_strength", "num_frames", "num_inference_steps",
+@dataclass
+class PlanSpec:
+    """A plan without its rows: what rank 0 sends to the others (positions in the manifest table, a few MB at a
+    million rows), so every rank runs from rank 0's snapshot of the records, whatever its own cache shows."""
+
+    total: int
+    done: int
+    failed_skipped: int
+    indices: np.ndarray  # positions in the manifest table, in claim order
+    starts: np.ndarray
+    world_size: int
+
+    def build(self, manifest: pa.Table) -> Plan:
+        todo = manifest.take(pa.array(self.indices, pa.int64()))
+        return Plan(total=self.total, done=self.done, failed_skipped=self.failed_skipped, todo=todo,
+                    starts=self.starts, world_size=self.world_size, indices=self.indices)
+
+
+# Values a finished row's video depends on and that a manifest edit can change: the resolved image location
+# (after manifest.image_root and the column mapping) and the conditioning. decode_chunk_size is left out: the
+# recorded value is the effective one (memory cap, out-of-memory fallback), not the manifest's.
+CHANGE_FIELDS = ("image_uri", "seed", "fps", "motion_bucket_id", "noise_aug_strength", "num_frames", "num_inference_steps",
                  "height", "width", "min_guidance_scale", "max_guidance_scale")
 
 

@@ -6,18 +6,24 @@ Layout under ``output.dir``::
     results.parquet            one row per manifest row that has a record, merged at the end of a run
     config.yaml                the resolved config of the latest start
     .svd-batch/run.json        what finished videos depend on (config fingerprint, model identity)
-    .svd-batch/lock            held (flock) by rank 0 for the whole run
+    .svd-batch/lock            flock: exclusive while rank 0 prepares, then shared by every rank while it works
     .svd-batch/records.parquet every record ever made here, merged (the resume state)
     .svd-batch/parts/*.parquet records written since the last merge, per rank, each file written whole
+    .svd-batch/done/*.json     one per rank and start: how it ended and how many records each of its parts holds
 
 Each rank appends its finished rows to its own part file and rewrites that small file under a temporary
 name, then renames it over the old one after every row: a row counts as done exactly when its record is
 in a part, and a reader never sees a half-written file. Resume reads one listing of ``parts/`` and a
 few Parquet files, never a stat per row.
+
+A merge deletes only parts it read whole: at the start of a run (exclusive lock: no writer is alive) every
+part; at the end only parts whose rank's completion marker lists exactly the rows the merge read, so a stale
+copy (NFS caches file contents and listings per client) or a part still being written is never lost.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import glob
 import json
@@ -31,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .atomic import atomic_path
+from .atomic import atomic_path, fsync_dir
 from .fields import CONDITIONING_FIELDS, INT_FIELDS
 
 STATE = ".svd-batch"
@@ -43,6 +49,7 @@ RESULT_SCHEMA = pa.schema(
         ("error", pa.string()),
         ("video_path", pa.string()),
         ("image", pa.string()),
+        ("image_uri", pa.string()),
         ("row", pa.int64()),
         ("seed", pa.int64()),
         *[(f, pa.int64() if f in INT_FIELDS else pa.float64()) for f in CONDITIONING_FIELDS],
@@ -71,17 +78,27 @@ class RunDirError(Exception):
     """The run folder cannot be used as asked (locked, incompatible, or would be overwritten): exit 2."""
 
 
-def fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
+
+
+def lock_error(exc: OSError, root: str, holder: str) -> RunDirError:
+    """Only "already held" means another run; any other flock failure says what it is."""
+    if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        return RunDirError(
+            f"Another svd-batch run is using {root} (started by {holder}). Two runs on one folder would "
+            "overwrite each other's videos and results, so this one stops without touching it. Wait for "
+            "the other run to finish (or stop it), or give this run its own folder with output.dir=..."
+        )
+    if exc.errno in _NO_LOCKS:
+        return RunDirError(
+            f"The filesystem of {root} does not support file locks (flock failed: {exc.strerror}), so svd-batch "
+            "cannot make sure that no other run writes into the same folder. Put output.dir on a filesystem "
+            "with lock support (local disk; NFS with lockd/NFSv4; Lustre mounted with -o flock), or, if you are "
+            "sure that only one run at a time uses this folder, add output.lock=false (unsafe: two runs on one "
+            "folder would then overwrite each other's videos and records)."
+        )
+    return RunDirError(f"Could not lock {root} ({type(exc).__name__}: {exc}). Check that the folder is "
+                       "writable, or choose another output.dir.")
 
 
 def write_parquet_atomic(table: pa.Table, path: str) -> None:
@@ -103,35 +120,35 @@ class RunDir:
         self.records_path = os.path.join(self.state, "records.parquet")
         self.results_path = os.path.join(self.root, "results.parquet")
         self.run_json = os.path.join(self.state, "run.json")
+        self.done = os.path.join(self.state, "done")
         self._lock_fd: int | None = None
 
     def create(self) -> None:
-        for d in (self.root, self.videos, self.state, self.parts):
+        for d in (self.root, self.videos, self.state, self.parts, self.done):
             os.makedirs(d, exist_ok=True)
 
     def video_path(self, row_id: str) -> str:
         return os.path.join(self.videos, f"{row_id}.mp4")
 
     # -- locking ------------------------------------------------------------------------------------------
-    def acquire_lock(self) -> None:
-        """Refuse a second launch on the same folder. flock dies with its process, so a killed run leaves no
-        stale lock behind."""
+    def acquire_lock(self, shared: bool = False) -> None:
+        """Refuse a second launch on the same folder. Rank 0 takes the lock exclusively while it prepares and
+        plans, then every rank holds it shared while it works, so a new launch is refused until the last rank
+        of this one is gone. flock dies with its process: a killed run leaves no stale lock behind."""
         path = os.path.join(self.state, "lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._lock_fd if self._lock_fd is not None else os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError as exc:
             try:
-                holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
             finally:
                 os.close(fd)
-            raise RunDirError(
-                f"Another svd-batch run is using {self.root} (held by {holder}). Two runs on one folder would "
-                "overwrite each other's videos and results, so this one stops without touching it. Wait for "
-                "the other run to finish (or stop it), or give this run its own folder with output.dir=..."
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"host {socket.gethostname()} pid {os.getpid()}".encode())
+                self._lock_fd = None
+            raise lock_error(exc, self.root, holder) from None
+        if not shared:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}".encode(), 0)
         self._lock_fd = fd
 
     def release_lock(self) -> None:
@@ -158,7 +175,7 @@ class RunDir:
 
     def clear(self) -> None:
         """overwrite=true: remove every earlier record and video, keep the folder."""
-        for path in self.part_files() + [self.records_path, self.results_path, self.run_json]:
+        for path in self.part_files() + self.markers() + [self.records_path, self.results_path, self.run_json]:
             if os.path.exists(path):
                 os.unlink(path)
         for folder, suffix in ((self.videos, ".mp4"), (os.path.join(self.state, "thumbs"), ".png")):
@@ -173,18 +190,29 @@ class RunDir:
 
     def read_records(self, columns: list[str] | None = None) -> pa.Table:
         """Every record made in this folder, the latest per id (a retried row replaces its failure)."""
+        return self._read_all(columns)[0]
+
+    def _read_all(self, columns: list[str] | None = None) -> tuple[pa.Table, dict[str, int]]:
+        """The records, and the row count read from each part file (what a merge may delete)."""
         merged = self._read(self.records_path, columns) if os.path.exists(self.records_path) else None
-        parts = [t for t in (self._read_if_present(p, columns) for p in self.part_files()) if t is not None]
+        counts: dict[str, int] = {}
+        parts = []
+        for p in self.part_files():
+            t = self._read_if_present(p, columns)
+            if t is not None:
+                parts.append(t)
+                counts[p] = t.num_rows
         if merged is None and not parts:
-            return RESULT_SCHEMA.empty_table().select(columns) if columns else RESULT_SCHEMA.empty_table()
+            empty = RESULT_SCHEMA.empty_table()
+            return (empty.select(columns) if columns else empty), counts
         if not parts:
-            return merged  # written by merge(): one record per id already
+            return merged, counts  # written by merge(): one record per id already
         recent = latest_per_id(pa.concat_tables(parts, promote_options="permissive"))
         if merged is None:
-            return recent
+            return recent, counts
         # Only the few ids in the parts can repeat; the merged file need not be hashed whole.
         older = merged.filter(pc.invert(pc.is_in(merged["id"], value_set=recent["id"])))
-        return pa.concat_tables([older, recent], promote_options="permissive")
+        return pa.concat_tables([older, recent], promote_options="permissive"), counts
 
     @classmethod
     def _read_if_present(cls, path: str, columns: list[str] | None) -> pa.Table | None:
@@ -210,20 +238,52 @@ class RunDir:
                 "the rows it recorded are regenerated."
             ) from None
 
-    def merge(self) -> pa.Table:
-        """Fold the part files into records.parquet (written whole, then renamed), then delete the parts."""
-        parts = self.part_files()
-        records = self.read_records()
-        if parts or not os.path.exists(self.records_path):
+    def merge(self, all_parts: bool = False) -> pa.Table:
+        """Fold the part files into records.parquet (written whole, then renamed), then delete the parts read
+        whole: every part with ``all_parts`` (only under the exclusive lock, when no writer is alive), else
+        those whose completion marker lists the very row count this merge read."""
+        records, counts = self._read_all()
+        sealed = self.sealed_parts()
+        deletable = [p for p, n in counts.items() if all_parts or sealed.get(os.path.basename(p)) == n]
+        if counts or not os.path.exists(self.records_path):
             write_parquet_atomic(records, self.records_path)
-            for path in parts:
+            for path in deletable:
                 os.unlink(path)
             fsync_dir(self.parts)
+        # A marker whose parts are all merged away has nothing left to vouch for.
+        gone = {os.path.basename(p) for p in deletable}
+        for path in self.markers():
+            if all_parts or set(self._marker_parts(path)) <= gone:
+                os.unlink(path)
         return records
+
+    # -- completion markers -------------------------------------------------------------------------------
+    def markers(self) -> list[str]:
+        return sorted(glob.glob(os.path.join(self.done, "*.json")))
+
+    def write_marker(self, session: str, rank: int, info: dict[str, Any]) -> None:
+        os.makedirs(self.done, exist_ok=True)
+        write_text_atomic(json.dumps(info, indent=1, default=str),
+                          os.path.join(self.done, f"{session}-rank{rank:05d}.json"))
+
+    def sealed_parts(self) -> dict[str, int]:
+        """Part file name -> final row count, for every part whose writer has finished."""
+        out: dict[str, int] = {}
+        for path in self.markers():
+            out.update(self._marker_parts(path))
+        return out
+
+    @staticmethod
+    def _marker_parts(path: str) -> dict[str, int]:
+        try:
+            with open(path) as f:
+                return dict(json.load(f).get("parts", {}))
+        except (OSError, ValueError):
+            return {}  # half-visible on a cached filesystem: treat its parts as unsealed
 
     def remove_temporaries(self) -> None:
         """Drop files that a killed process left half-written; they never counted as done."""
-        for d in (self.videos, self.parts, self.state, os.path.join(self.state, "thumbs"), self.root):
+        for d in (self.videos, self.parts, self.state, self.done, os.path.join(self.state, "thumbs"), self.root):
             if os.path.isdir(d):
                 for entry in os.scandir(d):
                     if ".tmp-" in entry.name:
@@ -247,22 +307,30 @@ def latest_per_id(table: pa.Table) -> pa.Table:
 class PartWriter:
     """A rank's record log: one small Parquet file, rewritten whole and renamed after each finished row."""
 
-    def __init__(self, rundir: RunDir, rank: int, chunk_rows: int = 1024):
+    def __init__(self, rundir: RunDir, rank: int, chunk_rows: int = 1024, session: str | None = None):
         self.rundir = rundir
         self.rank = rank
         self.chunk_rows = max(1, int(chunk_rows))
-        # Names sort in time order (start of this process, then chunk): when a row was retried in a later run
-        # that was also interrupted before merging, the later part is read last and its record wins.
-        self.session = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+        # Names sort in time order (start of the run, then chunk): when a row was retried in a later run that
+        # was also interrupted before merging, the later part is read last and its record wins.
+        self.session = session or new_session()
         self.chunk = 0
         self.rows: list[dict[str, Any]] = []
+        self.written: dict[str, int] = {}  # part file name -> rows in it (for the completion marker)
 
     def _path(self) -> str:
         return os.path.join(self.rundir.parts, f"{self.session}-rank{self.rank:05d}-{self.chunk:05d}.parquet")
 
     def add(self, record: dict[str, Any]) -> None:
         self.rows.append(record)
-        write_parquet_atomic(pa.Table.from_pylist(self.rows, schema=RESULT_SCHEMA), self._path())
+        path = self._path()
+        write_parquet_atomic(pa.Table.from_pylist(self.rows, schema=RESULT_SCHEMA), path)
+        self.written[os.path.basename(path)] = len(self.rows)
         if len(self.rows) >= self.chunk_rows:
             self.chunk += 1
             self.rows = []
+
+
+def new_session() -> str:
+    """A start's name: sorts in time order, unique across hosts."""
+    return f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"

@@ -1,30 +1,30 @@
 """The orchestration, in one place: manifest -> plan -> generate -> write -> report, on every rank.
 
 Rank and world size come from the launcher (accelerate, torchrun, srun through accelerate); a plain
-``svd-batch`` is a world of one. Ranks talk only twice: rank 0 prepares the run folder and tells the
-others whether to go on, and a barrier before any rank writes, so that every rank plans from the same
-records. Everything else each rank derives on its own.
+``svd-batch`` is a world of one. The ranks agree once at the start (executor.py): rank 0 prepares the folder
+and plans from one snapshot of the records, every rank checks the model and manifest it sees, all go or
+none does. Then each rank claims units of work until none is left, records its completion, and whichever
+rank finishes last merges the records and writes results.parquet and the report.
 """
 
 from __future__ import annotations
 
-import datetime as dt
+import hashlib
 import os
 import signal
+import socket
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
-import numpy as np
 import pyarrow.compute as pc
 from omegaconf import DictConfig, OmegaConf
 
 from .fields import CONDITIONING_FIELDS, GENERATION_FIELDS
 from .manifest import Manifest, ManifestError, load_manifest
+from .executor import EXIT_INCOMPLETE, EXIT_OK, EXIT_OUTPUT, EXIT_ROWS_FAILED, EXIT_USAGE
 from .plan import CHANGE_FIELDS, Plan, changed_rows, make_plan
-from .rundir import RESULT_SCHEMA, RunDir, RunDirError, write_text_atomic
-
-EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE = 0, 1, 2
+from .rundir import RESULT_SCHEMA, RunDir, RunDirError, new_session, write_text_atomic
 
 
 def log(msg: str, rank: int = 0) -> None:
@@ -54,15 +54,25 @@ def read_manifest(cfg: DictConfig) -> Manifest:
     )
 
 
-def fingerprint(cfg: DictConfig, identity: str) -> dict[str, Any]:
-    """Everything a finished video depends on: a resume that changes any of it would mix two kinds of video."""
+def fingerprint(cfg: DictConfig, identity: str, device_type: str = "cpu") -> dict[str, Any]:
+    """Everything a finished video depends on, resolved: a resume that changes any of it would mix two kinds of
+    video. Left out on purpose (documented): runtime.threads (CPU float rounding), overlap, prefetch, schedule,
+    progress and the other runtime knobs that do not touch frames; decode chunks are recorded per row."""
+    from .generate import resolve_dtype
+
     fp: dict[str, Any] = {
         "model.path": str(cfg.model.path),
         "model.variant": cfg.model.variant,
-        "model.dtype": str(cfg.model.dtype),
+        "model.dtype": str(resolve_dtype(str(cfg.model.dtype), device_type)).replace("torch.", ""),
         "model.identity": identity,
+        "runtime.device_type": device_type,
+        "runtime.batch_size": max(1, int(cfg.runtime.batch_size)),
+        "runtime.compile": (f"{cfg.runtime.compile_backend}:{cfg.runtime.compile_mode}" if cfg.runtime.compile
+                            else False),
         "memory.max_decode_chunk_size": cfg.memory.get("max_decode_chunk_size"),
     }
+    if cfg.runtime.get("attention") is not None:
+        fp["runtime.attention"] = str(cfg.runtime.attention)
     for k in GENERATION_FIELDS:
         fp[f"generation.{k}"] = cfg.generation.get(k)
     for k, v in (plain(cfg.manifest.get("defaults")) or {}).items():
@@ -77,12 +87,17 @@ def fingerprint_diff(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)]
 
 
-def prepare_rundir(cfg: DictConfig, rundir: RunDir, identity: str) -> None:
-    """Rank 0 only: lock the folder and make sure this start may add to what is there."""
+def prepare_rundir(cfg: DictConfig, rundir: RunDir, identity: str, device_type: str) -> None:
+    """Rank 0 only: lock the folder, fold in what earlier runs left, and make sure this start may add to it."""
     rundir.create()
-    rundir.acquire_lock()
+    if use_lock(cfg):
+        rundir.acquire_lock()
+    # Under the exclusive lock no writer of an earlier run is alive: every part can be merged and deleted, and
+    # half-written files swept. This merged file is the one snapshot every rank plans from.
     rundir.remove_temporaries()
-    fp = fingerprint(cfg, identity)
+    if rundir.part_files():
+        rundir.merge(all_parts=True)
+    fp = fingerprint(cfg, identity, device_type)
     if cfg.overwrite:
         rundir.clear()
     elif rundir.has_previous_work():
@@ -106,13 +121,17 @@ def prepare_rundir(cfg: DictConfig, rundir: RunDir, identity: str) -> None:
     write_text_atomic(OmegaConf.to_yaml(cfg, resolve=True), os.path.join(rundir.root, "config.yaml"))
 
 
+def use_lock(cfg: DictConfig) -> bool:
+    return bool(cfg.output.get("lock", True))
+
+
 def plan_run(cfg: DictConfig, manifest: Manifest, rundir: RunDir, world: int) -> Plan:
-    """What is left to do in ``rundir`` and who does it; raises RunDirError for an unusable folder."""
+    """What is left to do in ``rundir``, in claim order; raises RunDirError for an unusable folder."""
     has_state = os.path.isdir(rundir.state)
     records = rundir.read_records(["id", "status", *CHANGE_FIELDS]) if has_state else RESULT_SCHEMA.empty_table()
     check_unchanged(manifest.table, records)
     return make_plan(manifest.table, records, world_size=world, retry_failed=bool(cfg.retry_failed),
-                     strategy=str(cfg.runtime.shard_strategy))
+                     batch_size=int(cfg.runtime.batch_size))
 
 
 def plan_or_report(cfg: DictConfig, manifest: Manifest, rundir: RunDir, world: int, rank: int) -> Plan | None:
@@ -143,11 +162,11 @@ def describe_plan(plan: Plan, manifest: Manifest, dataset: str | None = None) ->
         f"rows: {plan.total} selected, {plan.done} done, {plan.failed_skipped} failed earlier (skipped; "
         f"retry_failed=true runs them), {plan.todo.num_rows} to run on {plan.world_size} process(es)",
     ]
-    costs = plan.shard_costs()
-    if plan.todo.num_rows and plan.world_size > 1:
-        counts = [int(x) for x in np.bincount(plan.todo["rank"].to_numpy(), minlength=plan.world_size)]
-        balance = costs.mean() / costs.max() if costs.max() > 0 else 1.0
-        lines.append(f"rows per rank: {counts}; cost balance (mean/max): {balance:.3f}")
+    if plan.todo.num_rows:
+        costs = plan.unit_costs()
+        one = 14 * 576 * 1024 * (25 * 2 + 1)  # an SVD row at the guide's defaults
+        lines.append(f"work: {plan.num_units} unit(s) handed out largest first as ranks ask for work; estimated "
+                     f"cost {costs.sum() / one:.4g} SVD-row equivalents (largest unit {costs.max() / one:.3g})")
     t = manifest.table
     if t.num_rows:
         ranges = []
@@ -157,6 +176,16 @@ def describe_plan(plan: Plan, manifest: Manifest, dataset: str | None = None) ->
             ranges.append(f"{f} {lo}" if lo == hi else f"{f} {lo}..{hi}")
         lines.append("values: " + ", ".join(ranges))
     return "\n".join(lines)
+
+
+def manifest_digest(manifest: Manifest) -> str:
+    """What a rank read as the manifest, in 16 hex digits: ranks that read different rows must not share work."""
+    h = hashlib.sha256(str(manifest.table.num_rows).encode())
+    for col in ("id", "image_uri"):
+        h.update("\n".join(manifest.table[col].to_pylist()).encode())
+    for f in GENERATION_FIELDS:
+        h.update(pc.fill_null(manifest.table[f], 0).to_numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _thumb_max_row(cfg: DictConfig, manifest: Manifest) -> int:
@@ -217,67 +246,120 @@ def run(cfg: DictConfig) -> int:
             print(describe_plan(plan, manifest, cfg.manifest.get("name")))
             print(f"output: {rundir.root} (dry run: no model loaded, nothing written)")
         return EXIT_OK
-    return _run_distributed(cfg, manifest, rundir)
 
-
-def _run_distributed(cfg: DictConfig, manifest: Manifest, rundir: RunDir) -> int:
     import torch
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
 
-    from .generate import Generator, ModelUnavailable, model_identity, resolve_model_path
-    from .report import summary, write_results
-    from .worker import RankWorker
-
-    want_cpu = str(cfg.runtime.device) == "cpu" or not torch.cuda.is_available()
     if str(cfg.runtime.device) == "cuda" and not torch.cuda.is_available():
-        log("svd-batch: runtime.device=cuda but no CUDA device is visible. Use runtime.device=auto or cpu.")
+        if rank == 0:
+            log("svd-batch: runtime.device=cuda but no CUDA device is visible. Use runtime.device=auto or cpu.")
         return EXIT_USAGE
-    # Ranks wait for each other twice: while rank 0 downloads the model (minutes for SVD-XT) and at the end,
-    # when the fastest rank waits for the slowest. torch's default 10-minute collective timeout would kill
-    # healthy runs at either point.
-    state = PartialState(cpu=want_cpu, timeout=dt.timedelta(minutes=float(cfg.runtime.dist_timeout_minutes)))
-    rank, world = state.process_index, state.num_processes
-    # accelerate names the CPU "cpu:0" under a launcher; diffusers then takes other code paths whose floats
-    # differ from plain "cpu". Plain "cpu" keeps rows identical to the guide's snippet at any world size.
-    device = state.device if state.device.type == "cuda" else torch.device("cpu")
+    from .executor import Executor
+
+    ex = Executor.start(float(cfg.runtime.dist_timeout_minutes))
+    try:
+        return _run_rank(cfg, manifest, rundir, ex)
+    finally:
+        ex.close()
+
+
+def _device(cfg: DictConfig, local_rank: int):
+    import torch
+
+    if str(cfg.runtime.device) == "cpu" or not torch.cuda.is_available():
+        # Plain "cpu", never "cpu:0": diffusers takes other code paths for the latter, whose floats differ.
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _agree(cfg: DictConfig, manifest: Manifest, rundir: RunDir, ex, device) -> tuple[Plan, str, str] | None:
+    """The one agreement of a run: rank 0 prepares the folder and the plan; every rank checks that it sees the
+    same model, manifest and device type and holds the folder's lock; all go, or none does (exit 2)."""
+    from .generate import ModelUnavailable, model_identity, resolve_model_path
+
+    proposal: dict[str, Any]
+    if ex.rank == 0:
+        try:
+            local = resolve_model_path(str(cfg.model.path), cfg.model.variant, str(cfg.model.name))
+            identity = model_identity(local)
+            prepare_rundir(cfg, rundir, identity, device.type)
+            plan = plan_run(cfg, manifest, rundir, ex.world)
+            if use_lock(cfg):
+                rundir.acquire_lock(shared=True)  # from now on every rank holds it shared while it works
+            proposal = {"error": None, "identity": identity, "session": new_session(), "plan": plan.spec(),
+                        "manifest": manifest_digest(manifest), "device_type": device.type}
+        except (ModelUnavailable, RunDirError) as exc:
+            proposal = {"error": f"svd-batch: {exc}"}
+        except OSError as exc:
+            proposal = {"error": f"svd-batch: cannot use output.dir={rundir.root}: {exc}. Choose a writable folder."}
+    else:
+        proposal = None
+    proposal = ex.broadcast(proposal)
+    if proposal["error"] is not None:
+        if ex.rank == 0:
+            log(proposal["error"])
+        return None
+
+    # Every rank: the same model (node-local caches can hold another revision), manifest and device type.
+    problem = None
+    where = f"rank {ex.rank} on host {socket.gethostname()}"
+    try:
+        local = resolve_model_path(str(cfg.model.path), cfg.model.variant, str(cfg.model.name))
+        if ex.rank != 0:
+            identity = model_identity(local)
+            if identity != proposal["identity"]:
+                problem = (f"{where} sees model files {identity} at {local}, rank 0 sees {proposal['identity']}: "
+                           "another revision in this node's cache. Share one HF_HOME, or point model.path at one "
+                           "folder every node sees.")
+            elif manifest_digest(manifest) != proposal["manifest"]:
+                problem = (f"{where} read other manifest rows than rank 0 (a manifest changed while the run started, "
+                           "or files not visible on every node yet). Make the manifest visible to every node "
+                           "and start again.")
+            elif device.type != proposal["device_type"]:
+                problem = (f"{where} runs on {device.type}, rank 0 on {proposal['device_type']}: frames differ "
+                           "between the two. Make every node see its GPUs, or set runtime.device.")
+            elif use_lock(cfg):
+                rundir.acquire_lock(shared=True)
+    except (ModelUnavailable, RunDirError, OSError) as exc:
+        problem = f"{where}: {exc}"
+    problems = [p for p in ex.gather(problem) if p]
+    if problems:
+        if ex.rank == 0:
+            log("svd-batch: the ranks do not agree, so nothing was run:\n" + "\n".join(f"  {p}" for p in problems))
+        return None
+    return proposal["plan"].build(manifest.table), proposal["session"], local
+
+
+def _run_rank(cfg: DictConfig, manifest: Manifest, rundir: RunDir, ex) -> int:
+    import torch
+
+    from .generate import DeviceFailure, Generator, ModelUnavailable
+    from .worker import RankWorker
+    from .write import OutputFolderError
+
+    device = _device(cfg, ex.local_rank)
     if cfg.runtime.threads:
         torch.set_num_threads(int(cfg.runtime.threads))
     stop = StopFlag()
     stop.install()
+    rank, world = ex.rank, ex.world
 
-    # 1. Rank 0 resolves the model (a download happens once) and prepares the folder; the rest wait.
-    outcome: list[Any] = [None]
-    if state.is_main_process:
-        try:
-            local = resolve_model_path(str(cfg.model.path), cfg.model.variant, str(cfg.model.name))
-            prepare_rundir(cfg, rundir, model_identity(local))
-        except (ModelUnavailable, RunDirError) as exc:
-            outcome = [f"svd-batch: {exc}"]
-        except OSError as exc:
-            outcome = [f"svd-batch: cannot use output.dir={rundir.root}: {exc}. Choose a writable folder."]
-    if world > 1:
-        broadcast_object_list(outcome, from_process=0)
-    if outcome[0] is not None:
-        if rank == 0:
-            log(outcome[0])
+    # 1. One agreement, then no collective.
+    agreed = _agree(cfg, manifest, rundir, ex, device)
+    if agreed is None:
         return EXIT_USAGE
-
-    # 2. Every rank plans from the same records; nobody writes until all have read them.
-    local = resolve_model_path(str(cfg.model.path), cfg.model.variant, str(cfg.model.name))
-    plan = plan_or_report(cfg, manifest, rundir, world, rank)
-    if plan is None:
-        return EXIT_USAGE
-    shard = plan.shard(rank)
+    plan, session, local = agreed
+    ex.begin(session)
     if rank == 0:
         log(describe_plan(plan, manifest, cfg.manifest.get("name")))
-    state.wait_for_everyone()
     started = time.perf_counter()
 
-    # 3. Generate this rank's rows: the model computes while threads load images and write videos.
-    stats = None
+    # 2. Claim units until none is left; the model loads only once this rank has work.
+    next_unit = _unit_source(cfg, plan, ex, stop, lambda msg: log(msg, rank))
+    first = next_unit()
+    status, stats, parts = "finished", None, {}
     try:
-        if shard.num_rows:
+        if first is not None:
             t = time.perf_counter()
             try:
                 gen = Generator.load(local, device=device, dtype_name=str(cfg.model.dtype),
@@ -285,39 +367,105 @@ def _run_distributed(cfg: DictConfig, manifest: Manifest, rundir: RunDir) -> int
                                      compile=compile_options(cfg))
             except ModelUnavailable as exc:
                 log(f"svd-batch: {exc}", rank)
+                ex.abort(str(exc))
                 return EXIT_USAGE
-            bar = _progress(cfg, shard.num_rows, rank, world)
+            pending = [first]
+            # With claims nobody knows a rank's share in advance: a bar per rank counts rows and rate.
+            bar = _progress(cfg, plan.todo.num_rows if world == 1 else None, rank, world)
             worker = RankWorker(gen, rundir, cfg, rank=rank, world=world, stop=stop, progress=bar,
-                                log=lambda msg: log(msg, rank), thumb_max_row=_thumb_max_row(cfg, manifest))
+                                log=lambda msg: log(msg, rank), thumb_max_row=_thumb_max_row(cfg, manifest),
+                                session=session)
             worker.stats.model_load_seconds = time.perf_counter() - t
-            stats = worker.run(shard)
-            bar.close()
+            try:
+                stats = worker.run(plan, lambda: pending.pop() if pending else next_unit())
+            finally:
+                parts = dict(worker.parts.written)
+                bar.close()
     except KeyboardInterrupt:
         stop.signum = stop.signum or signal.SIGINT
+    except DeviceFailure as exc:
+        status = "device_failure"
+        log(f"svd-batch: {exc}", rank)
+    except OutputFolderError as exc:
+        ex.abort(str(exc))
+        log(f"svd-batch: {exc}", rank)
+        return EXIT_OUTPUT
 
-    if stop.signum is not None:
+    if stop.signum is not None or ex.aborted():
+        _write_marker(rundir, session, rank, "stopped", parts)
+        if stop.signum is None:
+            log("svd-batch: stopped: another rank found the output folder unusable (its message says why).", rank)
+            return EXIT_OUTPUT
         name = signal.Signals(stop.signum).name
         log(f"svd-batch: stopped by {name}; every finished row is recorded in {rundir.root}. Run the same "
             "command again to resume: finished rows are skipped.", rank)
-        if rank == 0:
-            rundir.release_lock()
         return 128 + stop.signum
 
-    # 4. Once every rank is through, rank 0 merges the records and writes results.parquet.
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return EXIT_ROWS_FAILED if stats is not None and stats.failed else EXIT_OK
+    # 3. Record this rank's completion; the last rank to finish merges and reports.
+    _write_marker(rundir, session, rank, status, parts)
+    ending = ex.finish()
+    if not ending.merge:
+        if ending.others_running < 0:
+            log(f"svd-batch: rank {rank} done, but the run's coordinator (the first node's launcher) is gone; "
+                f"results.parquet is written by the next run on {rundir.root} or by svd-batch-report.", rank)
+        elif world > 1:
+            log(f"svd-batch: rank {rank} done ({stats.rows if stats else 0} rows); the last rank to finish writes "
+                "results.parquet and the summary.", rank)
+        return EXIT_OK
+    return _merge_and_report(cfg, manifest, rundir, plan, started, stats, ending.lost_ranks)
+
+
+def _write_marker(rundir: RunDir, session: str, rank: int, status: str, parts: dict[str, int]) -> None:
+    rundir.write_marker(session, rank, {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
+                                        "status": status, "parts": parts, "finished_at": time.time()})
+
+
+def _unit_source(cfg: DictConfig, plan: Plan, ex, stop: "StopFlag", say: Callable[[str], None]):
+    """The next unit number for this rank, or None when it should take no more work."""
+    from .executor import StoreGone
+
+    def stopped() -> bool:
+        return stop.signum is not None or ex.aborted()
+
+    if str(cfg.runtime.get("schedule", "claim")) == "static":
+        mine = iter(plan.static_units(ex.rank).tolist())
+        return lambda: None if stopped() else next(mine, None)
+    claims = ex.claims(plan.num_units, stopped)
+
+    def next_unit() -> int | None:
+        try:
+            return next(claims, None)
+        except StoreGone as exc:
+            say(f"svd-batch: rank {ex.rank} cannot reach the run's coordinator any more ({exc}); it stops taking "
+                "rows. Every finished row is recorded; the next run does the rest.")
+            return None
+
+    return next_unit
+
+
+def _merge_and_report(cfg: DictConfig, manifest: Manifest, rundir: RunDir, plan: Plan, started: float, stats,
+                      lost: list[int]) -> int:
+    from .report import summary, write_results
+
     records = rundir.merge()
     results = write_results(rundir, records, manifest.table, manifest.extra_columns)
-    rundir.remove_temporaries()
     if cfg.report.enabled:
         _write_report(rundir.root, cfg)
     rundir.release_lock()
     ran = results.filter(pc.and_(pc.is_in(results["id"], value_set=plan.todo["id"]),
                                  pc.equal(results["status"], "ok")))["total_seconds"].to_pylist()
-    log(summary(results, total=plan.total, ran=ran, wall_seconds=time.perf_counter() - started,
-                output_dir=rundir.root, stats=stats))
     failed = results.filter(pc.equal(results["status"], "failed")).num_rows
+    not_done = plan.total - results.num_rows
+    text = summary(results, total=plan.total, ran=ran, wall_seconds=time.perf_counter() - started,
+                   output_dir=rundir.root, stats=stats)
+    if lost:
+        text += (f"\n  rank(s) {', '.join(map(str, lost))} stopped without finishing (killed, or their node was lost); "
+                 "the rows they had in hand are not done.")
+    if not_done:
+        text += f"\n  {not_done} row(s) not done: run the same command again to finish them (exit code 3)."
+    log(text)
+    if not_done:
+        return EXIT_INCOMPLETE
     return EXIT_ROWS_FAILED if failed else EXIT_OK
 
 

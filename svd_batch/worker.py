@@ -1,14 +1,19 @@
-"""One rank's share of the work: rows -> batches -> frames -> videos and records.
+"""One rank's share of the work: claimed units -> frames -> videos and records.
 
-The model computes while, beside it, a small thread pool loads the next batches' images (bounded
-prefetch) and one writer thread encodes MP4s, hashes frames and records results (bounded queue). With
+The rank asks for the next unit (one row, or one batch) just before the model needs it. With overlap on
+(the default on CUDA) the next unit is claimed a little ahead, timed so its images have loaded when the
+model is free, and one writer thread encodes MP4s, hashes frames and records results (bounded queue); with
 ``runtime.overlap=false`` the same steps run one after the other in the calling thread. Either way the
 writer is the only thread that records results, so a row counts as done only after its video is in place.
+
+What the rank does about failures: a bad row is recorded failed and the run goes on; an error that breaks
+the device (or ``runtime.max_same_failures`` rows in a row failing the same way) stops this rank without
+recording its unfinished rows (DeviceFailure); an error of the output folder (disk full) stops the run
+(OutputFolderError), again without blaming any row.
 """
 
 from __future__ import annotations
 
-import collections
 import datetime as dt
 import json
 import os
@@ -18,39 +23,23 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
+import numpy as np
 import pyarrow as pa
 
-from .batch import batch_key, batched_frames
+from .batch import batched_frames
 from .fields import CONDITIONING_FIELDS
 from .gallery import save_thumbnails
-from .generate import Generator, OutOfMemory, first_line, peak_host_memory_bytes
+from .generate import DeviceFailure, Generator, OutOfMemory, first_line, peak_host_memory_bytes
 from .images import ImageError, load_image
-from .plan import with_seed
+from .plan import Plan, row_cost, with_seed
 from .rundir import PartWriter, RunDir, write_text_atomic
-from .write import frames_sha256, write_mp4
+from .write import frames_sha256, is_output_error, output_folder_error, write_mp4
 
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
-
-
-def iter_batches(shard: pa.Table, batch_size: int, base_seed: int = 42,
-                 window: int = 256) -> Iterator[list[dict[str, Any]]]:
-    """Rows in manifest order, seeds filled in; with batch_size > 1, rows of a window that share shapes are
-    grouped. Only one window of rows is ever held as Python objects."""
-    for chunk in shard.to_batches(max_chunksize=max(window, batch_size)):
-        rows = [with_seed(r, base_seed) for r in chunk.to_pylist()]
-        if batch_size <= 1:
-            yield from ([r] for r in rows)
-            continue
-        groups: dict[tuple, list[dict[str, Any]]] = {}
-        for r in rows:
-            groups.setdefault(batch_key(r), []).append(r)
-        for members in groups.values():
-            for i in range(0, len(members), batch_size):
-                yield members[i : i + batch_size]
 
 
 class _Inline:
@@ -68,12 +57,79 @@ class _Inline:
         pass
 
 
+class Feed:
+    """Units for one rank, claimed as late as the model allows; images load only for claimed units.
+
+    Without lookahead a unit is claimed when the model asks for it. With lookahead (overlap on), ``arm`` is
+    called as the model starts a unit, with the seconds that unit is expected to take; the next unit is claimed
+    when about twice its expected image-loading time is left, so its images are ready when the model is free,
+    and at the end of a run no rank sits on claimed rows while others idle."""
+
+    def __init__(self, plan: Plan, next_unit: Callable[[], int | None], load: Callable[[list], list[Future]],
+                 *, base_seed: int, lookahead: bool):
+        self.plan, self.next_unit, self.load = plan, next_unit, load
+        self.base_seed, self.lookahead = base_seed, lookahead
+        self._lock = threading.Lock()
+        self._ahead: tuple | None = None
+        self._exhausted = False
+        self._timer: threading.Timer | None = None
+        self._load_seconds: list[float] = []
+
+    def _claim(self) -> tuple | None:
+        if self._exhausted:
+            return None
+        i = self.next_unit()
+        if i is None:
+            self._exhausted = True
+            return None
+        table = self.plan.unit(i)
+        rows = [with_seed(r, self.base_seed) for r in table.to_pylist()]
+        t = time.perf_counter()
+        futures = self.load(rows)
+        if self.lookahead:
+            for f in futures:
+                f.add_done_callback(lambda _f, t=t: self._load_seconds.append(time.perf_counter() - t))
+        return rows, futures, float(row_cost(table).sum())
+
+    def next(self) -> tuple | None:
+        """(rows, image futures, estimated cost) of the next unit, or None."""
+        if self._timer is not None:
+            self._timer.cancel()
+        with self._lock:
+            item, self._ahead = self._ahead, None
+            return item if item is not None else self._claim()
+
+    def arm(self, expected_seconds: float | None) -> None:
+        if not self.lookahead or self._exhausted:
+            return
+        load = float(np.median(self._load_seconds[-16:])) if self._load_seconds else 0.0
+        delay = 0.0 if expected_seconds is None else max(0.0, expected_seconds - 2.0 * load - 0.05)
+        self._timer = threading.Timer(delay, self._claim_ahead)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _claim_ahead(self) -> None:
+        with self._lock:
+            if self._ahead is None:
+                self._ahead = self._claim()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        with self._lock:
+            if self._ahead is not None:
+                for f in self._ahead[1]:
+                    f.cancel()
+                self._ahead = None
+
+
 @dataclass
 class RankStats:
     rank: int
     world_size: int
     host: str
     device: str
+    units: int = 0
     rows: int = 0
     ok: int = 0
     failed: int = 0
@@ -92,7 +148,7 @@ class RankStats:
 
 class RankWorker:
     def __init__(self, gen: Generator, rundir: RunDir, cfg, *, rank: int, world: int, stop, progress,
-                 log: Callable[[str], None], thumb_max_row: int = -1):
+                 log: Callable[[str], None], thumb_max_row: int = -1, session: str | None = None):
         self.gen, self.rundir, self.cfg = gen, rundir, cfg
         self.rank, self.world, self.stop, self.progress, self.log = rank, world, stop, progress, log
         self.batch_size = max(1, int(cfg.runtime.batch_size))
@@ -101,46 +157,62 @@ class RankWorker:
         overlap = cfg.runtime.get("overlap", "auto")
         self.overlap = gen.device.type == "cuda" if overlap in ("auto", None) else bool(overlap)
         self.prefetch = max(1, int(cfg.runtime.get("prefetch_batches", 2)))
-        self.parts = PartWriter(rundir, rank, int(cfg.runtime.results_chunk_rows))
+        self.parts = PartWriter(rundir, rank, int(cfg.runtime.results_chunk_rows), session=session)
         self.stats = RankStats(rank=rank, world_size=world, host=socket.gethostname(), device=str(gen.device))
         self._write_error: BaseException | None = None
+        self._seconds_per_cost: list[float] = []
+        # SVD_BATCH_INJECT_SLOW="<rank>:<factor>": that rank idles factor x its generation time after each unit,
+        # standing in for an older GPU or a throttled one in tests and benchmarks.
+        slow = dict(x.split(":") for x in filter(None, os.environ.get("SVD_BATCH_INJECT_SLOW", "").split(",")))
+        self.slow = float(slow.get(str(rank), 0.0))
         self.thumb_max_row = thumb_max_row
 
     # -- the loop -----------------------------------------------------------------------------------------
-    def run(self, shard: pa.Table) -> RankStats:
+    def run(self, plan: Plan, next_unit: Callable[[], int | None]) -> RankStats:
+        """Run units of ``plan`` as ``next_unit`` hands them out (None: no more work for this rank)."""
         started = time.perf_counter()
         loader = ThreadPoolExecutor(2, thread_name_prefix="load") if self.overlap else _Inline()
         writes: queue.Queue = queue.Queue(maxsize=2)
         writer = threading.Thread(target=self._writer_loop, args=(writes,), daemon=True, name="write")
         if self.overlap:
             writer.start()
-        pending: collections.deque = collections.deque()
-        batches = iter_batches(shard, self.batch_size, int(self.cfg.generation.seed))
+        feed = Feed(plan, next_unit, lambda rows: [loader.submit(self._load, r) for r in rows],
+                    base_seed=int(self.cfg.generation.seed), lookahead=self.overlap)
+        held_back: list[dict[str, Any]] = []
         try:
             while True:
-                # Keep up to `prefetch` batches of images loading ahead of the model.
-                while len(pending) < self.prefetch + 1 and self.stop.signum is None:
-                    rows = next(batches, None)
-                    if rows is None:
-                        break
-                    pending.append((rows, [loader.submit(self._load, r) for r in rows]))
-                if not pending or self.stop.signum is not None:
+                item = feed.next()
+                if item is None:
                     break
-                rows, futures = pending.popleft()
+                rows, futures, cost = item
+                self.stats.units += 1
                 if self.cfg.runtime.compile and not self.stats.warmup_seconds:
                     self._warmup(rows)
                 loaded = [f.result() for f in futures]
+                feed.arm(self._expected_seconds(cost))
+                t = time.perf_counter()
                 done = self._generate(rows, loaded)
+                if self.slow:  # test and benchmark hook: this rank runs at 1 / (1 + slow) of its speed
+                    time.sleep(self.slow * (time.perf_counter() - t))
+                self._seconds_per_cost.append((time.perf_counter() - t) / max(cost, 1e-9))
+                done = self._screen(done, held_back)
                 if self.overlap:
                     writes.put(done)
                 else:
                     self._write_batch(done)
                 if self._write_error:
                     raise self._write_error
+            # The rank ends normally: rows held back in a streak of equal failures did fail.
+            if held_back:
+                self._put(writes, held_back)
+        except DeviceFailure:
+            raise  # the streak's rows and the unit in hand stay unrecorded: the other ranks or the next run do them
+        except BaseException:
+            if held_back:
+                self._put(writes, held_back)
+            raise
         finally:
-            for _, futures in pending:
-                for f in futures:
-                    f.cancel()
+            feed.close()
             loader.shutdown(wait=True)
             if self.overlap:
                 writes.put(None)  # finish what is queued: those rows are computed, keep them
@@ -150,6 +222,45 @@ class RankWorker:
         if self._write_error:
             raise self._write_error
         return self.stats
+
+    def _put(self, writes: queue.Queue, done: list[dict[str, Any]]) -> None:
+        if self.overlap:
+            writes.put(done)
+        else:
+            self._write_batch(done)
+
+    def _expected_seconds(self, cost: float) -> float | None:
+        recent = self._seconds_per_cost[-8:]
+        return float(sorted(recent)[len(recent) // 2]) * cost if recent else None
+
+    def _screen(self, done: list[dict[str, Any]], held: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Hold back rows that fail generation the same way in a row; at runtime.max_same_failures of them the
+        device (or its environment) is to blame, not the rows: stop this rank, recording none of them."""
+        limit = int(self.cfg.runtime.get("max_same_failures", 0) or 0)
+        out: list[dict[str, Any]] = []
+        for o in done:
+            failed_in_model = o["error"] is not None and o.get("loaded", False)
+            if not failed_in_model:
+                if o["error"] is None and held:  # a success: the streak was the rows' own fault
+                    out += held
+                    held.clear()
+                out.append(o)
+                continue
+            sig = o["error"].replace(str(o["row"]["id"]), "<id>")
+            if held and held[0]["signature"] != sig:
+                out += held
+                held.clear()
+            o["signature"] = sig
+            held.append(o)
+            if limit and len(held) >= limit:
+                raise DeviceFailure(
+                    f"rank {self.rank} on host {self.stats.host} ({self.stats.device}) stopped: {len(held)} rows in a "
+                    f"row failed the same way ({sig}), which points at the device or its environment rather than at "
+                    "the rows. They are not recorded as failed: the other ranks and the next run do them. Check the "
+                    "device (nvidia-smi, dmesg for Xid errors), then run the same command again; raise "
+                    "runtime.max_same_failures (0 turns this off) if such rows really are bad."
+                )
+        return out
 
     def _warmup(self, rows: list[dict[str, Any]]) -> None:
         """Compile before timing rows: a 2-step pass at the first batch's shapes, its output thrown away."""
@@ -183,7 +294,8 @@ class RankWorker:
         gen = self.gen
         out = []
         for row, (image, error, load_s, started_at) in zip(rows, loaded):
-            out.append({"row": row, "image": image, "error": error, "load_seconds": load_s, "started_at": started_at,
+            out.append({"row": row, "image": image, "error": error, "loaded": error is None,
+                        "load_seconds": load_s, "started_at": started_at,
                         "frames": None, "memory_mode": gen.memory_mode,
                         "decode_chunk_size": gen.effective_decode_chunk(row["decode_chunk_size"])})
         todo = [o for o in out if o["error"] is None]
@@ -208,6 +320,8 @@ class RankWorker:
                 o["frames"], o["memory_mode"], o["decode_chunk_size"] = gen.frames_with_fallback(o["image"], o["row"])
             except OutOfMemory as exc:
                 o["error"] = f"row {o['row']['id']}: {exc}"
+            except DeviceFailure:
+                raise
             except Exception as exc:  # noqa: BLE001 - one bad row must not stop the run; the reason is recorded
                 o["error"] = f"row {o['row']['id']}: generate failed: {type(exc).__name__}: {first_line(exc)}"
         elapsed = time.perf_counter() - t
@@ -240,7 +354,8 @@ class RankWorker:
     def _write_row(self, o: dict[str, Any]) -> None:
         row, cfg = o["row"], self.cfg
         record: dict[str, Any] = {
-            "id": row["id"], "image": row["image"], "row": row["row"], "seed": row["seed"],
+            "id": row["id"], "image": row["image"], "image_uri": row["image_uri"], "row": row["row"],
+            "seed": row["seed"],
             **{f: row[f] for f in CONDITIONING_FIELDS},
             "decode_chunk_size": o["decode_chunk_size"], "memory_mode": o["memory_mode"],
             "batch_size": o.get("batch_size"), "compiled": bool(cfg.runtime.compile), "model": str(cfg.model.name),
@@ -258,6 +373,8 @@ class RankWorker:
                     save_thumbnails(self.rundir.root, row["id"], o["frames"])
                 record.update(status="ok", error=None, video_path=f"videos/{row['id']}.mp4")
             except Exception as exc:  # noqa: BLE001 - e.g. ffmpeg failing on this row
+                if is_output_error(exc) or self._folder_refuses_writes():
+                    raise output_folder_error(exc, self.rundir.root) from None
                 record.update(status="failed", frames_sha256=None,
                               error=f"row {row['id']}: write failed: {type(exc).__name__}: {first_line(exc)}")
         else:
@@ -266,7 +383,12 @@ class RankWorker:
         record["total_seconds"] = sum(record.get(k) or 0.0 for k in ("load_seconds", "generate_seconds", "write_seconds"))
         record["finished_at"] = _now()
         record["peak_host_memory_bytes"] = peak_host_memory_bytes()
-        self.parts.add(record)
+        try:
+            self.parts.add(record)
+        except OSError as exc:
+            if is_output_error(exc):
+                raise output_folder_error(exc, self.rundir.root) from None
+            raise
         self.stats.rows += 1
         if record["status"] == "ok":
             self.stats.ok += 1
@@ -275,6 +397,24 @@ class RankWorker:
             self.stats.failed += 1
             self.log(f"svd-batch: {record['error']}")
         self.progress.update(1)
+
+    def _folder_refuses_writes(self) -> bool:
+        """After a failed video write: can the output folder still take a small file? If not, the disk is to
+        blame (ffmpeg does not always say so), not the row."""
+        probe = os.path.join(self.rundir.videos, f".probe.tmp-{os.getpid()}")
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"\0" * 65536)
+                f.flush()
+                os.fsync(f.fileno())
+            return False
+        except OSError as exc:
+            return is_output_error(exc)
+        finally:
+            try:
+                os.unlink(probe)
+            except OSError:
+                pass
 
     def save_stats(self) -> None:
         os.makedirs(os.path.join(self.rundir.root, "stats"), exist_ok=True)

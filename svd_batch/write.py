@@ -1,12 +1,38 @@
-"""Step 4: frames to an MP4 that browsers play, written under a temporary name and renamed into place."""
+"""Step 4: frames to an MP4 that browsers play, written under a temporary name and renamed into place.
+
+A video counts only when ffmpeg exited 0 and the file reads back as a whole MP4 (every top-level box
+complete, a ``moov`` and an ``mdat`` present): imageio-ffmpeg's writer ignores ffmpeg's exit status, so a
+full disk used to leave a file without its index that still got renamed into place.
+"""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import struct
+import subprocess
 
 import numpy as np
 
 from .atomic import atomic_path
+
+# Errors of the output filesystem: no row is to blame, and every later row would hit them too.
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+_FFMPEG_DISK_WORDS = ("No space left on device", "Disk quota exceeded", "Read-only file system",
+                      "Input/output error")
+
+
+class VideoWriteError(Exception):
+    """ffmpeg failed or left an incomplete file; ``disk`` says whether the output filesystem is to blame."""
+
+    def __init__(self, message: str, disk: bool = False):
+        super().__init__(message)
+        self.disk = disk
+
+
+class OutputFolderError(Exception):
+    """The output folder cannot take more files (full, over quota, read-only, failing): the run stops."""
 
 
 def frames_sha256(frames: np.ndarray) -> str:
@@ -16,28 +42,76 @@ def frames_sha256(frames: np.ndarray) -> str:
     return hashlib.sha256(arr.tobytes()).hexdigest()
 
 
+def mp4_problem(path: str) -> str | None:
+    """Why the file at ``path`` is not a whole MP4, or None. Reads only the top-level box headers."""
+    try:
+        size = os.path.getsize(path)
+        seen = set()
+        with open(path, "rb") as f:
+            pos = 0
+            while pos < size:
+                f.seek(pos)
+                head = f.read(16)
+                if len(head) < 8:
+                    return f"a truncated box header at byte {pos}"
+                length, kind = struct.unpack(">I4s", head[:8])
+                if length == 1:
+                    if len(head) < 16:
+                        return f"a truncated box header at byte {pos}"
+                    length = struct.unpack(">Q", head[8:16])[0]
+                elif length == 0:
+                    length = size - pos  # the box runs to the end of the file
+                if length < 8 or pos + length > size:
+                    return f"box {kind!r} at byte {pos} claims {length} bytes, past the end of the file ({size})"
+                seen.add(kind)
+                pos += length
+    except OSError as exc:
+        return f"it cannot be read back ({exc})"
+    missing = [k.decode() for k in (b"ftyp", b"moov", b"mdat") if k not in seen]
+    return f"no {', '.join(missing)} box" if missing else None
+
+
 def write_mp4(frames: np.ndarray, path: str, fps: int, *, crf: int = 18, codec: str = "libx264",
               pix_fmt: str = "yuv420p", preset: str = "medium", threads: int = 1) -> None:
-    """H.264 + yuv420p + faststart: what every browser plays. The file at ``path`` is always complete."""
+    """H.264 + yuv420p + faststart: what every browser plays. The file at ``path`` is always complete:
+    raises VideoWriteError (and leaves nothing) when ffmpeg fails or its output does not read back whole."""
     import imageio_ffmpeg
 
-    _, height, width, _ = frames.shape
+    n, height, width, _ = frames.shape
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-hide_banner", "-loglevel", "error", "-f", "rawvideo",
+           "-vcodec", "rawvideo", "-s", f"{width}x{height}", "-pix_fmt", "rgb24", "-r", f"{fps:.02f}",
+           "-i", "-", "-an", "-vcodec", codec, "-pix_fmt", pix_fmt, "-r", f"{fps:.02f}",
+           "-crf", str(crf), "-preset", preset, "-movflags", "+faststart", "-threads", str(threads)]
+    data = np.ascontiguousarray(frames, dtype=np.uint8).tobytes()
     # Hidden and ending in .mp4: ffmpeg picks the container from the name, and nobody mistakes it for a video.
     with atomic_path(path, hidden=True, keep_extension=True) as tmp:
-        writer = imageio_ffmpeg.write_frames(
-            tmp,
-            (width, height),
-            fps=fps,
-            codec=codec,
-            pix_fmt_in="rgb24",
-            pix_fmt_out=pix_fmt,
-            quality=None,
-            bitrate=None,
-            macro_block_size=1,  # sizes are multiples of 8 already; never let the writer rescale frames
-            ffmpeg_log_level="error",
-            output_params=["-crf", str(crf), "-preset", preset, "-movflags", "+faststart", "-threads", str(threads)],
-        )
-        writer.send(None)
-        for frame in frames:
-            writer.send(np.ascontiguousarray(frame, dtype=np.uint8))
-        writer.close()
+        try:
+            proc = subprocess.run([*cmd, tmp], input=data, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        except OSError as exc:  # ffmpeg missing or not executable; a broken pipe when it dies early
+            raise VideoWriteError(f"ffmpeg could not run: {exc}") from None
+        err = proc.stderr.decode(errors="replace").strip()
+        if proc.returncode != 0:
+            last = err.splitlines()[-1] if err else "no message"
+            raise VideoWriteError(f"ffmpeg exited with status {proc.returncode}: {last}",
+                                  disk=any(w in err for w in _FFMPEG_DISK_WORDS))
+        problem = mp4_problem(tmp)
+        if problem:
+            raise VideoWriteError(f"ffmpeg's output is not a whole MP4 ({problem})")
+
+
+def is_output_error(exc: BaseException) -> bool:
+    """An error of the output filesystem rather than of a row."""
+    if isinstance(exc, VideoWriteError):
+        return exc.disk
+    if isinstance(exc, OSError):
+        return exc.errno in OUTPUT_ERRNOS
+    return False
+
+
+def output_folder_error(exc: BaseException, folder: str) -> OutputFolderError:
+    return OutputFolderError(
+        f"The output folder {folder} cannot take more files ({type(exc).__name__}: "
+        f"{str(exc).splitlines()[0] if str(exc) else exc!r}): its filesystem is full, over quota, read-only or "
+        "failing. The run stopped so that no row is recorded as failed for it; every finished video and record "
+        "is kept. Free space (or fix the mount), then run the same command again to finish the rest."
+    )

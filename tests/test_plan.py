@@ -2,9 +2,8 @@ import numpy as np
 import pyarrow as pa
 
 from svd_batch.manifest import load_manifest
-from svd_batch.plan import assign_ranks, derive_seed, make_plan, row_cost
+from svd_batch.plan import assign_ranks, derive_seed, group_units, make_plan, row_cost, with_seed
 from svd_batch.rundir import RESULT_SCHEMA
-from svd_batch.worker import iter_batches
 from tests.conftest import write_manifest
 from tests.test_manifest import GEN
 
@@ -14,10 +13,10 @@ def manifest(tmp_path, rows):
 
 
 def seeds_as_run(m, world: int, base_seed: int = 42, batch_size: int = 1) -> dict:
-    """The seed each row runs with, over all ranks' shards, as the workers fill them in."""
-    plan = make_plan(m, RESULT_SCHEMA.empty_table(), world_size=world)
-    return {r["id"]: r["seed"] for rank in range(world)
-            for batch in iter_batches(plan.shard(rank), batch_size, base_seed) for r in batch}
+    """The seed each row runs with, over all units, as the workers fill them in."""
+    plan = make_plan(m, RESULT_SCHEMA.empty_table(), world_size=world, batch_size=batch_size)
+    return {r["id"]: with_seed(r, base_seed)["seed"] for i in range(plan.num_units)
+            for r in plan.unit(i).to_pylist()}
 
 
 def test_seed_derivation_depends_on_base_seed_and_id_only(tmp_path):
@@ -56,7 +55,7 @@ def test_every_row_exactly_once_and_cost_balanced():
 def test_more_ranks_than_rows_leaves_ranks_idle_without_duplicates(tmp_path):
     m = manifest(tmp_path, [{"id": "a", "image": "a.jpg"}, {"id": "b", "image": "b.jpg"}])
     plan = make_plan(m, RESULT_SCHEMA.empty_table(), world_size=4)
-    shards = [plan.shard(r)["id"].to_pylist() for r in range(4)]
+    shards = [[x for u in plan.static_units(r) for x in plan.unit(int(u))["id"].to_pylist()] for r in range(4)]
     assert sorted(sum(shards, [])) == ["a", "b"]
     assert sum(1 for s in shards if not s) == 2
 
@@ -78,3 +77,24 @@ def test_cost_grows_with_frames_steps_and_pixels(tmp_path):
     ])
     c = row_cost(m)
     assert c[1] > c[0] and c[2] > c[0] and c[3] > c[0]
+
+
+def test_units_are_largest_first_and_batches_share_shapes():
+    rng = np.random.default_rng(1)
+    n = 23
+    frames = rng.choice([8, 14, 25], n)
+    keys = np.stack([np.full(n, 64), np.full(n, 64), frames, np.full(n, 4), np.ones(n, np.int64)], axis=1)
+    cost = frames * 1.0
+    for batch_size in (1, 3):
+        order, starts = group_units(cost, keys, batch_size)
+        assert sorted(order.tolist()) == list(range(n))  # every row exactly once
+        sizes = np.diff(starts)
+        assert sizes.min() >= 1 and sizes.max() <= batch_size
+        unit_frames = [set(frames[order[a:b]].tolist()) for a, b in zip(starts[:-1], starts[1:])]
+        assert all(len(f) == 1 for f in unit_frames)  # a batch never mixes shapes
+        firsts = [f.pop() for f in unit_frames]
+        assert firsts == sorted(firsts, reverse=True)  # largest first: no big unit left for the end
+        # at most one short (tail) batch per shape
+        for f in set(frames.tolist()):
+            short = [s for s, u in zip(sizes, firsts) if u == f and s < batch_size]
+            assert len(short) <= 1

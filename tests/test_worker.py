@@ -7,7 +7,9 @@ import pyarrow as pa
 import torch
 from omegaconf import OmegaConf
 
-from svd_batch.worker import RankWorker, iter_batches
+from svd_batch.plan import make_plan
+from svd_batch.rundir import RESULT_SCHEMA
+from svd_batch.worker import RankWorker
 from tests.conftest import SAMPLE, read_results, run_cli, write_manifest
 
 
@@ -47,16 +49,6 @@ def test_memory_mode_and_compile_are_applied_and_recorded(tmp_path):
     stats = json.loads((out / "stats" / "rank-00000.json").read_text())
     assert stats["warmup_seconds"] > 0 and stats["rows"] == 2
     assert "compile warm-up" in proc.stderr
-
-
-def test_iter_batches_groups_by_shape_and_keeps_every_row():
-    rows = [{"id": str(i), "height": 64, "width": 64, "num_frames": 8 if i % 2 else 14,
-             "num_inference_steps": 4, "max_guidance_scale": 3.0} for i in range(10)]
-    table = pa.Table.from_pylist(rows)
-    batches = list(iter_batches(table, 3))
-    assert sorted(r["id"] for b in batches for r in b) == sorted(str(i) for i in range(10))
-    assert all(len({r["num_frames"] for r in b}) == 1 and len(b) <= 3 for b in batches)
-    assert [r["id"] for b in iter_batches(table, 1) for r in b] == [str(i) for i in range(10)]
 
 
 class FakeGen:
@@ -109,6 +101,8 @@ def test_images_in_flight_are_bounded(tmp_path, monkeypatch):
 
     monkeypatch.setattr(worker, "_load", load)
     monkeypatch.setattr(worker, "_generate", generate)
-    stats = worker.run(pa.Table.from_pylist(rows))
+    plan = make_plan(pa.Table.from_pylist(rows), RESULT_SCHEMA.empty_table(), world_size=1)
+    units = iter(range(plan.num_units))
+    stats = worker.run(plan, lambda: next(units, None))
     assert stats.ok == n and rd.read_records().num_rows == n
     assert peak[0] <= (prefetch + 1) * batch_size
