@@ -412,12 +412,54 @@ def _run_rank(cfg: DictConfig, manifest: Manifest, rundir: RunDir, ex) -> int:
             log(f"svd-batch: rank {rank} done ({stats.rows if stats else 0} rows); the last rank to finish writes "
                 "results.parquet and the summary.", rank)
         return EXIT_OK
-    return _merge_and_report(cfg, manifest, rundir, plan, started, stats, ending.lost_ranks)
+    peers = _local_ranks(rundir, session, rank)  # read before the merge removes the markers
+    code = _merge_and_report(cfg, manifest, rundir, plan, started, stats, ending.lost_ranks)
+    if code != EXIT_OK:
+        # torchrun stops every worker of a node as soon as one exits non-zero: let this node's other ranks, done
+        # but maybe still exiting, leave first, so that none is ever signalled because of this exit code.
+        _wait_until_gone(peers)
+    return code
+
+
+def _local_ranks(rundir: RunDir, session: str, rank: int) -> list[int]:
+    """Pids of this run's other ranks on this host, from their completion markers."""
+    import json
+
+    host, pids = socket.gethostname(), []
+    for path in rundir.markers():
+        if os.path.basename(path).startswith(session):
+            try:
+                with open(path) as f:
+                    info = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if info.get("host") == host and info.get("rank") != rank and info.get("pid"):
+                pids.append(int(info["pid"]))
+    return pids
+
+
+def _wait_until_gone(pids: list[int], timeout: float = 30.0) -> None:
+    def running(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited already
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + timeout
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if running(p)]
+        if pids:
+            time.sleep(0.05)
 
 
 def _write_marker(rundir: RunDir, session: str, rank: int, status: str, parts: dict[str, int]) -> None:
-    rundir.write_marker(session, rank, {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
-                                        "status": status, "parts": parts, "finished_at": time.time()})
+    """Seal this rank's parts. Without a marker (a full disk) they stay unsealed: merged, never deleted."""
+    try:
+        rundir.write_marker(session, rank, {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
+                                            "status": status, "parts": parts, "finished_at": time.time()})
+    except OSError:
+        pass
 
 
 def _unit_source(cfg: DictConfig, plan: Plan, ex, stop: "StopFlag", say: Callable[[str], None]):
@@ -475,3 +517,33 @@ def _progress(cfg: DictConfig, total: int, rank: int, world: int):
     return tqdm(total=total, desc=f"rank {rank}" if world > 1 else "videos", unit="video",
                 position=rank if world > 1 else None, leave=True, mininterval=1.0, dynamic_ncols=True,
                 disable=not cfg.runtime.progress, file=sys.stderr)
+
+
+def complete_folder(root: str, say: Callable[[str], None] = log) -> bool:
+    """Merge what a run left unmerged (its last rank was lost, or the coordinator went away) and write
+    results.parquet, as its own last rank would have. Needs the folder's exclusive lock, so it never touches a
+    folder that a run is using; returns whether results.parquet is now up to date."""
+    rundir = RunDir(root)
+    if not rundir.part_files() and os.path.exists(rundir.results_path):
+        return True
+    cfg_path = os.path.join(rundir.root, "config.yaml")
+    if not os.path.exists(cfg_path):
+        return False
+    try:
+        rundir.acquire_lock()
+    except RunDirError as exc:
+        say(f"svd-batch: {exc}")
+        return False
+    try:
+        from .report import write_results
+
+        cfg = OmegaConf.load(cfg_path)
+        manifest = read_manifest(cfg)
+        records = rundir.merge(all_parts=True)  # exclusive lock: no writer is alive
+        write_results(rundir, records, manifest.table, manifest.extra_columns)
+        return True
+    except (ManifestError, RunDirError) as exc:
+        say(f"svd-batch: could not merge the records in {root}: {exc}")
+        return False
+    finally:
+        rundir.release_lock()

@@ -417,5 +417,10 @@ class RankWorker:
                 pass
 
     def save_stats(self) -> None:
-        os.makedirs(os.path.join(self.rundir.root, "stats"), exist_ok=True)
-        write_text_atomic(self.stats.to_json(), os.path.join(self.rundir.root, "stats", f"rank-{self.rank:05d}.json"))
+        """Statistics are for people: a full disk must not hide the error that stopped the run behind this one."""
+        try:
+            os.makedirs(os.path.join(self.rundir.root, "stats"), exist_ok=True)
+            write_text_atomic(self.stats.to_json(),
+                              os.path.join(self.rundir.root, "stats", f"rank-{self.rank:05d}.json"))
+        except OSError as exc:
+            self.log(f"svd-batch: could not write stats/rank-{self.rank:05d}.json ({exc})")

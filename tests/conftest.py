@@ -122,3 +122,15 @@ def wait_for_records(out: Path, n: int, proc: subprocess.Popen, timeout: float =
 
 def tmp_files(out: Path) -> list[str]:
     return [f for _, _, fs in os.walk(out) for f in fs if ".tmp-" in f]
+
+
+@pytest.fixture()
+def small_fs(tmp_path):
+    """A 320 KB tmpfs: an output disk that fills up after a few tiny videos (mount needs root, as CI has)."""
+    mnt = tmp_path / "small-fs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

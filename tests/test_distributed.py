@@ -3,6 +3,7 @@
 import os
 import signal
 
+import pyarrow.compute as pc
 import pytest
 
 from tests.conftest import (
@@ -108,3 +109,118 @@ def test_sigterm_on_two_processes_then_resume_on_one(manifest, reference, tmp_pa
     again = run_cli(f"manifest.path={manifest}", f"output.dir={out}")
     assert again.returncode == 0, again.stderr
     assert hashes(out) == reference and not tmp_files(out)
+
+
+# -- the executor (issue 10): claims, no waiting on lost ranks, one clean exit ------------------------------
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant, found through /proc (they may sit in other sessions)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    todo, tree = [pid], []
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def two_nodes(*overrides, env=None, node_env=None):
+    """Two "nodes" on localhost, one process each, as `accelerate launch --num_machines 2` on each."""
+    port = str(free_port())
+    return [
+        launch(*overrides, num_processes=2, background=True, env={**(env or {}), **((node_env or {}).get(r, {}))},
+               extra=("--num_machines", "2", "--machine_rank", str(r), "--main_process_ip", "127.0.0.1",
+                      "--main_process_port", port))
+        for r in (0, 1)
+    ]
+
+
+def test_failed_rows_on_both_ranks_exit_1_with_results_and_no_teardown(tmp_path):
+    from tests.conftest import SAMPLE
+
+    rows = [{"id": f"f{i}", "image": str(SAMPLE / ("cat.jpg" if i % 2 else "missing.jpg")), "num_frames": 4}
+            for i in range(8)]
+    m = write_manifest(tmp_path / "m.parquet", rows)
+    out = tmp_path / "out"
+    # A static deal makes sure each rank gets failing rows (with claims it is likely, not certain).
+    proc = launch(f"manifest.path={m}", f"output.dir={out}", "runtime.schedule=static", "report.enabled=false")
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 1, log
+    t = read_results(out)
+    assert t.num_rows == 8 and t.filter(pc.equal(t["status"], "failed")).num_rows == 4
+    assert set(t.filter(pc.equal(t["status"], "failed"))["rank"].to_pylist()) == {0, 1}
+    assert "SIGTERM" not in log and "exitcode: -15" not in log  # no rank was signalled by the launcher
+    summary = log.index("4 ok, 4 failed of 8 rows")
+    assert summary < log.index("ChildFailedError")  # our last words come before the launcher's report
+    assert "retry_failed=true" in log[summary:log.index("ChildFailedError")]
+
+
+def test_a_slow_rank_claims_fewer_rows(manifest, reference, tmp_path):
+    out = tmp_path / "out"
+    proc = launch(f"manifest.path={manifest}", f"output.dir={out}", "report.enabled=false",
+                  env={"SVD_BATCH_INJECT_SLOW": "1:4"})  # rank 1 runs at a fifth of its speed
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert hashes(out) == reference  # the same frames whoever ran a row
+    ranks = read_results(out)["rank"].to_pylist()
+    assert ranks.count(1) < ranks.count(0), ranks
+
+
+def test_a_lost_node_does_not_keep_the_survivor_waiting(manifest, reference, tmp_path):
+    import time
+
+    out = tmp_path / "out"
+    nodes = two_nodes(f"manifest.path={manifest}", f"output.dir={out}", "report.enabled=false",
+                      env={"SVD_BATCH_INJECT_SLOW": "1:3"})  # node 1 is mid-row most of the time
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (out / ".svd-batch" / "parts").is_dir() and any(
+                "rank00001" in p.name for p in (out / ".svd-batch" / "parts").iterdir()):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("rank 1 recorded nothing")
+    kill_tree(nodes[1].pid)  # the whole node goes: launcher and worker (torchrun starts workers in sessions of their own)
+    killed_at = time.time()
+    log = nodes[0].communicate(timeout=120)[0]
+    nodes[1].wait()
+    assert time.time() - killed_at < 60, "the survivor waited on the lost rank"
+    # Incomplete (the lost rank's row in hand is not done): the rank exits 3; torchrun reports any failing
+    # worker with status 1 of its own.
+    assert nodes[0].returncode == 1 and "exitcode: 3" in log, log
+    assert "rank(s) 1 stopped without finishing" in log and "run the same command again" in log
+    partial = read_results(out)  # the survivor merged what was recorded
+    assert 0 < partial.num_rows < N_ROWS and set(partial["status"].to_pylist()) == {"ok"}
+    again = run_cli(f"manifest.path={manifest}", f"output.dir={out}", "report.enabled=false")
+    assert again.returncode == 0, again.stderr
+    assert hashes(out) == reference and not tmp_files(out)
+    assert not list((out / ".svd-batch" / "parts").iterdir())
+
+
+def test_a_node_with_another_model_revision_stops_the_run_before_work(manifest, tmp_path, tiny_cache):
+    import json
+    import shutil
+
+    other = tmp_path / "other-cache"
+    shutil.copytree(tiny_cache, other)
+    cfg_path = next(other.rglob("unet/config.json"))
+    cfg = json.loads(cfg_path.read_text())
+    cfg["_note"] = "another revision"  # still loads; a different checkpoint all the same
+    cfg_path.write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    nodes = two_nodes(f"manifest.path={manifest}", f"output.dir={out}", node_env={1: {"SVD_BATCH_CACHE": str(other)}})
+    logs = [p.communicate(timeout=300)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [1, 1] and all("exitcode: 2" in x for x in logs), logs
+    assert "rank 1 on host" in logs[0] and "another revision in this node's cache" in logs[0]
+    assert not list((out / "videos").iterdir()) and not (out / "results.parquet").exists()

@@ -42,7 +42,12 @@ def test_relative_images_resolve_against_manifest_folder(tmp_path):
 
 def test_derived_ids_are_stable_and_safe(tmp_path):
     m = load(tmp_path, [{"image": "dir/my photo.jpg"}, {"image": "http://h/x/y.png?x=1"}])
-    assert m.table["id"].to_pylist() == ["000000-my_photo", "000001-y"]
+    ids = m.table["id"].to_pylist()
+    assert [i.rsplit("-", 1)[0] for i in ids] == ["my_photo", "y"]
+    assert all(len(i.rsplit("-", 1)[1]) == 10 for i in ids)
+    again = load(tmp_path / "again", [{"image": "new.png"}, {"image": "http://h/x/y.png?x=1"},
+                                       {"image": "dir/my photo.jpg"}])
+    assert again.table["id"].to_pylist()[1:] == list(reversed(ids))  # position plays no part
 
 
 def test_pandas_style_float_ints_are_accepted(tmp_path):

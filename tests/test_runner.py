@@ -2,6 +2,7 @@
 
 import os
 import signal
+import subprocess
 import time
 
 import pyarrow.parquet as pq
@@ -133,3 +134,118 @@ def test_rows_edited_after_they_finished_are_named(tmp_path):
     write_manifest(m, rows)
     proc = run_cli(f"manifest.path={m}", f"output.dir={out}")
     assert proc.returncode == 0 and read_results(out).num_rows == 4
+
+
+# -- issue 10: a broken device stops its rank, a full disk stops the run, resume sees changed inputs --------
+
+def test_the_same_failure_row_after_row_stops_the_rank_without_recording_those_rows(tmp_path):
+    m, out = small_manifest(tmp_path, n=6), tmp_path / "out"
+    # r1..r3 fail in every memory mode (as every row does on a GPU that has gone bad): equal failures in a row.
+    bad = {"SVD_BATCH_INJECT_OOM": "r1:99,r2:99,r3:99"}
+    proc = run_cli(f"manifest.path={m}", f"output.dir={out}", "runtime.max_same_failures=3", env=bad)
+    assert proc.returncode == 3, proc.stderr  # incomplete, not "rows failed"
+    assert "rank 0 on host" in proc.stderr and "3 rows in a row failed the same way" in proc.stderr
+    t = read_results(out)
+    assert t["id"].to_pylist() == ["r0"] and t["status"].to_pylist() == ["ok"]  # none recorded failed
+    assert "5 row(s) not done" in proc.stderr
+    again = run_cli(f"manifest.path={m}", f"output.dir={out}")  # the device is fine again
+    assert again.returncode == 0, again.stderr
+    assert set(read_results(out)["status"].to_pylist()) == {"ok"} and read_results(out).num_rows == 6
+    # Turned off, the same failures are the rows' own: recorded failed, and the run goes on.
+    off = run_cli(f"manifest.path={m}", f"output.dir={tmp_path / 'off'}", "runtime.max_same_failures=0", env=bad)
+    assert off.returncode == 1
+    assert read_results(tmp_path / "off")["status"].to_pylist() == ["ok", "failed", "failed", "failed", "ok", "ok"]
+
+
+def test_resume_sees_a_changed_image_root_and_column_mapping(tmp_path):
+    import shutil
+
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    shutil.copy(SAMPLE / "cat.jpg", tmp_path / "a" / "x.jpg")
+    shutil.copy(SAMPLE / "rocket.jpg", tmp_path / "b" / "x.jpg")  # another picture, the same name
+    m = write_manifest(tmp_path / "m.parquet", [{"image": "x.jpg", "motion": 10, "motion2": 200}])
+    out = tmp_path / "out"
+    base = [f"manifest.path={m}", f"output.dir={out}", "+manifest.columns.motion_bucket_id=motion"]
+    assert run_cli(*base, f"manifest.image_root={tmp_path / 'a'}").returncode == 0
+    moved = run_cli(*base, f"manifest.image_root={tmp_path / 'b'}")
+    assert moved.returncode == 2
+    assert "image_uri" in moved.stderr and str(tmp_path / "b" / "x.jpg") in moved.stderr
+    assert run_cli(*base, f"manifest.image_root={tmp_path / 'a'}").returncode == 0  # unchanged: resumes
+    # Another column mapping: a derived id hashes the mapped cells, so the row is a new one and runs with the
+    # new value (nothing old is passed off as new) ...
+    remap = [f"manifest.path={m}", f"output.dir={out}", "+manifest.columns.motion_bucket_id=motion2",
+             f"manifest.image_root={tmp_path / 'a'}"]
+    assert run_cli(*remap).returncode == 0
+    assert read_results(out)["motion_bucket_id"].to_pylist() == [200]
+    # ... and with ids given in the manifest, the changed value of a finished row is named.
+    m2 = write_manifest(tmp_path / "m2.parquet", [{"id": "x", "image": "x.jpg", "motion": 10, "motion2": 200}])
+    out2 = tmp_path / "out2"
+    assert run_cli(f"manifest.path={m2}", f"output.dir={out2}", "+manifest.columns.motion_bucket_id=motion",
+                   f"manifest.image_root={tmp_path / 'a'}").returncode == 0
+    remapped = run_cli(f"manifest.path={m2}", f"output.dir={out2}", "+manifest.columns.motion_bucket_id=motion2",
+                       f"manifest.image_root={tmp_path / 'a'}")
+    assert remapped.returncode == 2 and "motion_bucket_id 10 -> 200" in remapped.stderr
+
+
+def test_derived_ids_do_not_move_when_rows_are_inserted(tmp_path):
+    from svd_batch.manifest import load_manifest
+    from tests.test_manifest import GEN
+
+    rows = [{"image": f"img{i}.jpg", "motion_bucket_id": i} for i in range(4)] + [{"image": "img0.jpg"}] * 2
+    first = load_manifest(str(write_manifest(tmp_path / "a.parquet", rows)), GEN).table["id"].to_pylist()
+    assert len(set(first)) == 6 and first[5] == first[4] + "-2"  # identical rows are told apart in order
+    inserted = [{"image": "new.jpg"}] + rows[:2] + [{"image": "img9.jpg", "motion_bucket_id": 9}] + rows[2:]
+    second = load_manifest(str(write_manifest(tmp_path / "b.parquet", inserted)), GEN).table["id"].to_pylist()
+    assert [x for x in second if x in first] == first and len(second) == 8
+    reordered = list(reversed(rows[:4])) + rows[4:]
+    third = load_manifest(str(write_manifest(tmp_path / "c.parquet", reordered)), GEN).table["id"].to_pylist()
+    assert sorted(third) == sorted(first)
+
+
+def test_the_fingerprint_holds_resolved_values():
+    from omegaconf import OmegaConf
+
+    from svd_batch.cli import register_resolvers
+    from svd_batch.runner import fingerprint, fingerprint_diff
+
+    register_resolvers()
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import REPO
+
+    with initialize_config_dir(str(REPO / "svd_batch" / "conf"), version_base="1.3"):
+        cfg = compose("config")
+    cpu, cuda = fingerprint(cfg, "abc", "cpu"), fingerprint(cfg, "abc", "cuda")
+    assert cfg.model.dtype == "auto" and cpu["model.dtype"] == "float32" and cuda["model.dtype"] == "float16"
+    assert "runtime.device_type: 'cpu' -> 'cuda'" in fingerprint_diff(cpu, cuda)
+    cfg2 = OmegaConf.merge(cfg, {"runtime": {"compile": True, "batch_size": 4}})
+    diff = "; ".join(fingerprint_diff(cpu, fingerprint(cfg2, "abc", "cpu")))
+    assert "runtime.compile" in diff and "runtime.batch_size: 1 -> 4" in diff
+    cfg3 = OmegaConf.merge(cfg, {"runtime": {"threads": 3, "overlap": True, "schedule": "static"}})
+    assert fingerprint_diff(cpu, fingerprint(cfg3, "abc", "cpu")) == []  # knobs that do not change frames
+
+
+def test_a_full_output_disk_stops_the_run_and_blames_no_row(tmp_path, small_fs):
+    from svd_batch.write import mp4_problem
+
+    m = small_manifest(tmp_path, n=14, num_frames=8)
+    out = small_fs / "out"
+    filler = small_fs / "other-data"
+    filler.write_bytes(b"\0" * (200 * 1024))  # about 100 KB left: room for a few videos, not for 14
+    proc = run_cli(f"manifest.path={m}", f"output.dir={out}", "report.enabled=false")
+    assert proc.returncode == 4, proc.stderr
+    assert f"The output folder {out} cannot take more files" in proc.stderr
+    assert "Free space" in proc.stderr and "Traceback" not in proc.stderr
+    from svd_batch.rundir import RunDir
+
+    records = RunDir(str(out)).read_records()
+    assert set(records["status"].to_pylist()) <= {"ok"} and records.num_rows < 14  # none failed for the disk
+    for v in (out / "videos").iterdir():  # whatever is in videos/ plays
+        assert v.name.endswith(".mp4") and not v.name.startswith(".") and mp4_problem(str(v)) is None
+    filler.unlink()  # space freed
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_fs)], check=True)
+    again = run_cli(f"manifest.path={m}", f"output.dir={out}", "report.enabled=false")
+    assert again.returncode == 0, again.stderr
+    t = read_results(out)
+    assert t.num_rows == 14 and set(t["status"].to_pylist()) == {"ok"} and not tmp_files(out)

@@ -3,6 +3,7 @@ import os
 
 import imageio_ffmpeg
 import numpy as np
+import pytest
 
 from svd_batch.write import frames_sha256, write_mp4
 
@@ -44,3 +45,30 @@ def test_failed_write_leaves_nothing(tmp_path):
     except Exception:
         pass
     assert os.listdir(tmp_path) == []
+
+
+def test_a_full_disk_raises_and_leaves_no_video(tmp_path, small_fs):
+    from svd_batch.write import VideoWriteError, is_output_error
+
+    filler = small_fs / "filler"
+    filler.write_bytes(b"\0" * (300 * 1024))  # leave about 20 KB
+    frames = np.random.default_rng(0).integers(0, 255, (8, 64, 64, 3), dtype=np.uint8)  # noise: ~50 KB of H.264
+    with pytest.raises(VideoWriteError) as info:
+        write_mp4(frames, str(small_fs / "v.mp4"), fps=7)
+    assert is_output_error(info.value)
+    assert sorted(os.listdir(small_fs)) == ["filler"]  # nothing half-written left, nothing renamed into place
+
+
+def test_a_truncated_mp4_is_told_apart(tmp_path):
+    from svd_batch.write import mp4_problem
+
+    frames = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    path = tmp_path / "v.mp4"
+    write_mp4(frames, str(path), fps=7)
+    assert mp4_problem(str(path)) is None
+    data = path.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 2])
+    assert "past the end of the file" in mp4_problem(str(cut))
+    cut.write_bytes(data[:20])
+    assert mp4_problem(str(cut)) is not None
