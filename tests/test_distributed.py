@@ -113,6 +113,24 @@ def test_sigterm_on_two_processes_then_resume_on_one(manifest, reference, tmp_pa
 
 # -- the executor (issue 10): claims, no waiting on lost ranks, one clean exit ------------------------------
 
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    todo, tree = list(children.get(pid, [])), []
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    return tree
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and every descendant, found through /proc (they may sit in other sessions)."""
     children: dict[int, list[int]] = {}
@@ -224,3 +242,32 @@ def test_a_node_with_another_model_revision_stops_the_run_before_work(manifest, 
     assert [p.returncode for p in nodes] == [1, 1] and all("exitcode: 2" in x for x in logs), logs
     assert "rank 1 on host" in logs[0] and "another revision in this node's cache" in logs[0]
     assert not list((out / "videos").iterdir()) and not (out / "results.parquet").exists()
+
+
+def test_losing_the_coordinator_ends_the_ranks_cleanly(manifest, reference, tmp_path):
+    """The claim counter lives in the first node's launcher: when it goes, every rank finishes the row in hand,
+    keeps its records and stops; the next run does the rest."""
+    import time
+
+    out = tmp_path / "out"
+    nodes = two_nodes(f"manifest.path={manifest}", f"output.dir={out}", "report.enabled=false",
+                      env={"SVD_BATCH_INJECT_SLOW": "0:2,1:2"})
+    deadline = time.time() + 300
+    while not ((out / ".svd-batch" / "parts").is_dir() and part_records(out).num_rows >= 2):
+        assert time.time() < deadline, "no records"
+        time.sleep(0.1)
+    workers = descendants(nodes[0].pid) + descendants(nodes[1].pid)
+    os.kill(nodes[0].pid, signal.SIGKILL)  # the first node's launcher, host of the store, and only it
+    gone_at = time.time()
+    log1 = nodes[1].communicate(timeout=180)[0]
+    nodes[0].wait()
+    while any(os.path.exists(f"/proc/{p}") for p in workers) and time.time() - gone_at < 120:
+        time.sleep(0.2)
+    assert not any(os.path.exists(f"/proc/{p}") for p in workers), "a rank kept running without its coordinator"
+    assert "cannot reach the run's coordinator" in log1 and "Traceback (most recent call last)" not in \
+        log1.split("ChildFailedError")[0].split("torch/distributed/elastic")[0]
+    recorded = part_records(out)
+    assert 0 < recorded.num_rows < N_ROWS and set(recorded["status"].to_pylist()) == {"ok"}
+    again = run_cli(f"manifest.path={manifest}", f"output.dir={out}", "report.enabled=false")
+    assert again.returncode == 0, again.stderr
+    assert hashes(out) == reference
