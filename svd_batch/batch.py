@@ -13,7 +13,7 @@ them. Here each video is decoded on its own with its own chunk size.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -22,6 +22,35 @@ def batch_key(row: Mapping[str, Any]) -> tuple:
     """Rows with equal keys can share one pipeline batch."""
     return (int(row["height"]), int(row["width"]), int(row["num_frames"]), int(row["num_inference_steps"]),
             float(row["max_guidance_scale"]) > 1.0)
+
+
+def shapes_of(batches: Iterable[Sequence[Mapping[str, Any]]]) -> list[tuple[dict[str, Any], int]]:
+    """The distinct (representative row, batch size) pairs of some batches, in order of first appearance:
+    what a compile warm-up must cover so that no batch compiles while it is timed."""
+    seen: dict[tuple, dict[str, Any]] = {}
+    for rows in batches:
+        seen.setdefault((batch_key(rows[0]), len(rows)), dict(rows[0]))
+    return [(row, n) for (_, n), row in seen.items()]
+
+
+def quantize_on_device(video):
+    """Decoded video (batch, frames, channels, H, W) in [0, 1], float32, as diffusers' postprocess leaves it
+    -> uint8 (batch, frames, H, W, channels) on the same device. The same operations, in the same float32
+    precision, as ``numpy_to_pil``'s ``(images * 255).round().astype("uint8")``, so the same bytes."""
+    import torch
+
+    return (video.float() * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).contiguous()
+
+
+def to_host(frames) -> np.ndarray:
+    """Only the uint8 frames cross to the host (a quarter of float32)."""
+    return frames.cpu().numpy()
+
+
+def decoded_to_frames(pipe, decoded) -> list[np.ndarray]:
+    """``decode_latents`` output -> one uint8 (num_frames, height, width, 3) array per video."""
+    video = pipe.video_processor.postprocess_video(video=decoded, output_type="pt")
+    return list(to_host(quantize_on_device(video)))
 
 
 def batched_frames(pipe, images: Sequence, rows: Sequence[Mapping[str, Any]]) -> list[np.ndarray]:
@@ -33,7 +62,8 @@ def batched_frames(pipe, images: Sequence, rows: Sequence[Mapping[str, Any]]) ->
         rows: the rows' effective values; they must share ``batch_key``.
 
     Returns:
-        One uint8 array (num_frames, height, width, 3) per row: what ``output_type="pil"`` frames stack to.
+        One uint8 array (num_frames, height, width, 3) per row: what ``output_type="pil"`` frames stack to,
+        quantized on the device (only uint8 crosses to the host).
     """
     import torch
 
@@ -72,10 +102,12 @@ def _batched_frames(pipe, images: Sequence, rows: Sequence[Mapping[str, Any]]) -
     needs_upcasting = pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast
     if needs_upcasting:
         pipe.vae.to(dtype=torch.float32)
-    image_latents = pipe._encode_vae_image(image, device=device, num_videos_per_prompt=1,
-                                           do_classifier_free_guidance=cfg).to(image_embeddings.dtype)
-    if needs_upcasting:
-        pipe.vae.to(dtype=torch.float16)
+    try:
+        image_latents = pipe._encode_vae_image(image, device=device, num_videos_per_prompt=1,
+                                               do_classifier_free_guidance=cfg).to(image_embeddings.dtype)
+    finally:  # an OOM here must not leave the VAE in float32 for every later row
+        if needs_upcasting:
+            pipe.vae.to(dtype=torch.float16)
     image_latents = image_latents.unsqueeze(1).repeat(1, num_frames, 1, 1, 1)
 
     # 3. Added time ids per row: fps - 1 (SVD was trained on fps - 1), motion bucket, noise strength.
@@ -115,9 +147,8 @@ def _batched_frames(pipe, images: Sequence, rows: Sequence[Mapping[str, Any]]) -
         pipe.vae.to(dtype=torch.float16)
     out = []
     for i, r in enumerate(rows):
-        frames = pipe.decode_latents(latents[i : i + 1], num_frames, int(r["decode_chunk_size"]))
-        pil = pipe.video_processor.postprocess_video(video=frames, output_type="pil")[0]
-        out.append(np.stack([np.asarray(f) for f in pil]))
+        decoded = pipe.decode_latents(latents[i : i + 1], num_frames, int(r["decode_chunk_size"]))
+        out.extend(decoded_to_frames(pipe, decoded))
     pipe.maybe_free_model_hooks()
     return out
 
