@@ -36,8 +36,9 @@ def test_overlap_on_and_off_give_identical_videos_and_batches_are_recorded(tmp_p
 def test_memory_mode_and_compile_are_applied_and_recorded(tmp_path):
     m = rows_manifest(tmp_path, n=2)
     out = tmp_path / "out"
-    proc = run_cli(f"manifest.path={m}", f"output.dir={out}", "memory=low_vram", "runtime.compile=true",
-                   "runtime.compile_backend=eager")
+    # low_vram without its offload: compile with offload is refused (tests/test_compile.py)
+    proc = run_cli(f"manifest.path={m}", f"output.dir={out}", "memory=low_vram", "memory.cpu_offload=false",
+                   "runtime.compile=true", "runtime.compile_backend=eager")
     assert proc.returncode == 0, proc.stderr
     t = read_results(out)
     assert set(t["memory_mode"].to_pylist()) == {"low_vram"} and set(t["decode_chunk_size"].to_pylist()) == {2}
