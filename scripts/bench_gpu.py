@@ -5,6 +5,7 @@ configs: the same cost as the real model, nothing to download.
     python scripts/bench_gpu.py --quick --out bench_gpu_quick.json   # first: full eager + compiled, 4-row run
     python scripts/bench_gpu.py --out bench_gpu.json                 # everything (sized for 8 min on an H200)
     python scripts/bench_gpu.py --tiny --out /tmp/b.json             # CPU dry check of every code path (tests)
+    python scripts/bench_gpu.py --frames-only                        # frame finishing alone, any machine
 
 Per memory mode (full, offload, low_vram; eager) and for full with the UNet compiled (each compile mode, the
 compile time apart): seconds per video through ``Generator.run`` plus the MP4 write, then one more pass with
@@ -280,6 +281,33 @@ def e2e(pipe, args):
                 "model_load_s": stats["model_load_seconds"]}
 
 
+def frames_finish(device, repeats=5):
+    """Host time to finish one 576x1024x25 video from the decoded float32 tensor: diffusers' PIL path (copy
+    float32 to the host, numpy, PIL per frame, stack) against svd-batch's (uint8 on the device, then copy).
+    On a GPU the quantization runs on the device; on CPU both run on the CPU."""
+    from diffusers.video_processor import VideoProcessor
+
+    from svd_batch.batch import decoded_to_frames
+
+    processor = VideoProcessor(vae_scale_factor=8)
+    pipe = type("Pipe", (), {"video_processor": processor})()
+    decoded = torch.rand(1, 3, 25, 576, 1024, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
+    old, new = [], []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        pil = processor.postprocess_video(video=decoded, output_type="pil")[0]
+        a = np.stack([np.asarray(f) for f in pil])
+        old.append(time.perf_counter() - t)
+        sync(device)
+        t = time.perf_counter()
+        [b] = decoded_to_frames(pipe, decoded)
+        new.append(time.perf_counter() - t)
+        assert np.array_equal(a, b)
+    return {"pil_path_s": float(np.median(old)), "device_uint8_s": float(np.median(new)), "same_bytes": True,
+            "repeats": repeats, "device": str(device)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="the tiny model on CPU at 64x64: a dry check of the script")
@@ -290,7 +318,13 @@ def main() -> None:
     ap.add_argument("--compile-modes", default="default,reduce-overhead", help="'' skips compile")
     ap.add_argument("--attention-calls", type=int, default=2)
     ap.add_argument("--e2e-rows", type=int, default=12)
+    ap.add_argument("--frames-only", action="store_true",
+                    help="only the cost of finishing frames (PIL path vs device uint8), at full size, on this machine")
     args = ap.parse_args()
+    if args.frames_only:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        print(json.dumps(frames_finish(device), indent=2))
+        return
     if args.quick:
         args.modes, args.compile_modes, args.e2e_rows = "full", "default", min(args.e2e_rows, 4)
     if args.tiny:
@@ -327,6 +361,8 @@ def main() -> None:
     for cmode in filter(None, args.compile_modes.split(",")):
         show(f"full compiled {cmode}", bench_compiled(pipe, cmode, args, device, image, flops))
     report["attention"] = bench_attention(pipe, args, device, unet_inputs, flops)
+    if not args.tiny:
+        report["frames_finish"] = frames_finish(device)
     print(json.dumps({"attention": report["attention"]}), flush=True)
     if args.e2e_rows:
         report["e2e_svd_batch"] = e2e(pipe, args)
