@@ -69,6 +69,8 @@ def fingerprint(cfg: DictConfig, identity: str) -> dict[str, Any]:
         fp[f"manifest.defaults.{k}"] = v
     for k, v in plain(cfg.video).items():
         fp[f"video.{k}"] = v
+    from .generate import frame_settings  # compile backend, attention, batching: they change frames too
+    fp.update(frame_settings(plain(cfg.runtime)))
     return fp
 
 

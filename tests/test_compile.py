@@ -64,3 +64,18 @@ def test_compile_with_cpu_offload_is_refused_before_the_model_loads(tmp_path):
         assert f"runtime.compile=true cannot be combined with memory={memory}" in proc.stderr
         assert "Nothing was run" in proc.stderr and "Traceback" not in proc.stderr
         assert not (out / "videos").exists() or not list((out / "videos").iterdir())
+
+
+def test_resume_refuses_another_attention_backend(tmp_path):
+    """Settings that change frames are in the run's fingerprint: a resume may not mix their videos."""
+    m = write_manifest(tmp_path / "m.parquet", [{"id": "a", "image": str(SAMPLE / "cat.jpg")}])
+    out = tmp_path / "out"
+    common = [f"manifest.path={m}", f"output.dir={out}", "report.enabled=false"]
+    assert run_cli(*common, "runtime.attention=math").returncode == 0
+    proc = run_cli(*common, "runtime.attention=flash")
+    assert proc.returncode == 2 and "runtime.attention: 'math' -> 'flash'" in proc.stderr, proc.stderr
+    # Defaults stay out of the fingerprint: folders from before these settings existed still resume.
+    from svd_batch.rundir import RunDir
+
+    fp = RunDir(str(out)).read_fingerprint()
+    assert fp["runtime.attention"] == "math" and "runtime.batch_size" not in fp and "runtime.compile" not in fp

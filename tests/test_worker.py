@@ -65,14 +65,22 @@ class FakeGen:
 
     memory_mode = "full"
     device = torch.device("cpu")
+    compiled = False
 
     def effective_decode_chunk(self, n):
         return n
 
-    def frames_with_fallback(self, image, row):
+    def configure(self, runtime):
+        pass
+
+    def run(self, rows, images, log=None):
         import numpy as np
 
-        return np.zeros((int(row["num_frames"]), int(row["height"]), int(row["width"]), 3), np.uint8), "full", 8
+        from svd_batch.generate import RowOutcome
+
+        return [RowOutcome(frames=np.zeros((int(r["num_frames"]), int(r["height"]), int(r["width"]), 3), np.uint8),
+                           error=None, memory_mode="full", decode_chunk_size=8, batch_size=1, generate_seconds=0.0,
+                           peak_vram_bytes=None, attention="auto") for r in rows]
 
 
 def test_images_in_flight_are_bounded(tmp_path, monkeypatch):
