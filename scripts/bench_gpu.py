@@ -202,7 +202,8 @@ def bench_compiled(pipe, compile_mode, args, device, image, flops):
 
     eager_unet = pipe.unet
     torch._dynamo.reset()
-    kwargs = {"backend": "eager"} if args.tiny else {"backend": "inductor", "mode": None if compile_mode == "default" else compile_mode}
+    mode = None if compile_mode == "default" else compile_mode
+    kwargs = {"backend": "eager"} if args.tiny else {"backend": "inductor", "mode": mode}
     pipe.unet = torch.compile(eager_unet, fullgraph=True, dynamic=False, **kwargs)
     try:
         gen = Generator(pipe=pipe, device=device, memory_mode="full", compiled=True)

@@ -47,7 +47,8 @@ def test_recompiles_after_warmup_counts_a_shape_the_warmup_missed():
     gen = Generator.load(str(ensure_tiny_model()), device=torch.device("cpu"),
                          compile={"backend": "eager", "fullgraph": True})
     row = dict(id="x", width=32, height=32, num_frames=3, num_inference_steps=2, min_guidance_scale=1.0,
-               max_guidance_scale=3.0, fps=7, motion_bucket_id=127, noise_aug_strength=0.02, decode_chunk_size=8, seed=0)
+               max_guidance_scale=3.0, fps=7, motion_bucket_id=127, noise_aug_strength=0.02, decode_chunk_size=8,
+               seed=0)
     assert gen.warmup([(row, 1)]) > 0 and gen.recompiles() == 0
     gen.run([row], [Image.new("RGB", (32, 32))])
     assert gen.recompiles() == 0
