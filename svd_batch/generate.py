@@ -297,9 +297,9 @@ class Generator:
             with self._pass(rows):
                 frames = batching.batched_frames(self.pipe, images, rows)
         except Exception as exc:  # noqa: BLE001 - OOM or one bad row: the caller runs the rows one by one
-            self._undo_failed_pass()
             if is_device_poisoned(exc):
                 raise device_failure(exc, self.device, [str(r.get("id")) for r in rows]) from exc
+            self._undo_failed_pass()
             log(f"svd-batch: a batch of {len(rows)} failed ({type(exc).__name__}: {first_line(exc, 200)}); "
                 "running its rows one by one")
             return None
@@ -412,19 +412,25 @@ class Generator:
         chunk). Later rows run in the configured mode again."""
         steps = self.ladder(self.effective_decode_chunk(row["decode_chunk_size"]))
         last: BaseException | None = None
+        poisoned = False
         try:
             for label, chunk, chunking, offload in steps:
                 self._apply(chunking, offload)
                 try:
                     return self.frames(image, {**row, "decode_chunk_size": chunk}), label, chunk
                 except Exception as exc:
+                    # On a poisoned device any cleanup would fail too, and hide the error that matters.
+                    poisoned = is_device_poisoned(exc)
+                    if poisoned:
+                        raise
                     self._undo_failed_pass()
                     if not is_oom(exc):
                         raise
                     last = exc
             raise OutOfMemory(f"out of memory in every mode ({', '.join(s[0] for s in steps)}): {first_line(last)}")
         finally:
-            self._apply(self.forward_chunking, self.cpu_offload)
+            if not poisoned:
+                self._apply(self.forward_chunking, self.cpu_offload)
 
     def frames(self, image, row: Mapping[str, Any]) -> np.ndarray:
         """One row, as the guide's snippet: resize, then the pipeline with the row's values and seed; the frames
