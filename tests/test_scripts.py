@@ -19,7 +19,10 @@ def test_bench_gpu_dry_check_on_cpu(tmp_path):
         for stage in ("clip_s", "vae_encode_s", "unet_per_step_s", "vae_decode_s", "to_host_s", "mp4_s",
                       "generate_s", "unet_tflops", "video_tflops"):
             assert mode[stage] > 0, stage
-        assert mode["seconds_per_video_serial"] > mode["seconds_per_video"] >= mode["unet_total_s"]
+        assert mode["seconds_per_video_serial"] > mode["seconds_per_video"]
+        # The staged pass's stages add up to no more than that pass (the rest: scheduler, host work).
+        stages = sum(mode[k] for k in ("clip_s", "vae_encode_s", "unet_total_s", "vae_decode_s", "to_host_s"))
+        assert stages <= mode["staged_generate_s"]
     compiled = report["modes"]["full compiled default"]
     assert compiled["compile_s"] > 0 and compiled["recompiles_after_warmup"] == 0
     assert report["flops"]["unet_step_cfg_batch2"] > 0 and report["flops"]["vae_decode"] > 0
