@@ -24,6 +24,26 @@ def batch_key(row: Mapping[str, Any]) -> tuple:
             float(row["max_guidance_scale"]) > 1.0)
 
 
+def quantize_on_device(video):
+    """Decoded video (batch, frames, channels, H, W) in [0, 1], float32, as diffusers' postprocess leaves it
+    -> uint8 (batch, frames, H, W, channels) on the same device. The same operations, in the same float32
+    precision, as ``numpy_to_pil``'s ``(images * 255).round().astype("uint8")``, so the same bytes."""
+    import torch
+
+    return (video.float() * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).contiguous()
+
+
+def to_host(frames) -> np.ndarray:
+    """Only the uint8 frames cross to the host (a quarter of float32)."""
+    return frames.cpu().numpy()
+
+
+def decoded_to_frames(pipe, decoded) -> list[np.ndarray]:
+    """``decode_latents`` output -> one uint8 (num_frames, height, width, 3) array per video."""
+    video = pipe.video_processor.postprocess_video(video=decoded, output_type="pt")
+    return list(to_host(quantize_on_device(video)))
+
+
 def batched_frames(pipe, images: Sequence, rows: Sequence[Mapping[str, Any]]) -> list[np.ndarray]:
     """Generate ``len(rows)`` videos in one pass; ``images`` are the rows' PIL images (any size).
 
@@ -33,7 +53,8 @@ def batched_frames(pipe, images: Sequence, rows: Sequence[Mapping[str, Any]]) ->
         rows: the rows' effective values; they must share ``batch_key``.
 
     Returns:
-        One uint8 array (num_frames, height, width, 3) per row: what ``output_type="pil"`` frames stack to.
+        One uint8 array (num_frames, height, width, 3) per row: what ``output_type="pil"`` frames stack to,
+        quantized on the device (only uint8 crosses to the host).
     """
     import torch
 
@@ -72,10 +93,12 @@ def _batched_frames(pipe, images: Sequence, rows: Sequence[Mapping[str, Any]]) -
     needs_upcasting = pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast
     if needs_upcasting:
         pipe.vae.to(dtype=torch.float32)
-    image_latents = pipe._encode_vae_image(image, device=device, num_videos_per_prompt=1,
-                                           do_classifier_free_guidance=cfg).to(image_embeddings.dtype)
-    if needs_upcasting:
-        pipe.vae.to(dtype=torch.float16)
+    try:
+        image_latents = pipe._encode_vae_image(image, device=device, num_videos_per_prompt=1,
+                                               do_classifier_free_guidance=cfg).to(image_embeddings.dtype)
+    finally:  # an OOM here must not leave the VAE in float32 for every later row
+        if needs_upcasting:
+            pipe.vae.to(dtype=torch.float16)
     image_latents = image_latents.unsqueeze(1).repeat(1, num_frames, 1, 1, 1)
 
     # 3. Added time ids per row: fps - 1 (SVD was trained on fps - 1), motion bucket, noise strength.
@@ -115,9 +138,8 @@ def _batched_frames(pipe, images: Sequence, rows: Sequence[Mapping[str, Any]]) -
         pipe.vae.to(dtype=torch.float16)
     out = []
     for i, r in enumerate(rows):
-        frames = pipe.decode_latents(latents[i : i + 1], num_frames, int(r["decode_chunk_size"]))
-        pil = pipe.video_processor.postprocess_video(video=frames, output_type="pil")[0]
-        out.append(np.stack([np.asarray(f) for f in pil]))
+        decoded = pipe.decode_latents(latents[i : i + 1], num_frames, int(r["decode_chunk_size"]))
+        out.extend(decoded_to_frames(pipe, decoded))
     pipe.maybe_free_model_hooks()
     return out
 

@@ -66,7 +66,7 @@ class Executor:
     @classmethod
     def start(cls, timeout_minutes: float) -> "Executor":
         """Join the launcher's process group on gloo (a plain `svd-batch` is a world of one, with no group)."""
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        world = int(os.environ.get("WORLD_SIZE", 1))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if world <= 1:
             return cls(0, 1, 0)

@@ -7,21 +7,30 @@ frames that snippet gives with the same inputs, on the same device.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import os
-import resource
+import time
 import warnings
-from dataclasses import dataclass
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from . import batch as batching
+from .device_errors import DeviceFailure, OutOfMemory, device_failure, is_device_poisoned, is_oom
+from .util import (Injection, first_line, peak_host_memory_bytes, peak_vram_bytes, quiet_hf_logging,
+                   reset_peak_vram)
 
-def first_line(exc: BaseException, limit: int = 500) -> str:
-    """An exception's message cut to one line, for one-line errors in results and messages."""
-    text = str(exc)
-    return text.splitlines()[0][:limit] if text else ""
+__all__ = ["ATTENTION", "DeviceFailure", "Generator", "ModelUnavailable", "OutOfMemory", "RowOutcome",
+           "SettingRefused", "first_line", "frame_settings", "is_device_poisoned", "is_oom",
+           "peak_host_memory_bytes", "quiet_hf_logging"]
 
+# runtime.attention -> the torch SDPA backends allowed around the pipeline (auto: torch's own choice).
+ATTENTION = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+             "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+CUDA_ONLY_ATTENTION = ("cudnn", "efficient")  # torch has no CPU kernel for these
 
 def set_forward_chunking(unet, on: bool) -> None:
     """The SVD UNet has enable_forward_chunking() but no disable: undo what enable does, module by module."""
@@ -33,17 +42,13 @@ def set_forward_chunking(unet, on: bool) -> None:
             module.set_chunk_feed_forward(chunk_size=None, dim=0)
 
 
-class OutOfMemory(Exception):
-    """A row ran out of memory in every mode of the fallback ladder."""
-
-
-class DeviceFailure(Exception):
-    """The device can no longer be trusted (a CUDA error that poisons the context, or the same failure row
-    after row): the rank stops, and its unfinished rows are left for others instead of recorded as failed."""
-
-
 class ModelUnavailable(Exception):
     """The model's weights cannot be found or fetched: stop before any work (exit code 2)."""
+
+
+class SettingRefused(ModelUnavailable):
+    """The model cannot be loaded with these settings. A ModelUnavailable, so that every caller that stops
+    before any work on an unloadable model (exit code 2) stops on this too."""
 
 
 def resolve_model_path(path: str, variant: str | None = None, name: str | None = None) -> str:
@@ -120,26 +125,70 @@ def resolve_dtype(name: str, device_type: str):
         raise ValueError(f"model.dtype={name!r}: use auto, float32, float16 or bfloat16") from None
 
 
-def _oom_types() -> tuple[type[BaseException], ...]:
-    import torch
+def frame_settings(runtime: Mapping[str, Any]) -> dict[str, Any]:
+    """The runtime settings that change a video's bytes, for the run's fingerprint. Each is left out at its
+    default, so run folders made before these settings existed keep their fingerprint.
 
-    return (torch.cuda.OutOfMemoryError,)
-
-
-def injected_oom_from_env() -> dict[str, int]:
-    """Test hook: SVD_BATCH_INJECT_OOM="id:n,..." makes a row's first n attempts raise CUDA OOM, so the
-    fallback ladder is testable without a GPU."""
-    spec = os.environ.get("SVD_BATCH_INJECT_OOM", "")
-    out = {}
-    for item in filter(None, spec.split(",")):
-        row_id, _, n = item.rpartition(":")
-        out[row_id] = int(n)
+    Compile with the eager backend runs the same kernels as no compile (same frames); any other backend
+    generates its own kernels. The attention backend picks other kernels. Batches of several rows give the
+    frames of batch size 1 only within float rounding.
+    """
+    out: dict[str, Any] = {}
+    if runtime.get("compile") and str(runtime.get("compile_backend", "inductor")) != "eager":
+        out["runtime.compile"] = f"{runtime.get('compile_backend', 'inductor')}/{runtime.get('compile_mode')}"
+    if str(runtime.get("attention") or "auto") != "auto":
+        out["runtime.attention"] = str(runtime.get("attention"))
+    if int(runtime.get("batch_size") or 1) > 1:
+        out["runtime.batch_size"] = int(runtime.get("batch_size"))
     return out
+
+
+def check_attention(name: str, device_type: str) -> None:
+    if name not in ATTENTION:
+        raise SettingRefused(f"runtime.attention={name!r} is not a known attention backend. Use one of "
+                             f"{', '.join(ATTENTION)} (auto keeps torch's own choice). Nothing was run.")
+    if name in CUDA_ONLY_ATTENTION and device_type != "cuda":
+        raise SettingRefused(f"runtime.attention={name} runs only on CUDA devices and this run is on "
+                             f"{device_type}. Use runtime.attention=auto, flash or math there. Nothing was run.")
+
+
+def check_compile_with_memory(compile: Mapping[str, Any] | None, memory: Mapping[str, Any]) -> None:
+    """Compile and model CPU offload do not work together: refuse before the model loads."""
+    if compile and memory.get("cpu_offload"):
+        mode = memory.get("mode", "offload")
+        raise SettingRefused(
+            f"runtime.compile=true cannot be combined with memory={mode} (model CPU offload). Offload wraps "
+            "the UNet in accelerate hooks that move it between CPU and GPU on every call, which a fullgraph "
+            "compile cannot trace, and the hooks are replaced after every video, which would put the eager "
+            "forward back: rows would say compiled but run eager. Use memory=full (or memory.cpu_offload=false) "
+            f"with runtime.compile=true, or keep memory={mode} with runtime.compile=false. Nothing was run."
+        )
+
+
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+@dataclass
+class RowOutcome:
+    """What generating one row gave: frames or a one-line error, and how they were made."""
+
+    frames: np.ndarray | None  # uint8 (num_frames, height, width, 3)
+    error: str | None
+    memory_mode: str  # the fallback step that succeeded, e.g. "full+decode_chunk_2"
+    decode_chunk_size: int  # effective: after the memory mode's cap and any fallback
+    batch_size: int  # 1 for rows that ran alone, also after their batch failed
+    generate_seconds: float  # the row's own time alone; the batch's time / n when batched
+    peak_vram_bytes: int | None
+    attention: str
 
 
 @dataclass
 class Generator:
-    """The loaded pipeline of one process, with the memory mode applied."""
+    """The loaded pipeline of one process, with the memory mode applied. ``run`` is all of inference: the
+    worker hands it rows and images and gets frames or errors back."""
 
     pipe: Any
     device: Any
@@ -147,21 +196,31 @@ class Generator:
     max_decode_chunk_size: int | None = None
     cpu_offload: bool = False
     forward_chunking: bool = False
-    inject_oom: dict[str, int] | None = None
+    compiled: bool = False
+    attention: str = "auto"
+    injection: Injection = field(default_factory=Injection)
+    log: Callable[[str], None] | None = None
 
     def __post_init__(self) -> None:
         self._chunking_now = self.forward_chunking
         self._offload_now = self.cpu_offload
+        self._dtypes: dict[str, Any] = {}  # each model's configured dtype, restored after a failed pass
+        self._armed: dict[str, BaseException] = {}
+        self._graphs_after_warmup = 0
 
     @classmethod
     def load(cls, local_path: str, *, device, dtype_name: str = "auto", variant: str | None = None,
-             memory: Mapping[str, Any] | None = None, compile: Mapping[str, Any] | None = None) -> "Generator":
+             memory: Mapping[str, Any] | None = None, compile: Mapping[str, Any] | None = None,
+             runtime: Mapping[str, Any] | None = None) -> "Generator":
         import torch
 
+        memory = dict(memory or {})
+        check_compile_with_memory(compile, memory)
+        if runtime:
+            check_attention(str(runtime.get("attention") or "auto"), device.type)
         quiet_hf_logging()  # before the pipeline import, which is where transformers warns
         from diffusers import StableVideoDiffusionPipeline
 
-        memory = dict(memory or {})
         dtype = resolve_dtype(dtype_name, device.type)
         kwargs = {"torch_dtype": dtype}
         if variant and any(f".{variant}." in f for _, _, fs in os.walk(local_path) for f in fs):
@@ -184,19 +243,117 @@ class Generator:
             pipe.to(device)
         if memory.get("forward_chunking"):
             pipe.unet.enable_forward_chunking()
+        dtypes = {name: getattr(pipe, name).dtype for name in ("image_encoder", "unet", "vae")}
         if compile:
-            # As the diffusers guide: the UNet, fullgraph, mode reduce-overhead (CUDA graphs) on inductor.
+            # As the diffusers guide: the UNet, fullgraph, on inductor. Static shapes: every shape a rank runs
+            # is compiled in the warm-up, and CUDA graphs are per shape anyway.
             backend = compile.get("backend", "inductor")
             mode = compile.get("mode") if backend == "inductor" else None
-            pipe.unet = torch.compile(pipe.unet, mode=mode, backend=backend, fullgraph=bool(compile.get("fullgraph", True)))
-        return cls(pipe=pipe, device=device, memory_mode=str(memory.get("mode", "full")),
-                   max_decode_chunk_size=memory.get("max_decode_chunk_size"),
-                   cpu_offload=bool(memory.get("cpu_offload")), forward_chunking=bool(memory.get("forward_chunking")),
-                   inject_oom=injected_oom_from_env())
+            pipe.unet = torch.compile(pipe.unet, mode=mode, backend=backend, dynamic=False,
+                                      fullgraph=bool(compile.get("fullgraph", True)))
+        gen = cls(pipe=pipe, device=device, memory_mode=str(memory.get("mode", "full")),
+                  max_decode_chunk_size=memory.get("max_decode_chunk_size"),
+                  cpu_offload=bool(memory.get("cpu_offload")), forward_chunking=bool(memory.get("forward_chunking")),
+                  compiled=bool(compile), injection=Injection.from_env())
+        gen._dtypes = dtypes
+        gen.configure(runtime)
+        if gen.injection:
+            gen._install_injection_hooks()
+        return gen
+
+    def configure(self, runtime: Mapping[str, Any] | None) -> None:
+        """Apply ``runtime.*`` settings that need no reload: attention backend, compile workers and cache.
+        Idempotent; must run before the first compiled call (the warm-up) for the compile settings to count."""
+        if not runtime:
+            return
+        attention = str(runtime.get("attention") or "auto")
+        check_attention(attention, self.device.type)
+        self.attention = attention
+        if self.compiled:
+            _configure_compile(runtime)
 
     def effective_decode_chunk(self, requested: int) -> int:
         cap = self.max_decode_chunk_size
         return min(int(requested), int(cap)) if cap else int(requested)
+
+    # -- the one call the worker makes --------------------------------------------------------------------
+    def run(self, rows: Sequence[Mapping[str, Any]], images: Sequence[Any],
+            log: Callable[[str], None] | None = None) -> list[RowOutcome]:
+        """Frames for each row (images loaded, not yet resized): one batch pass when there are several rows,
+        one by one through the fallback ladder when that fails or for a single row. A row's own failure is
+        its ``error``; an error that poisons the device raises DeviceFailure."""
+        log = log or self.log or (lambda msg: None)
+        rows = [{**r, "decode_chunk_size": self.effective_decode_chunk(r["decode_chunk_size"])} for r in rows]
+        if len(rows) > 1:
+            done = self._run_batch(rows, images, log)
+            if done is not None:
+                return done
+        return [self._run_single(r, im) for r, im in zip(rows, images)]
+
+    def _run_batch(self, rows, images, log) -> list[RowOutcome] | None:
+        reset_peak_vram(self.device)
+        t = time.perf_counter()
+        try:
+            with self._pass(rows):
+                frames = batching.batched_frames(self.pipe, images, rows)
+        except Exception as exc:  # noqa: BLE001 - OOM or one bad row: the caller runs the rows one by one
+            if is_device_poisoned(exc):
+                raise device_failure(exc, self.device, [str(r.get("id")) for r in rows]) from exc
+            self._undo_failed_pass()
+            log(f"svd-batch: a batch of {len(rows)} failed ({type(exc).__name__}: {first_line(exc, 200)}); "
+                "running its rows one by one")
+            return None
+        each = (time.perf_counter() - t) / len(rows)
+        peak = peak_vram_bytes(self.device)
+        return [RowOutcome(frames=f, error=None, memory_mode=self.memory_mode,
+                           decode_chunk_size=int(r["decode_chunk_size"]), batch_size=len(rows),
+                           generate_seconds=each, peak_vram_bytes=peak, attention=self.attention)
+                for f, r in zip(frames, rows)]
+
+    def _run_single(self, row, image) -> RowOutcome:
+        reset_peak_vram(self.device)
+        t = time.perf_counter()
+        frames, error, mode, chunk = None, None, self.memory_mode, int(row["decode_chunk_size"])
+        try:
+            frames, mode, chunk = self.frames_with_fallback(image, row)
+        except OutOfMemory as exc:
+            error = f"row {row.get('id')}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - one bad row must not stop the run; the reason is recorded
+            if is_device_poisoned(exc):
+                raise device_failure(exc, self.device, [str(row.get("id"))]) from exc
+            error = f"row {row.get('id')}: generate failed: {type(exc).__name__}: {first_line(exc)}"
+        return RowOutcome(frames=frames, error=error, memory_mode=mode, decode_chunk_size=chunk, batch_size=1,
+                          generate_seconds=time.perf_counter() - t, peak_vram_bytes=peak_vram_bytes(self.device),
+                          attention=self.attention)
+
+    # -- compile: every shape before timing ----------------------------------------------------------------
+    def warmup(self, shapes: Sequence[tuple[Mapping[str, Any], int]],
+               log: Callable[[str], None] | None = None) -> float:
+        """Run each (representative row, batch size) shape once with 2-step fake rows, so that compiling
+        happens here and not in timed rows; returns the seconds it took."""
+        from PIL import Image
+
+        t = time.perf_counter()
+        if self.compiled:
+            import torch._dynamo
+
+            # One compiled graph per shape (static shapes), plus forward-chunking variants in the fallback:
+            # past the limit dynamo would silently run eager.
+            limit = 2 * len(shapes) + 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        for row, n in shapes:
+            fake = [{**row, "id": f"warm-up {i}", "num_inference_steps": 2, "seed": 0} for i in range(n)]
+            image = Image.new("RGB", (int(row["width"]), int(row["height"])))
+            for o in self.run(fake, [image] * n, log=log):
+                if o.error and log:
+                    log(f"svd-batch: compile warm-up: {o.error}")
+        self._graphs_after_warmup = _compiled_graphs() if self.compiled else 0
+        return time.perf_counter() - t
+
+    def recompiles(self) -> int:
+        """Graphs compiled since the last warm-up (since load without one): 0 when warm-up covered every
+        shape. Fallbacks with forward chunking and batches that fell back to single rows may add some."""
+        return _compiled_graphs() - self._graphs_after_warmup if self.compiled else 0
 
     # -- out of memory: retry the row in cheaper modes, then go back ------------------------------------------
     def _set_offload(self, on: bool) -> None:
@@ -210,7 +367,8 @@ class Generator:
 
     def ladder(self, decode_chunk: int) -> list[tuple[str, int, bool, bool]]:
         """(mode label, decode chunk, forward chunking, offload) to try, in order: as configured, then a
-        smaller decode_chunk_size, then forward chunking, then model CPU offload."""
+        smaller decode_chunk_size, then forward chunking, then model CPU offload (not with a compiled UNet,
+        which offload's hooks would put back to eager)."""
         small = max(1, min(2, decode_chunk // 2))
         steps = [(self.memory_mode, decode_chunk, self.forward_chunking, self.cpu_offload)]
         label, chunk, chunking, offload = steps[0]
@@ -220,7 +378,7 @@ class Generator:
         if not chunking:
             label, chunking = f"{label}+forward_chunking", True
             steps.append((label, chunk, chunking, offload))
-        if not offload:
+        if not offload and not self.compiled:
             label, offload = f"{label}+cpu_offload", True
             steps.append((label, chunk, chunking, offload))
         return steps
@@ -234,68 +392,120 @@ class Generator:
             self._set_offload(offload)
             self._offload_now = offload
 
-    def frames_with_fallback(self, image, row: Mapping[str, Any]) -> tuple[np.ndarray, str, int]:
-        """Frames of a row, retrying in cheaper memory modes on CUDA OOM; returns (frames, mode, decode chunk).
-        Later rows run in the configured mode again."""
-        import gc
-
+    def _undo_failed_pass(self) -> None:
+        """A pass that failed part-way leaves what it had changed: the VAE upcast to float32 (diffusers casts
+        it back only on success), models left on the GPU by offload's hooks, cached blocks. Undo all three."""
         import torch
 
+        for name, dtype in self._dtypes.items():
+            module = getattr(self.pipe, name, None)
+            if module is not None and module.dtype != dtype:
+                module.to(dtype=dtype)
+        if self._offload_now and self.device.type == "cuda":
+            self.pipe.maybe_free_model_hooks()  # re-arms the hooks, every model back on the CPU
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def frames_with_fallback(self, image, row: Mapping[str, Any]) -> tuple[np.ndarray, str, int]:
+        """Frames of a row, retrying in cheaper memory modes on out-of-memory; returns (frames, mode, decode
+        chunk). Later rows run in the configured mode again."""
         steps = self.ladder(self.effective_decode_chunk(row["decode_chunk_size"]))
-        injected = (self.inject_oom or {}).get(str(row.get("id")), 0)
         last: BaseException | None = None
+        poisoned = False
         try:
-            for attempt, (label, chunk, chunking, offload) in enumerate(steps):
+            for label, chunk, chunking, offload in steps:
                 self._apply(chunking, offload)
                 try:
-                    if attempt < injected:
-                        raise torch.cuda.OutOfMemoryError(f"injected out of memory (attempt {attempt + 1})")
                     return self.frames(image, {**row, "decode_chunk_size": chunk}), label, chunk
-                except _oom_types() as exc:
+                except Exception as exc:
+                    # On a poisoned device any cleanup would fail too, and hide the error that matters.
+                    poisoned = is_device_poisoned(exc)
+                    if poisoned:
+                        raise
+                    self._undo_failed_pass()
+                    if not is_oom(exc):
+                        raise
                     last = exc
-                    gc.collect()
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-            raise OutOfMemory(f"out of memory in every mode ({', '.join(s[0] for s in steps)}): {last}")
+            raise OutOfMemory(f"out of memory in every mode ({', '.join(s[0] for s in steps)}): {first_line(last)}")
         finally:
-            self._apply(self.forward_chunking, self.cpu_offload)
+            if not poisoned:
+                self._apply(self.forward_chunking, self.cpu_offload)
 
     def frames(self, image, row: Mapping[str, Any]) -> np.ndarray:
-        """One row, as the guide's snippet: resize, then the pipeline with the row's values and seed."""
+        """One row, as the guide's snippet: resize, then the pipeline with the row's values and seed; the frames
+        are quantized to uint8 on the device exactly as the snippet's PIL frames are."""
         import torch
 
         width, height = int(row["width"]), int(row["height"])
-        out = self.pipe(
-            image.resize((width, height)),
-            height=height,
-            width=width,
-            num_frames=int(row["num_frames"]),
-            num_inference_steps=int(row["num_inference_steps"]),
-            min_guidance_scale=float(row["min_guidance_scale"]),
-            max_guidance_scale=float(row["max_guidance_scale"]),
-            fps=int(row["fps"]),
-            motion_bucket_id=int(row["motion_bucket_id"]),
-            noise_aug_strength=float(row["noise_aug_strength"]),
-            decode_chunk_size=int(row["decode_chunk_size"]),
-            generator=torch.Generator("cpu").manual_seed(int(row["seed"])),
-            output_type="pil",
-        )
-        return np.stack([np.asarray(f) for f in out.frames[0]])
+        with self._pass([row]):
+            out = self.pipe(
+                image.resize((width, height)),
+                height=height,
+                width=width,
+                num_frames=int(row["num_frames"]),
+                num_inference_steps=int(row["num_inference_steps"]),
+                min_guidance_scale=float(row["min_guidance_scale"]),
+                max_guidance_scale=float(row["max_guidance_scale"]),
+                fps=int(row["fps"]),
+                motion_bucket_id=int(row["motion_bucket_id"]),
+                noise_aug_strength=float(row["noise_aug_strength"]),
+                decode_chunk_size=int(row["decode_chunk_size"]),
+                generator=torch.Generator("cpu").manual_seed(int(row["seed"])),
+                output_type="pt",
+            )
+            return batching.to_host(batching.quantize_on_device(out.frames))[0]
+
+    # -- per pass: attention backend and injected failures ---------------------------------------------------
+    @contextlib.contextmanager
+    def _pass(self, rows: Sequence[Mapping[str, Any]]):
+        self._armed = self.injection.arm([str(r.get("id")) for r in rows]) if self.injection else {}
+        try:
+            early = self._armed.pop("call", None)
+            if early is not None:
+                raise early
+            with self._attention_context():
+                yield
+        finally:
+            self._armed = {}
+
+    def _attention_context(self):
+        backend = ATTENTION[self.attention]
+        if backend is None:
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([getattr(SDPBackend, backend)])
+
+    def _install_injection_hooks(self) -> None:
+        """Pre-hooks that raise an armed failure as a model is entered, so a failure can hit any stage of a
+        real pass. On a compiled UNet the hook sits on the compiled wrapper, outside the graph."""
+        pipe = self.pipe
+        for stage, module in (("clip", pipe.image_encoder), ("vae_encode", pipe.vae.encoder),
+                              ("unet", pipe.unet), ("vae_decode", pipe.vae.decoder)):
+            module.register_forward_pre_hook(self._hook(stage))
+
+    def _hook(self, stage: str):
+        def hook(module, args):  # noqa: ARG001
+            exc = self._armed.pop(stage, None)
+            if exc is not None:
+                raise exc
+        return hook
 
 
-def quiet_hf_logging() -> None:
-    """Library progress bars and warnings would drown the run's own progress with 8 ranks."""
-    from transformers.utils import logging as tlogging
+def _configure_compile(runtime: Mapping[str, Any]) -> None:
+    """Compile workers per rank (inductor's default is one per core, per rank: 8 ranks would start 8x the
+    cores) and, optionally, a compile cache shared by every rank (inductor's default, /tmp/torchinductor_$USER,
+    is already shared by the ranks of one node)."""
+    threads = runtime.get("compile_threads", "auto")
+    if threads in (None, "auto"):
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        threads = max(1, min(32, (os.cpu_count() or 1) // local))
+    import torch._inductor.config as inductor_config
 
-    tlogging.set_verbosity_error()  # first: importing diffusers already makes transformers warn
-    tlogging.disable_progress_bar()
-    from diffusers.utils import logging as dlogging
-
-    dlogging.set_verbosity_error()
-    dlogging.disable_progress_bar()
-
-
-def peak_host_memory_bytes() -> int:
-    """Peak resident memory of this process so far (Linux reports kilobytes)."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
+    inductor_config.compile_threads = int(threads)
+    cache = runtime.get("compile_cache_dir")
+    if cache:
+        cache = os.path.abspath(os.path.expanduser(str(cache)))
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(cache, "triton"))

@@ -63,6 +63,7 @@ RESULT_SCHEMA = pa.schema(
         ("memory_mode", pa.string()),
         ("batch_size", pa.int32()),
         ("compiled", pa.bool_()),
+        ("attention", pa.string()),  # runtime.attention the row ran with (auto: torch's choice)
         ("model", pa.string()),
         ("device", pa.string()),
         ("rank", pa.int32()),

@@ -83,6 +83,12 @@ def fingerprint(cfg: DictConfig, identity: str, device_type: str = "cpu") -> dic
 
 
 def fingerprint_diff(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Differing keys, "key: before -> now". A key the earlier fingerprint lacks was added by a later svd-batch
+    and is not compared, nor is a dtype recorded as "auto" before dtypes were recorded resolved: upgrading
+    must not make a folder impossible to resume."""
+    now = {k: v for k, v in now.items() if k in before}
+    if before.get("model.dtype") == "auto":
+        now["model.dtype"] = "auto"
     keys = sorted(set(before) | set(now))
     return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)]
 
@@ -249,6 +255,16 @@ def run(cfg: DictConfig) -> int:
 
     import torch
 
+    from .generate import SettingRefused, check_attention, check_compile_with_memory
+
+    try:  # settings that cannot work are refused before anything is written
+        check_compile_with_memory(compile_options(cfg), plain(cfg.memory))
+        check_attention(str(cfg.runtime.get("attention") or "auto"),
+                        "cuda" if torch.cuda.is_available() and str(cfg.runtime.device) != "cpu" else "cpu")
+    except SettingRefused as exc:
+        if rank == 0:
+            log(f"svd-batch: {exc}")
+        return EXIT_USAGE
     if str(cfg.runtime.device) == "cuda" and not torch.cuda.is_available():
         if rank == 0:
             log("svd-batch: runtime.device=cuda but no CUDA device is visible. Use runtime.device=auto or cpu.")
@@ -364,7 +380,7 @@ def _run_rank(cfg: DictConfig, manifest: Manifest, rundir: RunDir, ex) -> int:
             try:
                 gen = Generator.load(local, device=device, dtype_name=str(cfg.model.dtype),
                                      variant=cfg.model.variant, memory=plain(cfg.memory),
-                                     compile=compile_options(cfg))
+                                     compile=compile_options(cfg), runtime=plain(cfg.runtime))
             except ModelUnavailable as exc:
                 log(f"svd-batch: {exc}", rank)
                 ex.abort(str(exc))
@@ -385,7 +401,7 @@ def _run_rank(cfg: DictConfig, manifest: Manifest, rundir: RunDir, ex) -> int:
         stop.signum = stop.signum or signal.SIGINT
     except DeviceFailure as exc:
         status = "device_failure"
-        log(f"svd-batch: {exc}", rank)
+        log(f"svd-batch: rank {rank} stopped: {exc}", rank)
     except OutputFolderError as exc:
         ex.abort(str(exc))
         log(f"svd-batch: {exc}", rank)

@@ -28,7 +28,7 @@ def build_tiny_pipeline():
     """Build the pipeline from configs with fixed seeds, so every machine gets the same weights."""
     import torch
 
-    from .generate import quiet_hf_logging
+    from .util import quiet_hf_logging
 
     quiet_hf_logging()
     from diffusers import (

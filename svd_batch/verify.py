@@ -1,9 +1,10 @@
 """`svd-batch-verify <output.dir> --sample 5`: regenerate a sample of finished rows and compare hashes.
 
-Uses the run's own saved configuration (model, dtype, memory mode, thread count) and each row's recorded
-values (seed, conditioning, effective decode chunk). Frames are bit-identical only on the same device type
-(and, on CPU, the same thread count); rows that ran in batches of several compare within rounding only.
-Exit code 0 when every sampled row matches, 1 otherwise.
+Uses the run's own saved configuration (model, dtype, memory mode, thread count, compile, attention backend)
+and each row's recorded values (seed, conditioning, effective decode chunk, batch size). A row made in a batch
+of n is made again in a batch of n (of copies of itself: a row's result depends on the batch's shapes, not on
+the other rows' values). Frames are bit-identical only on the same device type (and, on CPU, the same thread
+count). Exit code 0 when every sampled row matches, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def verify(root: str, sample: int = 5, seed: int = 0, ids: list[str] | None = No
     from . import cli  # noqa: F401  (resolvers for the saved config)
     from .generate import Generator, resolve_model_path
     from .images import load_image
-    from .runner import plain, read_manifest
+    from .runner import compile_options, plain, read_manifest
     from .write import frames_sha256
 
     cfg = OmegaConf.load(os.path.join(root, "config.yaml"))
@@ -43,16 +44,20 @@ def verify(root: str, sample: int = 5, seed: int = 0, ids: list[str] | None = No
     device = torch.device("cuda" if torch.cuda.is_available() and str(cfg.runtime.device) != "cpu" else "cpu")
     gen = Generator.load(resolve_model_path(str(cfg.model.path), cfg.model.variant, str(cfg.model.name)),
                          device=device, dtype_name=str(cfg.model.dtype), variant=cfg.model.variant,
-                         memory=plain(cfg.memory))
+                         memory=plain(cfg.memory), compile=compile_options(cfg), runtime=plain(cfg.runtime))
     lines, matches = [], 0
     for r in rows:
         note = ""
         if str(r["device"]).split(":")[0] != device.type:
             note = f" (made on {r['device']}, checked on {device.type}: hashes differ across device types)"
-        elif (r.get("batch_size") or 1) > 1:
-            note = f" (made in a batch of {r['batch_size']}: equal only within float rounding)"
-        frames = gen.frames(load_image(uris[r["id"]]), r)
-        got = frames_sha256(frames)
+        n = int(r.get("batch_size") or 1)
+        image = load_image(uris[r["id"]])
+        outcome = gen.run([r] * n, [image] * n)[0]
+        if outcome.error:
+            note = f" ({outcome.error})"
+        elif outcome.batch_size != n:
+            note = f" (made in a batch of {n}, checked alone: the batch failed now)"
+        got = frames_sha256(outcome.frames) if outcome.frames is not None else "-" * 64
         same = got == r["frames_sha256"]
         matches += same
         lines.append(f"{'match   ' if same else 'MISMATCH'} {r['id']}  recorded {r['frames_sha256'][:16]}  "

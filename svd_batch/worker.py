@@ -26,15 +26,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-import pyarrow as pa
 
-from .batch import batched_frames
 from .fields import CONDITIONING_FIELDS
 from .gallery import save_thumbnails
-from .generate import DeviceFailure, Generator, OutOfMemory, first_line, peak_host_memory_bytes
+from .generate import DeviceFailure, Generator
 from .images import ImageError, load_image
 from .plan import Plan, row_cost, with_seed
 from .rundir import PartWriter, RunDir, write_text_atomic
+from .util import first_line, peak_host_memory_bytes
 from .write import frames_sha256, is_output_error, output_folder_error, write_mp4
 
 
@@ -137,6 +136,7 @@ class RankStats:
     warmup_seconds: float = 0.0
     wall_seconds: float = 0.0
     pipeline_seconds: float = 0.0
+    recompiles_after_warmup: int | None = None  # compiled runs: graphs compiled in timed rows (should be 0)
     ok_seconds: list[float] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -187,7 +187,9 @@ class RankWorker:
                 rows, futures, cost = item
                 self.stats.units += 1
                 if self.cfg.runtime.compile and not self.stats.warmup_seconds:
-                    self._warmup(rows)
+                    # Any rank may claim any unit: warm up every (shape, unit size) of the plan.
+                    self._warmup([(with_seed(plan.todo.slice(first, 1).to_pylist()[0], int(self.cfg.generation.seed)), n)
+                                  for first, n in plan.shapes()])
                 loaded = [f.result() for f in futures]
                 feed.arm(self._expected_seconds(cost))
                 t = time.perf_counter()
@@ -254,27 +256,19 @@ class RankWorker:
             held.append(o)
             if limit and len(held) >= limit:
                 raise DeviceFailure(
-                    f"rank {self.rank} on host {self.stats.host} ({self.stats.device}) stopped: {len(held)} rows in a "
-                    f"row failed the same way ({sig}), which points at the device or its environment rather than at "
+                    f"{self.stats.device} on host {self.stats.host}: {len(held)} rows in a row failed the same way "
+                    f"({sig}), which points at the device or its environment rather than at "
                     "the rows. They are not recorded as failed: the other ranks and the next run do them. Check the "
                     "device (nvidia-smi, dmesg for Xid errors), then run the same command again; raise "
                     "runtime.max_same_failures (0 turns this off) if such rows really are bad."
                 )
         return out
 
-    def _warmup(self, rows: list[dict[str, Any]]) -> None:
-        """Compile before timing rows: a 2-step pass at the first batch's shapes, its output thrown away."""
-        from PIL import Image
-
-        t = time.perf_counter()
-        fake = [{**r, "num_inference_steps": 2, "seed": 0} for r in rows]
-        images = [Image.new("RGB", (int(r["width"]), int(r["height"]))) for r in rows]
-        if len(fake) > 1:
-            batched_frames(self.gen.pipe, images, fake)
-        else:
-            self.gen.frames(images[0], fake[0])
-        self.stats.warmup_seconds = time.perf_counter() - t
-        self.log(f"svd-batch: compile warm-up took {self.stats.warmup_seconds:.1f} s")
+    def _warmup(self, shapes: list[tuple[dict[str, Any], int]]) -> None:
+        """Compile before timing rows: every (row shape, batch size) this rank will run, outputs thrown away."""
+        self.gen.configure(self.cfg.runtime)
+        self.stats.warmup_seconds = self.gen.warmup(shapes, log=self.log)
+        self.log(f"svd-batch: compile warm-up of {len(shapes)} shape(s) took {self.stats.warmup_seconds:.1f} s")
 
     def _load(self, row: dict[str, Any]) -> tuple[Any, str | None, float, dt.datetime]:
         started_at = _now()
@@ -289,9 +283,8 @@ class RankWorker:
 
     def _generate(self, rows, loaded) -> list[dict[str, Any]]:
         """Frames for the rows whose image loaded; a record skeleton for every row."""
-        import torch
-
         gen = self.gen
+        gen.configure(self.cfg.runtime)
         out = []
         for row, (image, error, load_s, started_at) in zip(rows, loaded):
             out.append({"row": row, "image": image, "error": error, "loaded": error is None,
@@ -299,38 +292,16 @@ class RankWorker:
                         "frames": None, "memory_mode": gen.memory_mode,
                         "decode_chunk_size": gen.effective_decode_chunk(row["decode_chunk_size"])})
         todo = [o for o in out if o["error"] is None]
-        if not todo:
-            return out
-        if gen.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(gen.device)
-        t = time.perf_counter()
-        if len(todo) > 1:
-            try:
-                rows_eff = [{**o["row"], "decode_chunk_size": o["decode_chunk_size"]} for o in todo]
-                for o, frames in zip(todo, batched_frames(gen.pipe, [o["image"] for o in todo], rows_eff)):
-                    o["frames"] = frames
-            except Exception as exc:  # noqa: BLE001 - OOM or one bad row: fall back to rows one by one
-                self.log(f"svd-batch: a batch of {len(todo)} failed ({type(exc).__name__}); running its rows one by one")
-                for o in todo:
-                    o["frames"] = None
-        for o in todo:
-            if o["frames"] is not None:
-                continue
-            try:
-                o["frames"], o["memory_mode"], o["decode_chunk_size"] = gen.frames_with_fallback(o["image"], o["row"])
-            except OutOfMemory as exc:
-                o["error"] = f"row {o['row']['id']}: {exc}"
-            except DeviceFailure:
-                raise
-            except Exception as exc:  # noqa: BLE001 - one bad row must not stop the run; the reason is recorded
-                o["error"] = f"row {o['row']['id']}: generate failed: {type(exc).__name__}: {first_line(exc)}"
-        elapsed = time.perf_counter() - t
-        self.stats.pipeline_seconds += elapsed
-        peak = int(torch.cuda.max_memory_allocated(gen.device)) if gen.device.type == "cuda" else None
-        for o in todo:
-            o["generate_seconds"] = elapsed / len(todo)
-            o["batch_size"] = len(todo)
-            o["peak_vram_bytes"] = peak
+        if todo:
+            t = time.perf_counter()
+            outcomes = gen.run([o["row"] for o in todo], [o["image"] for o in todo], log=self.log)
+            self.stats.pipeline_seconds += time.perf_counter() - t
+            for o, res in zip(todo, outcomes):
+                o.update(frames=res.frames, error=res.error, memory_mode=res.memory_mode,
+                         decode_chunk_size=res.decode_chunk_size, batch_size=res.batch_size,
+                         generate_seconds=res.generate_seconds, peak_vram_bytes=res.peak_vram_bytes,
+                         attention=res.attention)
+            self.stats.recompiles_after_warmup = gen.recompiles() if gen.compiled else None
         for o in out:
             o["image"] = None  # the writer needs frames, not the source image: free it early
         return out
@@ -359,6 +330,7 @@ class RankWorker:
             **{f: row[f] for f in CONDITIONING_FIELDS},
             "decode_chunk_size": o["decode_chunk_size"], "memory_mode": o["memory_mode"],
             "batch_size": o.get("batch_size"), "compiled": bool(cfg.runtime.compile), "model": str(cfg.model.name),
+            "attention": o.get("attention"),
             "device": str(self.gen.device), "rank": self.rank, "world_size": self.world,
             "host": self.stats.host, "started_at": o["started_at"], "load_seconds": o["load_seconds"],
             "generate_seconds": o.get("generate_seconds"), "peak_vram_bytes": o.get("peak_vram_bytes"),

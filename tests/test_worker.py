@@ -38,8 +38,9 @@ def test_overlap_on_and_off_give_identical_videos_and_batches_are_recorded(tmp_p
 def test_memory_mode_and_compile_are_applied_and_recorded(tmp_path):
     m = rows_manifest(tmp_path, n=2)
     out = tmp_path / "out"
-    proc = run_cli(f"manifest.path={m}", f"output.dir={out}", "memory=low_vram", "runtime.compile=true",
-                   "runtime.compile_backend=eager")
+    # low_vram without its offload: compile with offload is refused (tests/test_compile.py)
+    proc = run_cli(f"manifest.path={m}", f"output.dir={out}", "memory=low_vram", "memory.cpu_offload=false",
+                   "runtime.compile=true", "runtime.compile_backend=eager")
     assert proc.returncode == 0, proc.stderr
     t = read_results(out)
     assert set(t["memory_mode"].to_pylist()) == {"low_vram"} and set(t["decode_chunk_size"].to_pylist()) == {2}
@@ -56,14 +57,22 @@ class FakeGen:
 
     memory_mode = "full"
     device = torch.device("cpu")
+    compiled = False
 
     def effective_decode_chunk(self, n):
         return n
 
-    def frames_with_fallback(self, image, row):
+    def configure(self, runtime):
+        pass
+
+    def run(self, rows, images, log=None):
         import numpy as np
 
-        return np.zeros((int(row["num_frames"]), int(row["height"]), int(row["width"]), 3), np.uint8), "full", 8
+        from svd_batch.generate import RowOutcome
+
+        return [RowOutcome(frames=np.zeros((int(r["num_frames"]), int(r["height"]), int(r["width"]), 3), np.uint8),
+                           error=None, memory_mode="full", decode_chunk_size=8, batch_size=1, generate_seconds=0.0,
+                           peak_vram_bytes=None, attention="auto") for r in rows]
 
 
 def test_images_in_flight_are_bounded(tmp_path, monkeypatch):
