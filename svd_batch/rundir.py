@@ -63,6 +63,9 @@ RESULT_SCHEMA = pa.schema(
         ("host", pa.string()),
         ("started_at", pa.timestamp("us", tz="UTC")),
         ("finished_at", pa.timestamp("us", tz="UTC")),
+        ("motion_score", pa.float64()),  # scores.py: null when report.scores=false or the row failed
+        ("image_similarity", pa.float64()),
+        ("flicker_score", pa.float64()),
     ]
 )
 

@@ -29,6 +29,7 @@ from .generate import Generator, OutOfMemory, first_line, peak_host_memory_bytes
 from .images import ImageError, load_image
 from .plan import with_seed
 from .rundir import PartWriter, RunDir, write_text_atomic
+from .scores import pipeline_embedder, save_input_image, scores_for_record
 from .write import frames_sha256, write_mp4
 
 
@@ -105,6 +106,8 @@ class RankWorker:
         self.stats = RankStats(rank=rank, world_size=world, host=socket.gethostname(), device=str(gen.device))
         self._write_error: BaseException | None = None
         self.thumb_max_row = thumb_max_row
+        self.scores = bool(cfg.report.get("scores", True))
+        self.embed = pipeline_embedder(gen.pipe) if self.scores else None
 
     # -- the loop -----------------------------------------------------------------------------------------
     def run(self, shard: pa.Table) -> RankStats:
@@ -218,6 +221,8 @@ class RankWorker:
             o["batch_size"] = len(todo)
             o["peak_vram_bytes"] = peak
         for o in out:
+            if o["image"] is not None and o["frames"] is not None:  # as the model saw it, for gallery and scores
+                o["input_image"] = o["image"].resize((int(o["row"]["width"]), int(o["row"]["height"])))
             o["image"] = None  # the writer needs frames, not the source image: free it early
         return out
 
@@ -255,7 +260,11 @@ class RankWorker:
                 write_mp4(o["frames"], self.rundir.video_path(row["id"]), int(row["fps"]), crf=int(cfg.video.crf),
                           codec=str(cfg.video.codec), pix_fmt=str(cfg.video.pix_fmt), preset=str(cfg.video.preset))
                 if row["row"] <= self.thumb_max_row:
-                    save_thumbnails(self.rundir.root, row["id"], o["frames"])
+                    save_thumbnails(self.rundir.root, row["id"], o["frames"], o.get("input_image"))
+                if o.get("input_image") is not None:
+                    save_input_image(self.rundir.root, row["id"], o["input_image"])
+                if self.scores:
+                    record.update(scores_for_record(o["frames"], o.get("input_image"), self.embed))
                 record.update(status="ok", error=None, video_path=f"videos/{row['id']}.mp4")
             except Exception as exc:  # noqa: BLE001 - e.g. ffmpeg failing on this row
                 record.update(status="failed", frames_sha256=None,
