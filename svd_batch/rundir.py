@@ -164,7 +164,8 @@ class RunDir:
         for path in self.part_files() + [self.records_path, self.results_path, self.run_json]:
             if os.path.exists(path):
                 os.unlink(path)
-        for folder, suffix in ((self.videos, ".mp4"), (os.path.join(self.state, "thumbs"), ".png")):
+        for folder, suffix in ((self.videos, ".mp4"), (os.path.join(self.state, "thumbs"), ".png"),
+                               (os.path.join(self.root, "inputs"), ".jpg")):
             if os.path.isdir(folder):
                 for entry in os.scandir(folder):
                     if entry.name.endswith(suffix):
@@ -226,7 +227,8 @@ class RunDir:
 
     def remove_temporaries(self) -> None:
         """Drop files that a killed process left half-written; they never counted as done."""
-        for d in (self.videos, self.parts, self.state, os.path.join(self.state, "thumbs"), self.root):
+        for d in (self.videos, self.parts, self.state, os.path.join(self.state, "thumbs"), self.root,
+                  os.path.join(self.root, "inputs"), os.path.join(self.root, "report")):
             if os.path.isdir(d):
                 for entry in os.scandir(d):
                     if ".tmp-" in entry.name:

@@ -6,8 +6,9 @@
 - ``image_similarity``: cosine similarity between the conditioning image and the frames (mean over up to
   8 evenly spaced frames) in the embedding space of the pipeline's own CLIP image encoder, so no other
   model is downloaded. Near 1 = the video stays on its input; low = it drifted or fell apart.
-- ``flicker_score``: mean absolute second temporal difference of luma downscaled to at most 16 px, /255.
-  Smooth motion has a small second difference; brightness or texture that jumps back and forth a large one.
+- ``flicker_score``: mean absolute second temporal difference of the mean luma of a 4x4 grid of regions,
+  /255. Texture moving through a region barely changes its mean; a region pumping brighter and darker
+  from frame to frame (the flicker users report) gives a large second difference.
 
 The pixel scores take a few milliseconds per video on one core (BENCHMARKS.md); the embedding runs where
 the encoder lives (the GPU in a real run), from the writer thread, so the model never waits for scores.
@@ -55,6 +56,10 @@ def save_input_image(root: str, row_id: str, image) -> None:
 def _luma(frames: np.ndarray, max_side: int) -> np.ndarray:
     """(F, h, w) float32 luma, block-averaged so the longer side is at most ``max_side``."""
     f = np.asarray(frames)
+    # Every 2nd..nth pixel first: the block means barely change, and float work on full SVD-XT frames
+    # (25 x 576 x 1024) would cost tens of milliseconds.
+    step = max(1, max(f.shape[1], f.shape[2]) // (2 * max_side))
+    f = f[:, ::step, ::step]
     n, h, w, _ = f.shape
     k = max(1, int(np.ceil(max(h, w) / max_side)))
     h2, w2 = (h // k) * k, (w // k) * k
@@ -63,17 +68,21 @@ def _luma(frames: np.ndarray, max_side: int) -> np.ndarray:
     return y.reshape(n, h2 // k, k, w2 // k, k).mean(axis=(2, 4))
 
 
-def motion_score(frames: np.ndarray) -> float | None:
+def motion_score(frames: np.ndarray, y: np.ndarray | None = None) -> float | None:
     if len(frames) < 2:
         return None
-    y = _luma(frames, 64)
+    y = _luma(frames, 64) if y is None else y
     return float(np.abs(np.diff(y, axis=0)).mean() / 255.0)
 
 
-def flicker_score(frames: np.ndarray) -> float | None:
+def flicker_score(frames: np.ndarray, y: np.ndarray | None = None) -> float | None:
     if len(frames) < 3:
         return None
-    y = _luma(frames, 16)
+    # Mean luma of a 4x4 grid of regions: texture moving through a region barely changes its mean, a
+    # region pumping brighter and darker does, and changes direction every frame (a large second difference).
+    y = _luma(frames, 64) if y is None else y
+    h4, w4 = y.shape[1] // 4 * 4, y.shape[2] // 4 * 4
+    y = y[:, :h4, :w4].reshape(len(y), 4, h4 // 4, 4, w4 // 4).mean(axis=(2, 4))
     return float(np.abs(y[2:] - 2 * y[1:-1] + y[:-2]).mean() / 255.0)
 
 
@@ -86,7 +95,8 @@ def image_similarity(frames: np.ndarray, image, embed: Embed) -> float:
 
 def score_video(frames: np.ndarray, image=None, embed: Embed | None = None) -> dict[str, float | None]:
     """The three scores of one video; image_similarity is None without the image or an encoder."""
-    out: dict[str, float | None] = {"motion_score": motion_score(frames), "flicker_score": flicker_score(frames),
+    y = _luma(frames, 64)
+    out: dict[str, float | None] = {"motion_score": motion_score(frames, y), "flicker_score": flicker_score(frames, y),
                                     "image_similarity": None}
     if image is not None and embed is not None:
         out["image_similarity"] = image_similarity(frames, image, embed)
