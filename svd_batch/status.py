@@ -48,9 +48,29 @@ def _ts(col) -> np.ndarray:
     return pc.fill_null(pc.divide(pc.cast(pc.cast(col, pa.int64()), pa.float64()), 1e6), float("nan")).to_numpy()
 
 
+def _state(rd: RunDir) -> tuple:
+    try:
+        merged = os.stat(rd.records_path).st_mtime_ns
+    except FileNotFoundError:
+        merged = None
+    return merged, tuple(rd.part_files())
+
+
+def read_consistent(rd: RunDir, tries: int = 5) -> pa.Table:
+    """The records, read again when the run merged its parts meanwhile (a read across a merge misses rows
+    for a moment: the parts were listed, then folded into records.parquet and deleted)."""
+    cols = ["id", "status", "rank", "host", "total_seconds", "started_at", "finished_at"]
+    for _ in range(tries):
+        before = _state(rd)
+        records = rd.read_records(cols)
+        if _state(rd) == before:
+            break
+    return records
+
+
 def collect(root: str, now: dt.datetime | None = None, total: int | None = None) -> dict[str, Any]:
     now_s = (now or dt.datetime.now(dt.timezone.utc)).timestamp()
-    records = RunDir(root).read_records(["id", "status", "rank", "host", "total_seconds", "started_at", "finished_at"])
+    records = read_consistent(RunDir(root))
     if total is None:
         total = manifest_rows(root)
     ok = pc.sum(pc.equal(records["status"], "ok")).as_py() or 0 if records.num_rows else 0
