@@ -109,12 +109,36 @@ def clip_embedder(image_encoder, feature_extractor) -> Embed:
 
     def embed(images: list[np.ndarray]) -> np.ndarray:
         p = next(image_encoder.parameters())
-        pixels = feature_extractor(images=images, return_tensors="pt").pixel_values
+        pixels = _preprocess(images, feature_extractor)
         with torch.inference_mode():
             out = image_encoder(pixels.to(device=p.device, dtype=p.dtype)).image_embeds
         return out.float().cpu().numpy()
 
     return embed
+
+
+def _preprocess(images: list[np.ndarray], fx) -> "torch.Tensor":
+    """The feature extractor's steps (shortest edge to 224 bicubic, centre crop, normalise) in torch: the
+    PIL path of CLIPImageProcessor costs ~150 ms for 9 images, this a few ms."""
+    import torch
+    import torch.nn.functional as F
+
+    size = getattr(fx, "size", None) or {}
+    edge = int(size.get("shortest_edge", 224)) if isinstance(size, dict) else 224
+    crop = getattr(fx, "crop_size", None) or {"height": edge, "width": edge}
+    ch, cw = int(crop["height"]), int(crop["width"])
+    mean = torch.tensor(getattr(fx, "image_mean", [0.48145466, 0.4578275, 0.40821073])).view(3, 1, 1)
+    std = torch.tensor(getattr(fx, "image_std", [0.26862954, 0.26130258, 0.27577711])).view(3, 1, 1)
+    out = []
+    for im in images:
+        x = torch.from_numpy(np.array(np.asarray(im)[..., :3], dtype=np.uint8)).permute(2, 0, 1).float() / 255.0
+        h, w = x.shape[1:]
+        scale = edge / min(h, w)
+        nh, nw = max(ch, round(h * scale)), max(cw, round(w * scale))
+        x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)[0].clamp(0, 1)
+        top, left = (nh - ch) // 2, (nw - cw) // 2
+        out.append((x[:, top:top + ch, left:left + cw] - mean) / std)
+    return torch.stack(out)
 
 
 def pipeline_embedder(pipe) -> Embed | None:
