@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
 import pyarrow as pa
+from omegaconf import OmegaConf
 
 from .batch import batch_key, batched_frames
 from .fields import CONDITIONING_FIELDS
@@ -106,8 +107,8 @@ class RankWorker:
         self.stats = RankStats(rank=rank, world_size=world, host=socket.gethostname(), device=str(gen.device))
         self._write_error: BaseException | None = None
         self.thumb_max_row = thumb_max_row
-        self.scores = bool(cfg.report.get("scores", True))
-        self.embed = pipeline_embedder(gen.pipe) if self.scores else None
+        self.scores = bool(OmegaConf.select(cfg, "report.scores", default=True))
+        self.embed = pipeline_embedder(getattr(gen, "pipe", None)) if self.scores else None
 
     # -- the loop -----------------------------------------------------------------------------------------
     def run(self, shard: pa.Table) -> RankStats:
