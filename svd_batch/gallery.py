@@ -153,7 +153,7 @@ $('next').onclick = () => { S.page++; render(); };
 $('pageno').onchange = () => { S.page = Math.max(0, (parseInt($('pageno').value) || 1) - 1); render(); };
 window.addEventListener('hashchange', () => { readHash(); render(); });
 readHash();
-if (!M.n) document.body.dataset.loaded = '1';
+if (!M.chunks) { document.body.dataset.loaded = '1'; render(); }
 for (let k = 0; k < M.chunks; k++) { const s = document.createElement('script'); s.src = `${M.dir}/data-${String(k).padStart(5, '0')}.js`; document.body.appendChild(s); }
 """
 
