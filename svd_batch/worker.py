@@ -222,8 +222,8 @@ class RankWorker:
             o["batch_size"] = len(todo)
             o["peak_vram_bytes"] = peak
         for o in out:
-            if o["image"] is not None and o["frames"] is not None:  # as the model saw it, for gallery and scores
-                o["input_image"] = o["image"].resize((int(o["row"]["width"]), int(o["row"]["height"])))
+            if o["image"] is not None and o["frames"] is not None:  # for gallery and scores; resized by the writer
+                o["input_image"] = o["image"]
             o["image"] = None  # the writer needs frames, not the source image: free it early
         return out
 
@@ -260,12 +260,14 @@ class RankWorker:
                 record["frames_sha256"] = frames_sha256(o["frames"])
                 write_mp4(o["frames"], self.rundir.video_path(row["id"]), int(row["fps"]), crf=int(cfg.video.crf),
                           codec=str(cfg.video.codec), pix_fmt=str(cfg.video.pix_fmt), preset=str(cfg.video.preset))
+                # The conditioning image as the model saw it: the same resize generate.py does, off the model's thread.
+                seen = o["input_image"].resize((int(row["width"]), int(row["height"]))) if o.get("input_image") is not None else None
                 if row["row"] <= self.thumb_max_row:
-                    save_thumbnails(self.rundir.root, row["id"], o["frames"], o.get("input_image"))
-                if o.get("input_image") is not None:
-                    save_input_image(self.rundir.root, row["id"], o["input_image"])
+                    save_thumbnails(self.rundir.root, row["id"], o["frames"], seen)
+                if seen is not None:
+                    save_input_image(self.rundir.root, row["id"], seen)
                 if self.scores:
-                    record.update(scores_for_record(o["frames"], o.get("input_image"), self.embed))
+                    record.update(scores_for_record(o["frames"], seen, self.embed))
                 record.update(status="ok", error=None, video_path=f"videos/{row['id']}.mp4")
             except Exception as exc:  # noqa: BLE001 - e.g. ffmpeg failing on this row
                 record.update(status="failed", frames_sha256=None,
