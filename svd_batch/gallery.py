@@ -1,8 +1,12 @@
-"""See the results: a static HTML gallery (``index.html``) and a contact sheet (``contact_sheet.png``).
+"""See the results: a static HTML report (``index.html``) and a contact sheet (``contact_sheet.png``).
 
 Written at the end of every run, and by ``svd-batch-report <output.dir>`` for any finished or interrupted
-run. The pages are self-contained (inline CSS and JS, relative links): they open from disk or from any
-static server. Large runs are paginated, and only the videos on screen play.
+run. The size of what is written grows linearly with the rows (about 100 bytes a row at most): one page
+with the summary and charts as HTML, and the rows as compact column arrays in ``report/data-NNNNN.js``
+chunks that the page loads with ``<script src>`` (``fetch()`` of ``file://`` is blocked in Chromium, a
+script tag is not), so the page opens from disk with no server. The page builds markup only for the rows
+on screen; paging, sorting and filtering run over the arrays. The view is kept in the URL fragment
+(``#sort=motion_score&order=asc&failed=1&below=image_similarity:0.8&page=3``), so it can be shared.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import argparse
 import glob
 import html
+import json
 import math
 import os
 import sys
@@ -21,21 +26,135 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .atomic import atomic_path
+from .fields import CONDITIONING_FIELDS
 from .rundir import RunDir, write_text_atomic
+from .scores import INPUTS, SCORE_COLUMNS, input_image_path
+
+REPORT_DIR = "report"
+CHUNK_ROWS = 50_000
+
+# column -> decimals kept in the page (the page shows them; results.parquet keeps every digit)
+ROUND = {"total_seconds": 2, "motion_score": 4, "image_similarity": 4, "flicker_score": 4,
+         "noise_aug_strength": 4, "min_guidance_scale": 3, "max_guidance_scale": 3}
+NUMERIC = ("total_seconds", *SCORE_COLUMNS, *CONDITIONING_FIELDS, "rank")
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5rem;background:#111;color:#eee}
 a{color:#8cf} table{border-collapse:collapse} td,th{padding:.2rem .6rem;text-align:left;border-bottom:1px solid #333}
-.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:1rem}
-.card{background:#1c1c1c;border-radius:6px;padding:.5rem} .card video{width:100%;background:#000;border-radius:4px}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(340px,1fr));gap:1rem}
+.card{background:#1c1c1c;border-radius:6px;padding:.5rem}
+.pair{display:grid;grid-template-columns:1fr 1fr;gap:4px}
+.pair img,.pair video{width:100%;background:#000;border-radius:4px;aspect-ratio:var(--ar);object-fit:contain}
 .card .id{font-weight:600;word-break:break-all} .card .meta{font-size:.8rem;color:#aaa}
-.failed td{color:#f99} nav{margin:1rem 0} nav a,nav span{margin-right:.6rem} details{margin:1rem 0}
+.card .sc{font-size:.8rem;color:#cfc} .card.failed .err{color:#f99;font-size:.85rem;word-break:break-word}
+.failed td{color:#f99} nav{margin:1rem 0} details{margin:1rem 0} .charts{display:flex;flex-wrap:wrap;gap:2rem}
+.charts svg{background:#181818;border-radius:4px} .controls{display:flex;flex-wrap:wrap;gap:1rem;align-items:center;margin:1rem 0}
+.controls input[type=number]{width:6rem} #status{color:#aaa}
 """
 
-# Play only what is on screen: thousands of autoplaying videos would stall any browser.
-JS = """
-const io = new IntersectionObserver(es => es.forEach(e => e.isIntersecting ? e.target.play().catch(()=>{}) : e.target.pause()));
-document.querySelectorAll('video').forEach(v => io.observe(v));
+# Everything after the summary is drawn from the chunks; markup exists only for the page on screen.
+JS = r"""
+const M = JSON.parse(document.getElementById('meta').textContent);
+const D = new Array(M.chunks); let loaded = 0, view = null;
+const $ = id => document.getElementById(id);
+const esc = s => String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));
+function val(col, i) { const k = Math.floor(i / M.chunkRows), c = D[k][col]; return Array.isArray(c) ? c[i - k * M.chunkRows] : c; }
+const S = {sort: 'row', order: 'asc', failed: false, below: '', page: 0};
+function readHash() {
+  const h = new URLSearchParams(location.hash.slice(1));
+  S.sort = h.get('sort') || 'row'; S.order = h.get('order') || 'asc'; S.failed = h.get('failed') === '1';
+  S.below = h.get('below') || ''; S.page = Math.max(0, (parseInt(h.get('page') || '1') || 1) - 1);
+  $('sort').value = S.sort; $('order').value = S.order; $('failed').checked = S.failed;
+  const [bc, bt] = S.below.split(':'); $('belowcol').value = bc || M.scores[0] || ''; $('belowval').value = bt || '';
+}
+function writeHash() {
+  const h = new URLSearchParams();
+  if (S.sort !== 'row') h.set('sort', S.sort); if (S.order !== 'asc') h.set('order', S.order);
+  if (S.failed) h.set('failed', '1'); if (S.below) h.set('below', S.below); if (S.page) h.set('page', S.page + 1);
+  history.replaceState(null, '', '#' + h.toString());
+}
+function key(col, i) {
+  if (col === 'row') return i;
+  const v = val(col, i);
+  return v === null || v === undefined || (typeof v === 'number' && isNaN(v)) ? null : v;
+}
+function compute() {
+  // Manifest order with no filter needs no rows at all: a page shows once its chunk is in.
+  if (S.sort === 'row' && S.order === 'asc' && !S.failed && !S.below) return null;
+  if (loaded < M.chunks) return undefined;
+  let idx = [];
+  const [bc, bt] = S.below.split(':'); const thr = parseFloat(bt);
+  for (let i = 0; i < M.n; i++) {
+    if (S.failed && val('st', i) !== 1) continue;
+    if (S.below && !isNaN(thr)) { const v = key(bc, i); if (v === null || !(v < thr)) continue; }
+    idx.push(i);
+  }
+  if (S.sort !== 'row' || S.order !== 'asc') {
+    const col = S.sort === 'status' ? 'st' : S.sort === 'seconds' ? 'total_seconds' : S.sort;
+    const keys = idx.map(i => key(col, i)), pos = idx.map((_, j) => j), dir = S.order === 'desc' ? -1 : 1;
+    pos.sort((a, b) => { const x = keys[a], y = keys[b];
+      if (x === null) return y === null ? idx[a] - idx[b] : 1; if (y === null) return -1;
+      return x < y ? -dir : x > y ? dir : idx[a] - idx[b]; });
+    idx = pos.map(j => idx[j]);
+  }
+  return idx;
+}
+function label(i) {
+  const g = c => val(c, i);
+  return `seed ${g('seed')} · ${g('num_frames')} frames @ ${g('fps')} fps · motion ${g('motion_bucket_id')} · ` +
+    `noise ${g('noise_aug_strength')} · ${g('width')}x${g('height')} · ${g('num_inference_steps')} steps · ` +
+    `guidance ${g('min_guidance_scale')}-${g('max_guidance_scale')} · rank ${g('rank')} on ${M.hosts[g('host')]}`;
+}
+function path(col, dir, ext, i) { const v = val(col, i); return v === 1 ? `${dir}/${val('id', i)}.${ext}` : v || ''; }
+function card(i) {
+  const id = esc(val('id', i)), ok = val('st', i) === 0, img = path('img', M.inputs, 'jpg', i);
+  const ar = `--ar:${val('width', i)}/${val('height', i)}`;
+  const scores = M.scores.map(c => { const v = val(c, i); return `${c} ${v === null || isNaN(v) ? 'n/a' : v}`; }).join(' · ');
+  const media = (img ? `<img class="in" src="${esc(img)}" alt="input of ${id}" data-id="${id}" loading="eager">` : '<div></div>') +
+    (ok ? `<video src="${esc(path('vid', 'videos', 'mp4', i))}" muted loop playsinline preload="metadata" data-id="${id}"></video>` : '<div></div>');
+  return `<div class="card${ok ? '' : ' failed'}" data-id="${id}" data-row="${i}" style="${ar}"><div class="pair">${media}</div>` +
+    `<div class="id">${id}</div><div class="meta">${esc(label(i))}</div>` +
+    (ok ? `<div class="sc">${esc(scores)} · ${val('total_seconds', i)} s</div>` : `<div class="err">${esc(val('err', i) || 'failed')}</div>`) + '</div>';
+}
+const io = new IntersectionObserver(es => es.forEach(e => e.isIntersecting ? e.target.play().catch(() => {}) : e.target.pause()));
+function render() {
+  const v = compute();
+  if (v === undefined) { $('status').textContent = `loading rows: ${loaded} of ${M.chunks} parts`; return; }
+  const total = v === null ? M.n : v.length, pages = Math.max(1, Math.ceil(total / M.pageSize));
+  S.page = Math.min(S.page, pages - 1);
+  const lo = S.page * M.pageSize, hi = Math.min(total, lo + M.pageSize), rows = [];
+  for (let j = lo; j < hi; j++) rows.push(v === null ? j : v[j]);
+  if (v === null && rows.length && !D[Math.floor(rows[rows.length - 1] / M.chunkRows)]) { $('status').textContent = 'loading rows...'; return; }
+  $('status').textContent = `${total} rows match · page ${S.page + 1} of ${pages}`;
+  $('pageno').value = S.page + 1; $('pageno').max = pages;
+  io.disconnect();
+  $('grid').innerHTML = rows.map(card).join('');
+  $('grid').querySelectorAll('video').forEach(el => {
+    el.addEventListener('loadedmetadata', () => { el.dataset.duration = el.duration; });
+    el.addEventListener('playing', () => { el.dataset.playing = '1'; });
+    el.addEventListener('error', () => { el.dataset.error = el.error ? el.error.code : '?'; });
+    io.observe(el);
+  });
+  $('grid').querySelectorAll('img.in').forEach(el => {
+    const mark = () => { el.dataset.loaded = el.naturalWidth > 0 ? '1' : '0'; };
+    el.complete ? mark() : (el.addEventListener('load', mark), el.addEventListener('error', mark));
+  });
+  writeHash();
+}
+function update() {
+  S.sort = $('sort').value; S.order = $('order').value; S.failed = $('failed').checked;
+  const t = $('belowval').value.trim(); S.below = t === '' ? '' : `${$('belowcol').value}:${t}`;
+  S.page = 0; render();
+}
+window.SVD = {chunk(k, cols) { D[k] = cols; loaded++; if (loaded === M.chunks) document.body.dataset.loaded = '1'; render(); }};
+['sort', 'order', 'failed', 'belowcol', 'belowval'].forEach(id => $(id).addEventListener('change', update));
+$('prev').onclick = () => { S.page = Math.max(0, S.page - 1); render(); };
+$('next').onclick = () => { S.page++; render(); };
+$('pageno').onchange = () => { S.page = Math.max(0, (parseInt($('pageno').value) || 1) - 1); render(); };
+window.addEventListener('hashchange', () => { readHash(); render(); });
+readHash();
+if (!M.chunks) { document.body.dataset.loaded = '1'; render(); }
+for (let k = 0; k < M.chunks; k++) { const s = document.createElement('script'); s.src = `${M.dir}/data-${String(k).padStart(5, '0')}.js`; document.body.appendChild(s); }
 """
 
 
@@ -49,10 +168,15 @@ def _human_bytes(n: float | None) -> str:
     return str(n)
 
 
+def _num(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """float64 values with NaN for nulls."""
+    return pc.fill_null(pc.cast(col, pa.float64()), float("nan")).to_numpy()
+
+
 def summarize(results: pa.Table) -> dict[str, Any]:
-    ok_mask = pc.equal(results["status"], "ok")
-    ok = results.filter(ok_mask)
-    secs = np.array(ok["total_seconds"].to_pylist(), dtype=float) if ok.num_rows else np.array([])
+    ok = results.filter(pc.equal(results["status"], "ok")) if results.num_rows else results
+    secs = _num(ok["total_seconds"]) if ok.num_rows else np.array([])
+    secs = secs[~np.isnan(secs)]
     s: dict[str, Any] = {
         "rows": results.num_rows, "ok": ok.num_rows, "failed": results.num_rows - ok.num_rows,
         "median_seconds": float(np.median(secs)) if len(secs) else None,
@@ -62,27 +186,169 @@ def summarize(results: pa.Table) -> dict[str, Any]:
     if ok.num_rows:
         span = (pc.max(ok["finished_at"]).as_py() - pc.min(ok["started_at"]).as_py()).total_seconds()
         s["videos_per_hour"] = 3600.0 * ok.num_rows / span if span > 0 else None
-        for host, device, peak in zip(ok["host"].to_pylist(), ok["device"].to_pylist(), ok["peak_vram_bytes"].to_pylist()):
-            key = f"{host} {device}"
-            if peak is not None:
-                s["peak_vram"][key] = max(peak, s["peak_vram"].get(key, 0))
-            else:
-                s["peak_vram"].setdefault(key, None)
+        peaks = ok.group_by(["host", "device"], use_threads=False).aggregate([("peak_vram_bytes", "max")])
+        for host, device, peak in zip(*(peaks[c].to_pylist() for c in ("host", "device", "peak_vram_bytes_max"))):
+            s["peak_vram"][f"{host} {device}"] = peak
     return s
 
 
-def _label(r: dict[str, Any]) -> str:
-    return (f"seed {r['seed']} · {r['num_frames']} frames @ {r['fps']} fps · motion {r['motion_bucket_id']} · "
-            f"noise {r['noise_aug_strength']:g} · {r['width']}x{r['height']} · {r['num_inference_steps']} steps · "
-            f"guidance {r['min_guidance_scale']:g}-{r['max_guidance_scale']:g}")
+# -- charts (inline SVG: no scripts, no network) ---------------------------------------------------------
+W, H, PADL, PADB = 520, 220, 48, 28
 
 
-def _page_name(i: int) -> str:
-    return "index.html" if i == 0 else f"index-{i + 1}.html"
+def _axes(title: str, xlabel: str, xmax: float, ylabel: str, ymax: float) -> str:
+    ticks = "".join(
+        f'<text x="{PADL + (W - PADL - 10) * f:.0f}" y="{H - 8}" font-size="10" fill="#aaa" text-anchor="middle">'
+        f"{xmax * f:.3g}</text>" for f in (0, 0.5, 1))
+    return (f'<text x="{PADL}" y="14" font-size="12" fill="#eee">{html.escape(title)}</text>'
+            f'<text x="{W - 10}" y="{H - 8 - 12}" font-size="10" fill="#aaa" text-anchor="end">{html.escape(xlabel)}</text>'
+            f'<text x="4" y="30" font-size="10" fill="#aaa">{ymax:.3g}</text>'
+            f'<text x="4" y="44" font-size="10" fill="#aaa">{html.escape(ylabel)}</text>'
+            f'<line x1="{PADL}" y1="{H - PADB}" x2="{W - 10}" y2="{H - PADB}" stroke="#555"/>'
+            f'<line x1="{PADL}" y1="24" x2="{PADL}" y2="{H - PADB}" stroke="#555"/>{ticks}')
 
 
-def write_gallery(root: str, page_size: int = 48) -> list[str]:
-    """Write index.html (and index-N.html for further pages); return the page paths."""
+def seconds_histogram(secs: np.ndarray, bins: int = 40) -> str:
+    secs = secs[~np.isnan(secs)]
+    if not len(secs):
+        return ""
+    hi = float(np.percentile(secs, 99.5)) or float(secs.max()) or 1.0
+    counts, _ = np.histogram(np.clip(secs, 0, hi), bins=bins, range=(0, hi))
+    top = max(int(counts.max()), 1)
+    bw = (W - PADL - 10) / bins
+    bars = "".join(
+        f'<rect x="{PADL + i * bw:.1f}" y="{H - PADB - (H - PADB - 24) * c / top:.1f}" width="{max(bw - 1, 1):.1f}" '
+        f'height="{(H - PADB - 24) * c / top:.1f}" fill="#6af"/>' for i, c in enumerate(counts) if c)
+    return (f'<svg id="chart-seconds" width="{W}" height="{H}" role="img" aria-label="seconds per video">'
+            + _axes("Seconds per video (ok rows)", "seconds", hi, "videos", top) + bars + "</svg>")
+
+
+def throughput_chart(rank: np.ndarray, t: np.ndarray, bins: int = 60) -> str:
+    """Videos per minute per rank over the run: a rank that slows down or stops shows as its own line."""
+    good = ~np.isnan(t)
+    rank, t = rank[good], t[good]
+    if len(t) < 2 or t.max() <= t.min():
+        return ""
+    t0, span = float(t.min()), float(t.max() - t.min())
+    width = span / bins
+    ranks = np.unique(rank)
+    lines, top = [], 1e-9
+    series = []
+    for r in ranks:
+        counts, _ = np.histogram(t[rank == r], bins=bins, range=(t0, t0 + span))
+        per_min = counts * 60.0 / width
+        series.append((r, per_min))
+        top = max(top, float(per_min.max()))
+    for j, (r, per_min) in enumerate(series):
+        hue = int(360 * j / max(len(series), 1))
+        pts = " ".join(f"{PADL + (W - PADL - 10) * (i + 0.5) / bins:.1f},{H - PADB - (H - PADB - 24) * v / top:.1f}"
+                       for i, v in enumerate(per_min))
+        lines.append(f'<polyline fill="none" stroke="hsl({hue},70%,60%)" stroke-width="1.5" points="{pts}">'
+                     f"<title>rank {int(r)}</title></polyline>")
+    legend = "".join(f'<text x="{W - 12}" y="{30 + 12 * j}" font-size="10" fill="hsl({int(360 * j / len(series))},70%,60%)" '
+                     f'text-anchor="end">rank {int(r)}</text>' for j, (r, _) in enumerate(series[:12]))
+    return (f'<svg id="chart-throughput" width="{W}" height="{H}" role="img" aria-label="throughput per rank">'
+            + _axes("Videos per minute, per rank, over the run", "minutes since start", span / 60, "videos/min", top)
+            + "".join(lines) + legend + "</svg>")
+
+
+# -- row data ----------------------------------------------------------------------------------------------
+def _js_values(values: np.ndarray | list, decimals: int | None = None) -> Any:
+    """A column of one chunk as JSON-ready data: one value when every row has it (the common case for
+    conditioning values), else a list."""
+    if isinstance(values, np.ndarray):
+        if values.dtype.kind == "f":
+            if decimals is not None:
+                values = np.round(values, decimals)
+            if len(values) and (np.all(values == values[0]) or np.all(np.isnan(values))):
+                v = float(values[0])
+                return None if math.isnan(v) else (int(v) if v.is_integer() and decimals is None else v)
+            finite = values[~np.isnan(values)]
+            if decimals is None and len(finite) == len(values) and np.all(finite == np.round(finite)):
+                return values.astype(np.int64).tolist()  # integer columns read as floats: "3", not "3.0"
+            return [None if math.isnan(v) else v for v in values.tolist()]
+        if len(values) and np.all(values == values[0]):
+            return values[0].item()
+        return values.tolist()
+    if len(values) and all(v == values[0] for v in values):
+        return values[0]
+    return values
+
+
+def _file_names(folder: str) -> set[str]:
+    """One listing instead of a stat per row."""
+    try:
+        return {e.name for e in os.scandir(folder)}
+    except FileNotFoundError:
+        return set()
+
+
+def _paths(root: str, ids: list[str], given: list[str | None], default_dir: str, ext: str,
+           present: set[str], fallback: list[str | None] | None = None) -> list[Any]:
+    """Per row: 1 when <default_dir>/<id>.<ext> exists (the page builds the name), else a relative path or 0."""
+    out: list[Any] = []
+    for k, rid in enumerate(ids):
+        name = f"{rid}.{ext}"
+        if name in present:
+            out.append(1)
+            continue
+        p = given[k] if given is not None else None
+        if p is None and fallback is not None and fallback[k] and not str(fallback[k]).startswith(("http://", "https://")):
+            src = str(fallback[k])
+            p = os.path.relpath(src, root) if os.path.isabs(src) else src
+        elif p is None and fallback is not None and fallback[k]:
+            p = fallback[k]
+        out.append(p or 0)
+    return out
+
+
+def write_data_chunks(root: str, results: pa.Table, hosts: list[str], chunk_rows: int = CHUNK_ROWS) -> int:
+    """report/data-NNNNN.js, one per ``chunk_rows`` rows, each a single ``SVD.chunk(k, {...})`` call."""
+    folder = os.path.join(root, REPORT_DIR)
+    os.makedirs(folder, exist_ok=True)
+    videos, inputs = _file_names(os.path.join(root, "videos")), _file_names(os.path.join(root, INPUTS))
+    host_index = {h: i for i, h in enumerate(hosts)}
+    n = results.num_rows
+    chunks = max(1, math.ceil(n / chunk_rows)) if n else 0
+    t0 = pc.min(results["finished_at"]).as_py() if n else None
+    for k in range(chunks):
+        part = results.slice(k * chunk_rows, chunk_rows)
+        ids = part["id"].to_pylist()
+        status = part["status"].to_pylist()
+        failed = np.array([s != "ok" for s in status])
+        cols: dict[str, Any] = {"id": ids, "st": _js_values(failed.astype(np.int8))}
+        errors = part["error"].to_pylist()
+        cols["err"] = [(e or "")[:300] if f else None for e, f in zip(errors, failed)] if failed.any() else None
+        cols["seed"] = _js_values([str(s) for s in part["seed"].to_pylist()])
+        for c in NUMERIC:
+            if c not in part.column_names:
+                cols[c] = None
+                continue
+            a = _num(part[c])
+            cols[c] = _js_values(a, ROUND.get(c))
+        cols["host"] = _js_values(np.array([host_index.get(h, 0) for h in part["host"].to_pylist()], dtype=np.int64))
+        fin = part["finished_at"]
+        if t0 is not None:
+            secs = pc.divide(pc.cast(pc.subtract(pc.cast(fin, pa.int64()), pa.scalar(int(t0.timestamp() * 1e6))),
+                                     pa.float64()), 1e6)
+            cols["t"] = _js_values(np.round(_num(secs), 1))
+        vp = part["video_path"].to_pylist()
+        cols["vid"] = _js_values([1 if (not f and f"{i}.mp4" in videos and p == f"videos/{i}.mp4") else (p if not f else 0)
+                                  for i, p, f in zip(ids, vp, failed)])
+        cols["img"] = _js_values(_paths(root, ids, None, INPUTS, "jpg", inputs, part["image"].to_pylist()))
+        text = f"SVD.chunk({k},{json.dumps(cols, separators=(',', ':'), allow_nan=True)});\n"
+        write_text_atomic(text, os.path.join(folder, f"data-{k:05d}.js"))
+    for stale in glob.glob(os.path.join(folder, "data-*.js")):
+        try:
+            if int(os.path.basename(stale)[5:10]) >= chunks:
+                os.unlink(stale)
+        except ValueError:
+            pass
+    return chunks
+
+
+def write_gallery(root: str, page_size: int = 48, chunk_rows: int = CHUNK_ROWS) -> list[str]:
+    """Write index.html and its row data; return the paths written."""
     rd = RunDir(root)
     results = _read_results(rd)
     s = summarize(results)
@@ -91,52 +357,70 @@ def write_gallery(root: str, page_size: int = 48) -> list[str]:
         with open(os.path.join(root, "config.yaml")) as f:
             config = f.read()
     model = results["model"][0].as_py() if results.num_rows else "n/a"
-    ok_rows = results.filter(pc.equal(results["status"], "ok")).to_pylist() if results.num_rows else []
-    failed = results.filter(pc.equal(results["status"], "failed")).to_pylist() if results.num_rows else []
-    pages = max(1, math.ceil(len(ok_rows) / page_size))
+    hosts = sorted(set(pc.unique(results["host"]).to_pylist()) - {None}) if results.num_rows else []
+    chunks = write_data_chunks(root, results, hosts, chunk_rows)
+    scores = [c for c in SCORE_COLUMNS if c in results.column_names]
     fmt = lambda v, unit="s": "n/a" if v is None else f"{v:.2f} {unit}"  # noqa: E731
     vph = "n/a" if s["videos_per_hour"] is None else f"{s['videos_per_hour']:.1f}"
     vram = "".join(f"<tr><td>{html.escape(k)}</td><td>{_human_bytes(v)}</td></tr>" for k, v in s["peak_vram"].items())
-    head = (
+    score_rows = ""
+    ok = results.filter(pc.equal(results["status"], "ok")) if results.num_rows else results
+    for c in scores:
+        a = _num(ok[c]) if ok.num_rows else np.array([])
+        a = a[~np.isnan(a)]
+        if len(a):
+            lo, med, p5 = np.min(a), np.median(a), np.percentile(a, 5)
+            score_rows += f"<tr><th>{c}</th><td>median {med:.4f} · 5th percentile {p5:.4f} · min {lo:.4f}</td></tr>"
+    charts = ""
+    if ok.num_rows:
+        fin = _num(pc.divide(pc.cast(pc.cast(ok["finished_at"], pa.int64()), pa.float64()), 1e6))
+        charts = throughput_chart(_num(ok["rank"]), fin) + seconds_histogram(_num(ok["total_seconds"]))
+    failed = results.filter(pc.equal(results["status"], "failed")) if results.num_rows else results
+    fail_html = ""
+    if failed.num_rows:
+        shown = failed.slice(0, 20).select(["id", "image", "error"]).to_pylist()
+        rows_html = "".join(f"<tr><td>{html.escape(r['id'])}</td><td>{html.escape(r['image'] or '')}</td>"
+                            f"<td>{html.escape((r['error'] or '')[:300])}</td></tr>" for r in shown)
+        more = (f"<p>... {failed.num_rows - 20} more: tick \"failed only\" below, or read results.parquet "
+                "(status == 'failed')</p>") if failed.num_rows > 20 else ""
+        fail_html = f'<h2>Failed rows ({failed.num_rows})</h2><table class="failed">{rows_html}</table>{more}'
+    sort_opts = [("row", "manifest order"), ("id", "id"), ("status", "status"), ("seconds", "seconds per video"),
+                 *[(c, c) for c in scores], *[(c, c) for c in CONDITIONING_FIELDS], ("rank", "rank")]
+    options = "".join(f'<option value="{v}">{html.escape(t)}</option>' for v, t in sort_opts)
+    score_opts = "".join(f'<option value="{c}">{c}</option>' for c in scores)
+    meta = {"n": results.num_rows, "chunks": chunks, "chunkRows": chunk_rows, "pageSize": max(1, int(page_size)),
+            "hosts": hosts, "scores": scores, "dir": REPORT_DIR, "inputs": INPUTS}
+    body = (
         f"<h1>svd-batch: {html.escape(os.path.basename(os.path.abspath(root)))}</h1>"
         f"<table><tr><th>rows ok</th><td>{s['ok']}</td></tr><tr><th>rows failed</th><td>{s['failed']}</td></tr>"
         f"<tr><th>videos per hour</th><td>{vph}</td></tr>"
         f"<tr><th>median per video</th><td>{fmt(s['median_seconds'])}</td></tr>"
         f"<tr><th>p95 per video</th><td>{fmt(s['p95_seconds'])}</td></tr>"
-        f"<tr><th>model</th><td>{html.escape(str(model))}</td></tr></table>"
+        f"<tr><th>model</th><td>{html.escape(str(model))}</td></tr>{score_rows}</table>"
+        f'<div class="charts">{charts}</div>'
         f"<h3>Peak VRAM per device</h3><table>{vram}</table>"
         f"<details><summary>config</summary><pre>{html.escape(config)}</pre></details>"
         + ('<p><a href="contact_sheet.png">contact sheet</a></p>' if os.path.exists(os.path.join(root, "contact_sheet.png")) else "")
+        + fail_html
+        + f"<h2>Videos ({s['ok']} ok, {s['failed']} failed)</h2>"
+        '<div class="controls"><label>sort <select id="sort">' + options + '</select></label>'
+        '<select id="order"><option value="asc">ascending</option><option value="desc">descending</option></select>'
+        '<label><input type="checkbox" id="failed"> failed only</label>'
+        f'<label>score <select id="belowcol">{score_opts}</select> below <input type="number" id="belowval" step="any"></label>'
+        '<span id="status">loading rows...</span></div>'
+        '<nav><button id="prev">previous</button> page <input type="number" id="pageno" min="1" value="1" style="width:5rem">'
+        ' <button id="next">next</button></nav><div class="grid" id="grid"></div>'
     )
-    written = []
-    for p in range(pages):
-        nav = "<nav>" + "".join(
-            f"<span>{i + 1}</span>" if i == p else f'<a href="{_page_name(i)}">{i + 1}</a>' for i in range(pages)
-        ) + "</nav>" if pages > 1 else ""
-        cards = "".join(
-            f'<div class="card"><video src="{html.escape(r["video_path"])}" muted loop playsinline preload="metadata" '
-            f'data-id="{html.escape(r["id"])}" data-frames="{r["num_frames"]}" data-fps="{r["fps"]}"></video>'
-            f'<div class="id">{html.escape(r["id"])}</div><div class="meta">{html.escape(_label(r))}</div></div>'
-            for r in ok_rows[p * page_size : (p + 1) * page_size]
-        )
-        fail_html = ""
-        if failed and p == 0:
-            rows_html = "".join(
-                f"<tr><td>{html.escape(r['id'])}</td><td>{html.escape(r['image'] or '')}</td>"
-                f"<td>{html.escape(r['error'] or '')}</td></tr>" for r in failed[:1000]
-            )
-            more = f"<p>... and {len(failed) - 1000} more in results.parquet</p>" if len(failed) > 1000 else ""
-            fail_html = f'<h2>Failed rows ({len(failed)})</h2><table class="failed">{rows_html}</table>{more}'
-        body = f"{head}{fail_html}<h2>Videos ({len(ok_rows)})</h2>{nav}<div class=\"grid\">{cards}</div>{nav}"
-        page = (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>svd-batch gallery</title>"
-                f"<style>{CSS}</style></head><body>{body}<script>{JS}</script></body></html>")
-        path = os.path.join(root, _page_name(p))
-        write_text_atomic(page, path)
-        written.append(path)
-    for stale in glob.glob(os.path.join(root, "index-*.html")):
-        if stale not in written:
-            os.unlink(stale)
-    return written
+    meta_json = json.dumps(meta).replace("</", "<\\/")  # a host name cannot end the script element
+    page = (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>svd-batch report</title>"
+            f"<style>{CSS}</style></head><body>{body}"
+            f'<script type="application/json" id="meta">{meta_json}</script>'
+            f"<script>{JS}</script></body></html>")
+    path = os.path.join(root, "index.html")
+    write_text_atomic(page, path)
+    for stale in glob.glob(os.path.join(root, "index-*.html")):  # the paginated pages of earlier versions
+        os.unlink(stale)
+    return [path]
 
 
 def _read_results(rd: RunDir) -> pa.Table:
@@ -146,6 +430,7 @@ def _read_results(rd: RunDir) -> pa.Table:
     return rd.read_records()
 
 
+# -- contact sheet -----------------------------------------------------------------------------------------
 def _frames(path: str) -> list[np.ndarray]:
     import imageio_ffmpeg
 
@@ -156,18 +441,22 @@ def _frames(path: str) -> list[np.ndarray]:
 
 
 THUMB_HEIGHT, PAD = 128, 6
+# PNG at zlib level 1: the sheet is a preview, and level 6 (PIL's default) cost ~0.5 s per run.
+PNG_LEVEL = 1
 
 
 def _thumb_path(root: str, row_id: str) -> str:
     return os.path.join(root, ".svd-batch", "thumbs", f"{row_id}.png")
 
 
-def _strip(frames: list[np.ndarray]) -> "Image.Image":
-    """First, middle and last frame side by side, THUMB_HEIGHT high."""
+def _strip(frames: list[np.ndarray], image=None) -> "Image.Image":
+    """The conditioning image (when known), then the first, middle and last frame, THUMB_HEIGHT high."""
     from PIL import Image
 
     picks = [Image.fromarray(np.asarray(f)) for f in (frames[0], frames[len(frames) // 2], frames[-1])]
-    picks = [p.resize((max(1, round(p.width * THUMB_HEIGHT / p.height)), THUMB_HEIGHT)) for p in picks]
+    if image is not None:
+        picks.insert(0, image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image)))
+    picks = [p.convert("RGB").resize((max(1, round(p.width * THUMB_HEIGHT / p.height)), THUMB_HEIGHT)) for p in picks]
     strip = Image.new("RGB", (sum(p.width + PAD for p in picks), THUMB_HEIGHT), (24, 24, 24))
     x = 0
     for p in picks:
@@ -176,16 +465,16 @@ def _strip(frames: list[np.ndarray]) -> "Image.Image":
     return strip
 
 
-def save_thumbnails(root: str, row_id: str, frames) -> None:
+def save_thumbnails(root: str, row_id: str, frames, image=None) -> None:
     """Called by the writer while it still holds the frames, so the contact sheet needs no decoding."""
     path = _thumb_path(root, row_id)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_path(path) as tmp:
-        _strip(list(frames)).save(tmp, format="PNG")
+        _strip(list(frames), image).save(tmp, format="PNG", compress_level=PNG_LEVEL)
 
 
 def write_contact_sheet(root: str, max_rows: int = 16) -> str | None:
-    """First, middle and last frame of the first ``max_rows`` rows, each row labelled."""
+    """Input image, then first, middle and last frame of the first ``max_rows`` rows, each row labelled."""
     from PIL import Image, ImageDraw, ImageFont
 
     rows = _read_results(RunDir(root)).slice(0, max_rows).to_pylist()
@@ -199,12 +488,18 @@ def write_contact_sheet(root: str, max_rows: int = 16) -> str | None:
         video = os.path.join(root, r["video_path"]) if r["status"] == "ok" and r["video_path"] else None
         if video and os.path.exists(video):
             thumb = _thumb_path(root, r["id"])
-            picture = Image.open(thumb).convert("RGB") if os.path.exists(thumb) else _strip(_frames(video))
-        width = label_w + (picture.width if picture else 3 * (THUMB_HEIGHT + PAD))
+            if os.path.exists(thumb):
+                picture = Image.open(thumb).convert("RGB")
+            else:
+                inp = input_image_path(root, r["id"])
+                picture = _strip(_frames(video), Image.open(inp) if os.path.exists(inp) else None)
+        width = label_w + (picture.width if picture else 4 * (THUMB_HEIGHT + PAD))
         strip = Image.new("RGB", (width, THUMB_HEIGHT + 2 * PAD), (24, 24, 24))
         draw = ImageDraw.Draw(strip)
         text = [r["id"][:40], f"seed {r['seed']}  fps {r['fps']}", f"motion {r['motion_bucket_id']}  noise {r['noise_aug_strength']:g}",
                 f"{r['num_frames']} frames  {r['width']}x{r['height']}"]
+        if r.get("motion_score") is not None:
+            text += [f"motion_score {r['motion_score']:.3f}  sim {r.get('image_similarity') or float('nan'):.3f}"]
         if r["status"] != "ok":
             text += ["FAILED: " + (r["error"] or "")[:40]]
         for i, line in enumerate(text):
@@ -219,7 +514,7 @@ def write_contact_sheet(root: str, max_rows: int = 16) -> str | None:
         y += s.height
     path = os.path.join(root, "contact_sheet.png")
     with atomic_path(path) as tmp:
-        sheet.save(tmp, format="PNG")
+        sheet.save(tmp, format="PNG", compress_level=PNG_LEVEL)
     return path
 
 
@@ -230,8 +525,8 @@ def write_report(root: str, page_size: int = 48, contact_rows: int = 16) -> list
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="svd-batch-report", description="Write index.html and contact_sheet.png "
-                                 "for a finished or interrupted svd-batch run.")
+    ap = argparse.ArgumentParser(prog="svd-batch-report", description="Write index.html (with its row data under "
+                                 "report/) and contact_sheet.png for a finished or interrupted svd-batch run.")
     ap.add_argument("output_dir")
     ap.add_argument("--page-size", type=int, default=48, help="videos per page")
     ap.add_argument("--contact-rows", type=int, default=16, help="rows on the contact sheet")

@@ -195,7 +195,14 @@ def load_manifest(
         if col not in raw.column_names:
             raise ManifestError(source, [Problem(None, None, col, "<missing>", "a column to filter on")])
         values = wanted if isinstance(wanted, (list, tuple)) else [wanted]
-        raw = raw.filter(pc.is_in(raw[col], value_set=pa.array(values)))
+        try:  # the values must be of the column's type: where.fps="7" on an integer column is a usage error
+            value_set = pa.array(values).cast(raw[col].type)
+            keep = pc.is_in(raw[col], value_set=value_set)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            raise ManifestError(source, [Problem(None, None, col, wanted, f"values of the column's type ({raw[col].type}), "
+                                                 "as manifest.where.<column>=<value> or a list of them")],
+                                hint="A manifest.where filter does not match its column's type:") from None
+        raw = raw.filter(keep)
     if limit is not None:
         raw = raw.slice(0, int(limit))
     if raw.num_rows == 0:

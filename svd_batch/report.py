@@ -18,6 +18,9 @@ def results_table(records: pa.Table, manifest: pa.Table, extra_columns: list[str
     joined = joined.sort_by("__row")
     row_idx = joined.schema.get_field_index("row")
     joined = joined.set_column(row_idx, "row", joined["__row"]).drop_columns(["__row"])
+    for f in RESULT_SCHEMA:  # records made before a column existed (e.g. the scores) have it empty
+        if f.name not in joined.column_names:
+            joined = joined.append_column(f.name, pa.nulls(joined.num_rows, f.type))
     ordered = [f.name for f in RESULT_SCHEMA] + extra_columns
     return joined.select(ordered)
 

@@ -71,6 +71,9 @@ RESULT_SCHEMA = pa.schema(
         ("host", pa.string()),
         ("started_at", pa.timestamp("us", tz="UTC")),
         ("finished_at", pa.timestamp("us", tz="UTC")),
+        ("motion_score", pa.float64()),  # scores.py: null when report.scores=false or the row failed
+        ("image_similarity", pa.float64()),
+        ("flicker_score", pa.float64()),
     ]
 )
 
@@ -179,7 +182,8 @@ class RunDir:
         for path in self.part_files() + self.markers() + [self.records_path, self.results_path, self.run_json]:
             if os.path.exists(path):
                 os.unlink(path)
-        for folder, suffix in ((self.videos, ".mp4"), (os.path.join(self.state, "thumbs"), ".png")):
+        for folder, suffix in ((self.videos, ".mp4"), (os.path.join(self.state, "thumbs"), ".png"),
+                               (os.path.join(self.root, "inputs"), ".jpg")):
             if os.path.isdir(folder):
                 for entry in os.scandir(folder):
                     if entry.name.endswith(suffix):
@@ -284,7 +288,8 @@ class RunDir:
 
     def remove_temporaries(self) -> None:
         """Drop files that a killed process left half-written; they never counted as done."""
-        for d in (self.videos, self.parts, self.state, self.done, os.path.join(self.state, "thumbs"), self.root):
+        for d in (self.videos, self.parts, self.state, self.done, os.path.join(self.state, "thumbs"), self.root,
+                  os.path.join(self.root, "inputs"), os.path.join(self.root, "report")):
             if os.path.isdir(d):
                 for entry in os.scandir(d):
                     if ".tmp-" in entry.name:

@@ -236,6 +236,14 @@ class StopFlag:
 def run(cfg: DictConfig) -> int:
     rank, world = env_rank_world()
     try:
+        from .settings import SettingsError, check as check_settings
+
+        check_settings(cfg)
+    except SettingsError as exc:
+        if rank == 0:
+            log(f"svd-batch: {exc}")
+        return EXIT_USAGE
+    try:
         manifest = read_manifest(cfg)
     except ManifestError as exc:
         exc.dataset = str(cfg.manifest.get("name") or "") or None

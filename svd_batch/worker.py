@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from .fields import CONDITIONING_FIELDS
 from .gallery import save_thumbnails
@@ -33,6 +34,7 @@ from .generate import DeviceFailure, Generator
 from .images import ImageError, load_image
 from .plan import Plan, row_cost, with_seed
 from .rundir import PartWriter, RunDir, write_text_atomic
+from .scores import pipeline_embedder, save_input_image, scores_for_record
 from .util import first_line, peak_host_memory_bytes
 from .write import frames_sha256, is_output_error, output_folder_error, write_mp4
 
@@ -166,6 +168,8 @@ class RankWorker:
         slow = dict(x.split(":") for x in filter(None, os.environ.get("SVD_BATCH_INJECT_SLOW", "").split(",")))
         self.slow = float(slow.get(str(rank), 0.0))
         self.thumb_max_row = thumb_max_row
+        self.scores = bool(OmegaConf.select(cfg, "report.scores", default=True))
+        self.embed = pipeline_embedder(getattr(gen, "pipe", None)) if self.scores else None
 
     # -- the loop -----------------------------------------------------------------------------------------
     def run(self, plan: Plan, next_unit: Callable[[], int | None]) -> RankStats:
@@ -303,6 +307,8 @@ class RankWorker:
                          attention=res.attention)
             self.stats.recompiles_after_warmup = gen.recompiles() if gen.compiled else None
         for o in out:
+            if o["image"] is not None and o["frames"] is not None:  # for gallery and scores; resized by the writer
+                o["input_image"] = o["image"]
             o["image"] = None  # the writer needs frames, not the source image: free it early
         return out
 
@@ -341,8 +347,14 @@ class RankWorker:
                 record["frames_sha256"] = frames_sha256(o["frames"])
                 write_mp4(o["frames"], self.rundir.video_path(row["id"]), int(row["fps"]), crf=int(cfg.video.crf),
                           codec=str(cfg.video.codec), pix_fmt=str(cfg.video.pix_fmt), preset=str(cfg.video.preset))
+                # The conditioning image as the model saw it: the same resize generate.py does, off the model's thread.
+                seen = o["input_image"].resize((int(row["width"]), int(row["height"]))) if o.get("input_image") is not None else None
                 if row["row"] <= self.thumb_max_row:
-                    save_thumbnails(self.rundir.root, row["id"], o["frames"])
+                    save_thumbnails(self.rundir.root, row["id"], o["frames"], seen)
+                if seen is not None:
+                    save_input_image(self.rundir.root, row["id"], seen)
+                if self.scores:
+                    record.update(scores_for_record(o["frames"], seen, self.embed))
                 record.update(status="ok", error=None, video_path=f"videos/{row['id']}.mp4")
             except Exception as exc:  # noqa: BLE001 - e.g. ffmpeg failing on this row
                 if is_output_error(exc) or self._folder_refuses_writes():

@@ -147,3 +147,36 @@ def test_help_lists_usage_groups_and_exit_codes():
     assert proc.returncode == 0
     assert "Usage: svd-batch" in proc.stdout and "Exit codes" in proc.stdout
     assert "model: svd, svd_xt, svd_xt_1_1, tiny" in proc.stdout and "memory: full, low_vram, offload" in proc.stdout
+
+
+def test_multirun_is_refused_before_anything_runs(tmp_path):
+    for flag in ("-m", "--multirun"):
+        proc = subprocess.run([sys.executable, "-m", "svd_batch", flag, "generation.seed=1,2", "runtime.progress=false"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert "svd-batch-manifest" in proc.stderr and "--sweep seed=1,2" in proc.stderr
+        assert "\n" not in proc.stderr.strip()  # one paragraph
+        assert os.listdir(tmp_path) == []  # no multirun/<date>, no outputs/<date>, no run folder
+
+
+def test_config_values_of_the_wrong_type_are_named_with_exit_2(tmp_path):
+    proc = run_cli("runtime.batch_size=two", "report.enabled=yes", "generation.fps=0.5", "dry_run=true",
+                   f"output.dir={tmp_path / 'out'}")
+    assert proc.returncode == 2, proc.stderr
+    msg = proc.stderr.strip()
+    assert "\n" not in msg and "Traceback" not in msg
+    for part in ("runtime.batch_size = 'two'", "an integer >= 1", "report.enabled = 'yes'", "true or false",
+                 "generation.fps = 0.5", "3 config values", "runtime.batch_size=<value>"):
+        assert part in msg, (part, msg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_manifest_where_of_the_wrong_type_is_a_manifest_error(tmp_path):
+    m = write_manifest(tmp_path / "m.parquet", [{"id": "a", "image": "a.jpg", "fps": 7}])
+    for override, part in (("+manifest.where.fps=fast", "column 'fps' = 'fast'"),
+                           ("+manifest.where.id={x:1}", "manifest.where.id = {'x': 1}")):
+        proc = run_cli(f"manifest.path={m}", override, "dry_run=true")
+        assert proc.returncode == 2, proc.stderr
+        assert part in proc.stderr and "Traceback" not in proc.stderr and "Arrow" not in proc.stderr, proc.stderr
+    proc = run_cli(f"manifest.path={m}", "+manifest.where.fps=7", "dry_run=true")
+    assert proc.returncode == 0 and "1 selected" in proc.stdout, proc.stderr

@@ -50,7 +50,7 @@ def test_two_processes_match_one(manifest, reference, tmp_path):
     assert set(t["rank"].to_pylist()) == {0, 1} and set(t["world_size"].to_pylist()) == {2}
     # One folder for all ranks, config saved once, summary printed once, no Hydra folders.
     assert sorted(p.name for p in out.iterdir()) == [".svd-batch", "config.yaml", "contact_sheet.png", "index.html",
-                                                     "results.parquet", "stats", "videos"]
+                                                     "inputs", "report", "results.parquet", "stats", "videos"]
     assert sorted(p.name for p in (out / "stats").iterdir()) == ["rank-00000.json", "rank-00001.json"]
     assert (proc.stdout + proc.stderr).count(f"{N_ROWS} ok, 0 failed") == 1
     assert not tmp_files(out) and len(os.listdir(out / "videos")) == N_ROWS

@@ -1,40 +1,24 @@
-"""The gallery and contact sheet, checked in a real headless browser and as pixels."""
+"""The report and contact sheet, checked in a real headless browser (from file://, no server) and as pixels."""
 
-import http.server
+import importlib.util
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
-from functools import partial
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tests.conftest import SAMPLE, read_results, run_cli, write_manifest
+from tests.conftest import REPO, SAMPLE, read_results, run_cli, write_manifest
 
-HARNESS = """<!doctype html><html><body><iframe id="f" src="{page}"></iframe><pre id="result">pending</pre><script>
-const f = document.getElementById('f');
-f.onload = () => {{
-  const vids = [...f.contentDocument.querySelectorAll('video')];
-  const out = {{}};
-  let left = vids.length;
-  const done = () => {{ document.getElementById('result').textContent = JSON.stringify(out); }};
-  const rec = (v, value) => {{ out[v.dataset.id] = value; if (--left === 0) done(); }};
-  vids.forEach(v => {{
-    if (v.readyState >= 1) rec(v, v.duration);
-    else {{
-      v.addEventListener('loadedmetadata', () => rec(v, v.duration));
-      v.addEventListener('error', () => rec(v, 'error ' + (v.error && v.error.code)));
-      v.load();
-    }}
-  }});
-  if (!vids.length) done();
-}};
-</script></body></html>"""
+PAGE = 24  # videos per page in the big report
 
 
 def chromium() -> str:
@@ -43,8 +27,37 @@ def chromium() -> str:
     return path
 
 
+def open_page(root: Path, fragment: str, tmp_path: Path) -> str:
+    """The page's DOM after it loaded its rows and its videos had time to load and play."""
+    url = (root / "index.html").resolve().as_uri() + (f"#{fragment}" if fragment else "")
+    # A tall window: every card of a page is on screen, so every video of the page is asked to play.
+    proc = subprocess.run(
+        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic", "--mute-audio",
+         "--autoplay-policy=no-user-gesture-required", f"--user-data-dir={tmp_path / 'profile'}",
+         "--window-size=1400,12000", "--virtual-time-budget=20000", "--dump-dom", url],
+        capture_output=True, text=True, timeout=180)
+    assert 'data-loaded="1"' in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+def cards(dom: str) -> list[dict]:
+    """Each card on the page: id, whether it is a failed row, its video and input image state."""
+    out = []
+    for m in re.finditer(r'<div class="card( failed)?" data-id="([^"]+)" data-row="(\d+)"(.*?)</div></div>(?=<div class="card|</div>)',
+                         dom, re.S):
+        body = m.group(4)
+        video = re.search(r"<video ([^>]*)>", body)
+        img = re.search(r'<img class="in" ([^>]*)>', body)
+        attrs = lambda tag: dict(re.findall(r'([\w-]+)="([^"]*)"', tag)) if tag else None  # noqa: E731
+        out.append({"id": m.group(2), "failed": bool(m.group(1)), "video": attrs(video and video.group(1)),
+                    "img": attrs(img and img.group(1))})
+    return out
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
+    """A real run of the tiny model: three videos and one failed row."""
     d = tmp_path_factory.mktemp("gallery")
     rows = [{"id": "cat", "image": str(SAMPLE / "cat.jpg"), "fps": 8, "num_frames": 8},
             {"id": "rocket", "image": str(SAMPLE / "rocket.jpg"), "fps": 4, "num_frames": 6},
@@ -57,61 +70,131 @@ def run_dir(tmp_path_factory):
     return out
 
 
-def serve(root):
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a: None
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    return srv
+def synthetic_results(n: int) -> pa.Table:
+    spec = importlib.util.spec_from_file_location("bench_report", REPO / "scripts" / "bench_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.synthetic_results(n, seed=1)
 
 
-def durations_in_browser(root, page, tmp_path) -> dict:
-    (root / "selftest.html").write_text(HARNESS.format(page=page))
-    srv = serve(root)
-    try:
-        proc = subprocess.run(
-            [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic", "--mute-audio",
-             "--autoplay-policy=no-user-gesture-required", f"--user-data-dir={tmp_path / 'profile'}",
-             "--virtual-time-budget=20000", "--dump-dom",
-             f"http://127.0.0.1:{srv.server_address[1]}/selftest.html"],
-            capture_output=True, text=True, timeout=120)
-    finally:
-        srv.shutdown()
-        os.unlink(root / "selftest.html")
-    found = re.search(r'<pre id="result">(.*?)</pre>', proc.stdout, re.S)
-    assert found, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return json.loads(found.group(1))
+@pytest.fixture(scope="module")
+def big_report(run_dir, tmp_path_factory):
+    """1,200 rows (2% failed) whose videos and input images are links to the real run's files."""
+    root = tmp_path_factory.mktemp("big") / "run"
+    for d in ("videos", "inputs", ".svd-batch"):
+        (root / d).mkdir(parents=True)
+    t = synthetic_results(1200)
+    real = ["cat", "rocket", "coffee"]
+    sizes = {r["id"]: r for r in read_results(run_dir).to_pylist()}
+    for k, (rid, status) in enumerate(zip(t["id"].to_pylist(), t["status"].to_pylist())):
+        if status == "ok":
+            src = real[k % 3]
+            os.symlink(run_dir / "videos" / f"{src}.mp4", root / "videos" / f"{rid}.mp4")
+            os.symlink(run_dir / "inputs" / f"{src}.jpg", root / "inputs" / f"{rid}.jpg")
+    for c in ("width", "height"):
+        t = t.set_column(t.schema.get_field_index(c), c, pa.array(np.full(t.num_rows, sizes["cat"][c]), pa.int64()))
+    pq.write_table(t, root / "results.parquet")
+    proc = subprocess.run([sys.executable, "-m", "svd_batch.gallery", str(root), "--page-size", str(PAGE)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return root, t
 
 
-def test_every_video_on_the_first_page_loads_with_its_duration(run_dir, tmp_path):
-    results = {r["id"]: r for r in read_results(run_dir).to_pylist()}
-    got = durations_in_browser(run_dir, "index.html", tmp_path)
-    assert sorted(got) == ["cat", "rocket"]  # page 1 of 2 (page size 2), in manifest order
-    for vid, duration in got.items():
-        r = results[vid]
-        assert isinstance(duration, (int, float)), f"{vid}: {duration}"
-        assert abs(duration - r["num_frames"] / r["fps"]) < 0.5 / r["fps"] + 0.02, (vid, duration)
-    assert list(durations_in_browser(run_dir, "index-2.html", tmp_path)) == ["coffee"]
+def assert_plays_with_input(c: dict) -> None:
+    assert c["video"] is not None and "data-error" not in c["video"], c
+    assert float(c["video"].get("data-duration", 0)) > 0, c  # loaded: the browser decoded its header
+    assert c["video"].get("data-playing") == "1", c  # and it played
+    assert c["img"] is not None and c["img"].get("data-loaded") == "1", c  # its input image is beside it
 
 
-def test_page_content(run_dir):
+def test_big_report_pages_sorts_and_filters_in_the_browser(big_report, tmp_path):
+    root, t = big_report
+    assert len(list((root / "report").glob("data-*.js"))) == 1
+    assert not list(root.glob("index-*.html"))
+    ids, status = t["id"].to_pylist(), t["status"].to_pylist()
+    motion = t["motion_score"].to_pylist()
+
+    first = cards(open_page(root, "", tmp_path))
+    assert [c["id"] for c in first] == ids[:PAGE]  # manifest order, one page of cards, not 1,200
+    for c in first:
+        if c["failed"]:
+            assert c["video"] is None
+        else:
+            assert_plays_with_input(c)
+
+    # Sorting by a score reorders the videos: the lowest motion_score over all 1,200 rows comes first (the
+    # page holds scores to 4 decimals; equal ones keep manifest order).
+    by_motion = sorted((float(np.round(m, 4)), i) for i, m in enumerate(motion) if m is not None)
+    dom = open_page(root, "sort=motion_score&order=asc", tmp_path)
+    low = cards(dom)
+    assert [c["id"] for c in low] == [ids[i] for _, i in by_motion[:PAGE]]
+    assert [c["id"] for c in low] != [c["id"] for c in first]
+    for c in low:
+        assert_plays_with_input(c)
+    high = cards(open_page(root, "sort=motion_score&order=desc&page=2", tmp_path))
+    by_motion_desc = sorted(by_motion, key=lambda p: (-p[0], p[1]))
+    assert [c["id"] for c in high] == [ids[i] for _, i in by_motion_desc[PAGE:2 * PAGE]]
+
+    # Failed only: only failed rows, all of them in order, with their errors.
+    failed_ids = [i for i, s in zip(ids, status) if s == "failed"]
+    dom = open_page(root, "failed=1", tmp_path)
+    shown = cards(dom)
+    assert shown and all(c["failed"] for c in shown)
+    assert [c["id"] for c in shown] == failed_ids[:PAGE]
+    assert f"{len(failed_ids)} rows match" in dom and "file not found" in dom
+
+    # Score below a threshold: only rows under it.
+    sim = {i: None if v is None else float(np.round(v, 4)) for i, v in zip(ids, t["image_similarity"].to_pylist())}
+    shown = cards(open_page(root, "below=image_similarity:0.9&sort=id&order=desc", tmp_path))
+    expected = sorted((i for i in ids if sim[i] is not None and sim[i] < 0.9), reverse=True)[:PAGE]
+    assert [c["id"] for c in shown] == expected
+
+
+def test_big_report_size_and_summary(big_report):
+    root, t = big_report
+    page = (root / "index.html").read_text()
+    n_failed = pc.sum(pc.equal(t["status"], "failed")).as_py()
+    assert f"rows ok</th><td>{t.num_rows - n_failed}" in page and f"rows failed</th><td>{n_failed}" in page
+    # The summary is HTML (shown before any row data loads); the rows are data, not markup.
+    assert page.split("<script")[0].count('class="card') == 0 and len(page) < 100_000
+    assert 'id="chart-throughput"' in page and 'id="chart-seconds"' in page
+    assert page.count("<polyline") == 8  # one throughput line per rank
+    data = (root / "report" / "data-00000.js").read_text()
+    assert data.startswith("SVD.chunk(0,") and len(data) < 200 * t.num_rows
+    meta = json.loads(re.search(r'<script type="application/json" id="meta">(.*?)</script>', page).group(1))
+    assert meta["n"] == 1200 and meta["scores"] == ["motion_score", "image_similarity", "flicker_score"]
+
+
+def test_real_run_report(run_dir, tmp_path):
     page = (run_dir / "index.html").read_text()
     assert "rows ok</th><td>3" in page and "rows failed</th><td>1" in page
     assert "videos per hour" in page and "p95 per video" in page and "Peak VRAM" in page
-    assert 'href="index-2.html"' in page and "missing.jpg" in page and "file not found" in page
-    assert "seed " in page and "motion 127" in page and "muted loop" in page
-    assert 'src="videos/cat.mp4"' in page and "http" not in page.split("<script>")[0].split("<body>")[1]
-    assert "IntersectionObserver" in page  # only visible videos play
+    assert "missing.jpg" in page and "file not found" in page  # failed rows are listed at once
+    assert "motion_score</th>" in page  # score summary
+    dom = open_page(run_dir, "", tmp_path)
+    shown = cards(dom)
+    assert [c["id"] for c in shown] == ["cat", "rocket"]  # page 1 of 2 (page size 2), manifest order
+    results = {r["id"]: r for r in read_results(run_dir).to_pylist()}
+    for c in shown:
+        assert_plays_with_input(c)
+        r = results[c["id"]]
+        duration = float(c["video"]["data-duration"])
+        assert abs(duration - r["num_frames"] / r["fps"]) < 0.5 / r["fps"] + 0.02, (c["id"], duration)
+    assert [c["id"] for c in cards(open_page(run_dir, "page=2", tmp_path))] == ["coffee", "gone"]
+    assert "http" not in page.split("<script")[0].split("<body>")[1]  # nothing from the network
 
 
-def test_contact_sheet_shows_first_middle_last_frames(run_dir, tmp_path):
+def test_contact_sheet_shows_input_then_first_middle_last_frames(run_dir, tmp_path):
     # Thumbnails were kept while the frames were in memory, so the sheet decodes nothing.
     assert sorted(p.name for p in (run_dir / ".svd-batch" / "thumbs").iterdir()) == ["cat.png", "coffee.png", "rocket.png"]
     sheet = Image.open(run_dir / "contact_sheet.png")
     assert sheet.mode == "RGB" and sheet.height >= 4 * 128  # four rows, the failed one labelled
-    strip = sheet.crop((300, 0, sheet.width, 140)).convert("L")
-    assert strip.getextrema()[1] - strip.getextrema()[0] > 50  # real frames, not an empty canvas
+    # First column: the conditioning image as the model saw it.
+    inp = np.asarray(Image.open(run_dir / "inputs" / "cat.jpg").convert("RGB").resize((128, 128)), dtype=float)
+    first = np.asarray(sheet.crop((300, 6, 428, 134)), dtype=float)
+    assert np.abs(first - inp).mean() < 12
+    strip = sheet.crop((434, 0, sheet.width, 140)).convert("L")
+    assert strip.getextrema()[1] - strip.getextrema()[0] > 50  # real frames after it
     # Without thumbnails (a run made before them, or deleted) the sheet decodes the videos: same picture.
     from svd_batch.gallery import write_contact_sheet
 
@@ -127,10 +210,13 @@ def test_report_command_on_an_interrupted_run(run_dir, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
     os.unlink(copy / "results.parquet")  # as if killed before the merge: records only
-    for f in ("index.html", "index-2.html", "contact_sheet.png"):
+    for f in ("index.html", "contact_sheet.png"):
         os.unlink(copy / f)
-    proc = subprocess.run([str(Path(sys.executable).with_name("svd-batch-report")), str(copy), "--page-size", "10"],
-                          capture_output=True, text=True)
+    shutil.rmtree(copy / "report")
+    (copy / "index-2.html").write_text("a page of an earlier version")
+    proc = subprocess.run([sys.executable, "-m", "svd_batch.gallery", str(copy), "--page-size", "10"],
+                          cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert (copy / "index.html").exists() and (copy / "contact_sheet.png").exists()
+    assert (copy / "report" / "data-00000.js").exists()
     assert not (copy / "index-2.html").exists()
