@@ -533,6 +533,11 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if not os.path.isdir(os.path.join(args.output_dir, ".svd-batch")):
         sys.exit(f"svd-batch-report: {args.output_dir} is not an svd-batch output folder (no .svd-batch/ inside)")
+    from .runner import complete_folder
+
+    # A run whose last rank was lost left its records unmerged: merge them and write results.parquet first
+    # (only when no run holds the folder), so the report shows every recorded row.
+    complete_folder(args.output_dir, say=lambda msg: print(msg, file=sys.stderr))
     for path in write_report(args.output_dir, args.page_size, args.contact_rows):
         print(path)
 

@@ -271,3 +271,21 @@ def test_losing_the_coordinator_ends_the_ranks_cleanly(manifest, reference, tmp_
     again = run_cli(f"manifest.path={manifest}", f"output.dir={out}", "report.enabled=false")
     assert again.returncode == 0, again.stderr
     assert hashes(out) == reference
+
+
+def test_a_broken_device_stops_its_rank_and_leaves_its_rows_to_others(manifest, reference, tmp_path):
+    out = tmp_path / "out"
+    # Whichever rank claims r03 meets a sticky CUDA error there (injected): that rank stops, the other one runs
+    # every row still unclaimed, and r03 is left undone, not recorded failed.
+    proc = launch(f"manifest.path={manifest}", f"output.dir={out}", "report.enabled=false",
+                  env={"SVD_BATCH_INJECT_DEVICE_ERROR": "r03"})
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "exitcode: 3" in log, log  # incomplete, not "rows failed"
+    assert "stopped: device cpu on host" in log and "illegal memory access" in log
+    assert "SIGTERM" not in log and "exitcode: -15" not in log
+    t = read_results(out)
+    assert "r03" not in t["id"].to_pylist() and t.num_rows == N_ROWS - 1
+    assert set(t["status"].to_pylist()) == {"ok"}
+    again = run_cli(f"manifest.path={manifest}", f"output.dir={out}", "report.enabled=false")
+    assert again.returncode == 0, again.stderr
+    assert hashes(out) == reference
