@@ -75,8 +75,15 @@ def test_resume_refuses_another_attention_backend(tmp_path):
     assert run_cli(*common, "runtime.attention=math").returncode == 0
     proc = run_cli(*common, "runtime.attention=flash")
     assert proc.returncode == 2 and "runtime.attention: 'math' -> 'flash'" in proc.stderr, proc.stderr
-    # Defaults stay out of the fingerprint: folders from before these settings existed still resume.
+    # The fingerprint holds resolved values; a folder whose fingerprint predates some keys (an older svd-batch)
+    # still resumes: keys it lacks are not compared.
     from svd_batch.rundir import RunDir
 
-    fp = RunDir(str(out)).read_fingerprint()
-    assert fp["runtime.attention"] == "math" and "runtime.batch_size" not in fp and "runtime.compile" not in fp
+    rd = RunDir(str(out))
+    fp = rd.read_fingerprint()
+    assert fp["runtime.attention"] == "math" and fp["runtime.batch_size"] == 1 and fp["runtime.compile"] is False
+    legacy = {k: v for k, v in fp.items() if not k.startswith("runtime.")}
+    legacy["model.dtype"] = "auto"
+    rd.write_fingerprint(legacy)
+    again = run_cli(*common, "runtime.attention=math")
+    assert again.returncode == 0 and "nothing left to do" in again.stderr, again.stderr

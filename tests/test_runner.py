@@ -144,7 +144,7 @@ def test_the_same_failure_row_after_row_stops_the_rank_without_recording_those_r
     bad = {"SVD_BATCH_INJECT_OOM": "r1:99,r2:99,r3:99"}
     proc = run_cli(f"manifest.path={m}", f"output.dir={out}", "runtime.max_same_failures=3", env=bad)
     assert proc.returncode == 3, proc.stderr  # incomplete, not "rows failed"
-    assert "rank 0 on host" in proc.stderr and "3 rows in a row failed the same way" in proc.stderr
+    assert "rank 0 stopped: cpu on host" in proc.stderr and "3 rows in a row failed the same way" in proc.stderr
     t = read_results(out)
     assert t["id"].to_pylist() == ["r0"] and t["status"].to_pylist() == ["ok"]  # none recorded failed
     assert "5 row(s) not done" in proc.stderr
