@@ -47,6 +47,7 @@ RESULT_SCHEMA = pa.schema(
         ("seed", pa.int64()),
         *[(f, pa.int64() if f in INT_FIELDS else pa.float64()) for f in CONDITIONING_FIELDS],
         ("frames_sha256", pa.string()),
+        ("image_sha256", pa.string()),  # of the encoded image bytes the row was made from (see images.py)
         ("load_seconds", pa.float64()),
         ("generate_seconds", pa.float64()),
         ("write_seconds", pa.float64()),

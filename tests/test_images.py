@@ -109,7 +109,7 @@ def test_bad_files_fail_with_reasons(tmp_path):
         str(tmp_path / "trunc.png"): "truncated",
         str(tmp_path / "junk.jpg"): "corrupt or truncated",
         str(tmp_path): "directory",
-        "ftp://host/x.jpg": "unsupported URL scheme",
+        "nosuchscheme://host/x.jpg": "unsupported URL scheme",
     }
     for uri, reason in expectations.items():
         with pytest.raises(ImageError, match=reason):
