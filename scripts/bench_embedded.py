@@ -8,10 +8,11 @@ metadata, row groups of 1,000 rows; about 5 GB at the defaults), then measures, 
 
 1. `svd-batch dry_run=true` on it (manifest read + validation + plan), beside the same run on a manifest of
    100,000 path strings: the embedded bytes should add nothing;
-2. a short real run (`manifest.limit=--real-rows`, tiny model, 64x64, 8 frames, 4 steps);
-3. the cell reader alone over every row in order, then over 2,000 rows in random order (the order ranks
-   may claim rows in): memory stays a few windows whatever the order; the in-order pass also gives the
-   cost of hashing every image at start (the check svd-batch does not do: see README, "Resume").
+2. a short real run (`manifest.limit=--real-rows`, tiny model, 64x64, 8 frames, 4 steps), beside the same
+   rows given as image files (the recorded image_sha256 must agree);
+3. the cell reader alone over every row in order (how rows of equal cost run), then over 500 rows in
+   random order (the worst case): memory stays a few windows whatever the order; the in-order pass also
+   gives the cost of hashing every image at each start (the check svd-batch does not do: README, "Resuming").
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,7 +90,7 @@ import sys, time, resource, hashlib, numpy as np
 from svd_batch.embedded import CellReader
 shard, rows, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 r = CellReader()
-order = range(rows) if mode == "order" else np.random.default_rng(1).permutation(rows)[:2000]
+order = range(rows) if mode == "order" else np.random.default_rng(1).permutation(rows)[:500]
 t = time.perf_counter(); total = 0; peak_cache = 0
 for i in order:
     b = r.read(shard, int(i), "image.bytes")
@@ -103,6 +105,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--kb", type=int, default=50)
     ap.add_argument("--real-rows", type=int, default=8)
+    ap.add_argument("--skip-reader", action="store_true", help="skip the cell reader passes (3.)")
     ap.add_argument("--keep", default=None, help="build (or reuse) the shard here instead of a temporary folder")
     args = ap.parse_args()
     root = args.keep or tempfile.mkdtemp(prefix="bench-embedded-")
@@ -122,20 +125,35 @@ def main() -> None:
                                           f"output.dir={os.path.join(root, 'out-dry')}"])
             assert rc == 0, out
             print(f"{label}: {wall:.1f} s, peak RSS {rss / 2**20:.0f} MiB")
-        out_dir = os.path.join(root, "out-real")
-        shutil.rmtree(out_dir, ignore_errors=True)
-        wall, rss, rc, out = measure([py, "-m", "svd_batch", *TINY, f"manifest.path={shard}",
-                                      f"manifest.limit={args.real_rows}", f"output.dir={out_dir}"])
-        assert rc == 0, out
-        res = pq.read_table(os.path.join(out_dir, "results.parquet"))
-        assert set(res["status"].to_pylist()) == {"ok"}
-        print(f"real run, {args.real_rows} rows (tiny model): {wall:.1f} s, peak RSS {rss / 2**20:.0f} MiB, "
-              f"largest recorded peak_host_memory_bytes {max(res['peak_host_memory_bytes'].to_pylist()) / 2**20:.0f} MiB")
+        # The same first rows as image files beside a manifest of paths: the baseline for the real run.
+        files_dir = os.path.join(root, "files")
+        os.makedirs(files_dir, exist_ok=True)
+        first = pq.ParquetFile(shard).read_row_group(0).slice(0, args.real_rows).column("image").to_pylist()
+        for i, cell in enumerate(first):
+            with open(os.path.join(files_dir, cell["path"]), "wb") as f:
+                f.write(cell["bytes"])
+        pq.write_table(pa.table({"image": [c["path"] for c in first]}), os.path.join(files_dir, "files.parquet"))
+        hashes = {}
+        for label, path in (("embedded", shard), ("image files", os.path.join(files_dir, "files.parquet"))):
+            out_dir = os.path.join(root, "out-real")
+            shutil.rmtree(out_dir, ignore_errors=True)
+            wall, rss, rc, out = measure([py, "-m", "svd_batch", *TINY, f"manifest.path={path}",
+                                          f"manifest.limit={args.real_rows}", f"output.dir={out_dir}",
+                                          "generation.seed=5"])
+            assert rc == 0, out
+            res = pq.read_table(os.path.join(out_dir, "results.parquet")).sort_by("row")
+            assert set(res["status"].to_pylist()) == {"ok"}
+            hashes[label] = res["image_sha256"].to_pylist()
+            print(f"real run, {args.real_rows} rows, {label} (tiny model): {wall:.1f} s, peak RSS "
+                  f"{rss / 2**20:.0f} MiB, mean load_seconds {1000 * pc.mean(res['load_seconds']).as_py():.1f} ms")
+        assert hashes["embedded"] == hashes["image files"]
+        if args.skip_reader:
+            return
         for mode in ("order", "random"):
             wall, rss, rc, out = measure([py, "-c", READER, shard, str(args.rows), mode])
             assert rc == 0, out
             n, total, secs, windows, restarts, cache = out.split("RESULT ")[1].split()[:6]
-            what = "every row in order" if mode == "order" else "2,000 rows in random order"
+            what = "every row in order" if mode == "order" else "500 rows in random order"
             print(f"cell reader, {what}: {n} cells, {int(total) / 2**30:.2f} GiB read and sha256-hashed in "
                   f"{float(secs):.1f} s, {windows} windows read ({restarts} re-reads of a row group), largest "
                   f"cache {int(cache) / 2**20:.0f} MiB, peak RSS {rss / 2**20:.0f} MiB")

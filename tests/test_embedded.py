@@ -228,3 +228,16 @@ def test_changed_image_bytes_are_seen_only_where_the_reference_moved(tmp_path):
                         "image_sha256": [sha[0], sha[1], "not-read"]})
     n, lines = changed_images(m, records)
     assert n == 1 and lines[0].startswith("b: image 'rocket.jpg' -> 'cat.jpg'")
+
+
+def test_bench_embedded_small(tmp_path):
+    import subprocess
+
+    from tests.conftest import REPO
+
+    proc = subprocess.run([sys.executable, "scripts/bench_embedded.py", "--rows", "1500", "--kb", "8",
+                           "--real-rows", "1", "--keep", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "dry run, embedded" in proc.stdout and "real run, 1 rows, image files" in proc.stdout
+    assert "cell reader, every row in order: 1500 cells" in proc.stdout and "(0 re-reads" in proc.stdout
