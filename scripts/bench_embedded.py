@@ -123,7 +123,7 @@ def main() -> None:
         for label, path in (("dry run, embedded", shard), ("dry run, path strings", strings)):
             wall, rss, rc, out = measure([py, "-m", "svd_batch", *TINY, f"manifest.path={path}", "dry_run=true",
                                           f"output.dir={os.path.join(root, 'out-dry')}"])
-            assert rc == 0, out
+            assert rc == 0, f"exit {rc}: {out}"
             print(f"{label}: {wall:.1f} s, peak RSS {rss / 2**20:.0f} MiB")
         # The same first rows as image files beside a manifest of paths: the baseline for the real run.
         files_dir = os.path.join(root, "files")
@@ -140,7 +140,7 @@ def main() -> None:
             wall, rss, rc, out = measure([py, "-m", "svd_batch", *TINY, f"manifest.path={path}",
                                           f"manifest.limit={args.real_rows}", f"output.dir={out_dir}",
                                           "generation.seed=5"])
-            assert rc == 0, out
+            assert rc == 0, f"exit {rc}: {out}"
             res = pq.read_table(os.path.join(out_dir, "results.parquet")).sort_by("row")
             assert set(res["status"].to_pylist()) == {"ok"}
             hashes[label] = res["image_sha256"].to_pylist()
@@ -151,7 +151,7 @@ def main() -> None:
             return
         for mode in ("order", "random"):
             wall, rss, rc, out = measure([py, "-c", READER, shard, str(args.rows), mode])
-            assert rc == 0, out
+            assert rc == 0, f"exit {rc}: {out}"
             n, total, secs, windows, restarts, cache = out.split("RESULT ")[1].split()[:6]
             what = "every row in order" if mode == "order" else "500 rows in random order"
             print(f"cell reader, {what}: {n} cells, {int(total) / 2**30:.2f} GiB read and sha256-hashed in "

@@ -227,7 +227,7 @@ def _embedded_refs(files: list[str], fs, column: str, kind: str, base: str) -> t
             paths = None
             if kind == "struct" and f"{column}.path" in [pf.metadata.schema.column(i).path
                                                          for i in range(pf.metadata.num_columns)]:
-                paths = bytes_of_path(pf.read(columns=[f"{column}.path"], use_threads=False).column(0))
+                paths = _struct_paths(pf.read(columns=[f"{column}.path"], use_threads=False).column(0))
         full = fs.unstrip_protocol(f) if fs is not None else os.path.abspath(f)
         name = posixpath.relpath(f, base) if fs is not None else os.path.relpath(os.path.abspath(f), os.path.abspath(base))
         numbers = pc.cast(pa.array(np.arange(n, dtype=np.int64)), pa.string())
@@ -244,7 +244,7 @@ def _embedded_refs(files: list[str], fs, column: str, kind: str, base: str) -> t
     return pa.chunked_array(refs, pa.string()), pa.chunked_array(uris, pa.string())
 
 
-def bytes_of_path(column) -> pa.Array:
+def _struct_paths(column) -> pa.Array:
     """The ``path`` strings of a struct column read with only its path field."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
