@@ -1,4 +1,4 @@
-"""`svd-batch-manifest`: build a manifest from a folder of images, a CSV or a JSONL, with sweeps.
+"""`svd-batch-manifest`: build a manifest from a folder of images, a CSV, a JSONL or Parquet, with sweeps.
 
     svd-batch-manifest photos/ -o data/photos.parquet --sweep motion_bucket_id=60,127,180 --sweep seed=1,2
 
@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .fields import GENERATION_FIELDS
-from .manifest import ManifestError, load_manifest
+from .manifest import ManifestError, load_manifest, read_table
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_=+,@.-]+")
@@ -64,6 +64,8 @@ def read_source(source: str, manifest_dir: str, image_column: str = "image") -> 
                     rows.append({"id": _safe(os.path.splitext(rel)[0].replace(os.sep, "_")),
                                  "image": os.path.relpath(os.path.abspath(full), manifest_dir)})
         return rows
+    if source.endswith(".parquet") or ("*" in source and ".parquet" in source):
+        return _parquet_rows(source, manifest_dir, image_column)
     if source.endswith(".csv"):
         with open(source, newline="") as f:
             rows = [dict(r) for r in csv.DictReader(f)]
@@ -86,6 +88,35 @@ def read_source(source: str, manifest_dir: str, image_column: str = "image") -> 
         for k in GENERATION_FIELDS:  # CSV cells are text: numbers become numbers, empty cells nulls
             if isinstance(r.get(k), str):
                 r[k] = None if r[k] == "" else (float(r[k]) if "." in r[k] or "e" in r[k].lower() else int(r[k]))
+    return rows
+
+
+def _parquet_rows(source: str, manifest_dir: str, image_column: str) -> list[dict[str, Any]]:
+    """Rows of a Parquet dataset (local or a URL), e.g. Hugging Face shards with embedded images: an embedded
+    image becomes a reference to its cell (``parquet://<shard>#row=<n>&column=...``), so the new manifest
+    stays small and sweeps do not copy image bytes."""
+    from .remote import is_url
+
+    table, _ = read_table(source, {"image": image_column})
+    if image_column not in table.column_names:
+        raise ValueError(f"{source}: no column {image_column!r} (name the image column with --image-column)")
+    cells = table["__image_uri"].to_pylist() if "__image_uri" in table.column_names else [None] * table.num_rows
+    base = source.rsplit("/", 1)[0] if is_url(source) else os.path.dirname(os.path.abspath(source))
+    rows = []
+    for i, (r, cell) in enumerate(zip(table.drop_columns([c for c in ("__image_uri",) if c in table.column_names])
+                                      .to_pylist(), cells)):
+        ref = r.pop(image_column)
+        if cell is not None:
+            image = cell
+        elif ref and not is_url(ref) and not os.path.isabs(ref):
+            image = f"{base}/{ref}" if is_url(base) else os.path.relpath(os.path.join(base, ref), manifest_dir)
+        else:
+            image = ref
+        r["image"] = image
+        if not r.get("id"):
+            stem = os.path.splitext(os.path.basename(str(ref or "")).split("#")[0].split("?")[0])[0]
+            r["id"] = f"{i:06d}-{_safe(stem)}"
+        rows.append(r)
     return rows
 
 
@@ -128,11 +159,13 @@ def build(source: str, output: str, sweeps: list[str], image_column: str = "imag
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="svd-batch-manifest", description=__doc__.split("\n\n")[0])
-    ap.add_argument("source", help="a folder of images (searched recursively), a .csv or a .jsonl")
+    ap.add_argument("source", help="a folder of images (searched recursively), a .csv, a .jsonl, or Parquet "
+                    "(a file, glob or URL; e.g. Hugging Face shards, whose embedded images are referenced, not copied)")
     ap.add_argument("-o", "--output", default="manifest.parquet", help="the Parquet manifest to write")
     ap.add_argument("--sweep", action="append", default=[], metavar="COLUMN=V1,V2",
                     help="one row per value (repeat for a cartesian product), e.g. motion_bucket_id=60,127,180")
-    ap.add_argument("--image-column", default="image", help="the CSV/JSONL column holding image paths or URLs")
+    ap.add_argument("--image-column", default="image",
+                    help="the CSV/JSONL/Parquet column holding image paths or URLs (Parquet: or image bytes)")
     args = ap.parse_args(argv)
     try:
         n = build(args.source, args.output, args.sweep, args.image_column)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import glob
 import os
+import posixpath
+import re
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -16,14 +19,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
+from .embedded import PREFIX, parquet_file, present
 from .fields import FLOAT_FIELDS, GENERATION_FIELDS, INT_FIELDS, RULES, arrow_type
+from .remote import RemoteError, filesystem, is_url
 
 # Ids become file names (videos/<id>.mp4), so they are restricted to characters that are safe on every
 # filesystem, cannot climb out of videos/ and cannot hide (no leading dot).
 ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._=+,@-]{0,199}$"
 ID_ALLOWED = "1-200 characters of letters, digits and . _ = + , @ -, not starting with '.' or '-'"
 MAX_LISTED_PROBLEMS = 50
+IMAGE_TYPES = ("strings (paths or URLs), binary (encoded image bytes) or struct<bytes: binary, path: string> "
+               "(a Hugging Face Image column)")
 
 
 @dataclass
@@ -96,28 +104,99 @@ def _files(path: str) -> list[str]:
     return files
 
 
+def _remote_files(path: str, source: str) -> tuple[Any, list[str]]:
+    """(fsspec filesystem, files in it) for a manifest URL: one file, a folder of .parquet files, or a glob."""
+    try:
+        fs, inner = filesystem(path)
+    except RemoteError as exc:
+        raise ManifestError(source, [Problem(None, None, "manifest.path", path, str(exc))],
+                            hint="It cannot be read here:") from None
+    try:
+        if any(ch in inner for ch in "*?["):
+            files = sorted(f for f in fs.glob(inner) if fs.isfile(f))
+        elif fs.isdir(inner):
+            files = sorted(f for f in fs.find(inner) if f.endswith(".parquet")
+                           and not posixpath.basename(f).startswith((".", "_")))
+        elif fs.exists(inner):
+            files = [inner]
+        else:
+            raise ManifestError(
+                source, [Problem(None, None, "manifest.path", path, "an existing Parquet file, directory or glob")],
+                hint="Point manifest.path at your manifest:",
+            )
+    except ManifestError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - each filesystem library has its own errors (auth, network)
+        raise ManifestError(source, [Problem(None, None, "manifest.path", path,
+                                             f"a readable location ({type(exc).__name__}: {exc})")],
+                            hint="It could not be listed:") from None
+    return fs, files
+
+
+def holds_bytes(t: pa.DataType) -> bool:
+    """Binary columns, and structs with a binary field (the Hugging Face Image and Audio features)."""
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+        return True
+    return pa.types.is_struct(t) and any(holds_bytes(t.field(i).type) for i in range(t.num_fields))
+
+
+def _embedded_kind(t: pa.DataType) -> str | None:
+    """'raw' for encoded bytes, 'struct' for {bytes, path} (path optional), None for anything else."""
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return "raw"
+    if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0:
+        b = t.field(t.get_field_index("bytes")).type
+        p = t.get_field_index("path")
+        if (pa.types.is_binary(b) or pa.types.is_large_binary(b)) and (
+            p < 0 or pa.types.is_string(t.field(p).type) or pa.types.is_large_string(t.field(p).type)
+        ):
+            return "struct"
+    return None
+
+
 def read_table(path: str, columns: Mapping[str, str] | None = None) -> tuple[pa.Table, str]:
-    """Read a Parquet file, directory of Parquet files or glob, in a deterministic row order."""
-    source = os.path.abspath(path)
-    if not any(ch in path for ch in "*?[") and not os.path.exists(path):
-        raise ManifestError(
-            source,
-            [Problem(None, None, "manifest.path", path, "an existing Parquet file, directory or glob")],
-            hint="Point manifest.path at your manifest:",
-        )
-    files = _files(path)
+    """Read a Parquet file, directory of Parquet files or glob (local or any fsspec URL), in a deterministic
+    row order.
+
+    An image column of embedded bytes (raw binary, or the Hugging Face struct<bytes, path>) is not read:
+    it becomes a string column of readable references (the struct's path, else ``<shard>#row=<n>``) plus a
+    ``__image_uri`` column naming each row's cell (see embedded.py); other byte columns are left out, so the
+    table stays small at any number of rows.
+    """
+    remote = is_url(path)
+    source = path if remote else os.path.abspath(path)
+    fs = None
+    if remote:
+        fs, files = _remote_files(path, source)
+    else:
+        if not any(ch in path for ch in "*?[") and not os.path.exists(path):
+            raise ManifestError(
+                source,
+                [Problem(None, None, "manifest.path", path, "an existing Parquet file, directory or glob")],
+                hint="Point manifest.path at your manifest:",
+            )
+        files = _files(path)
     if not files:
         raise ManifestError(
             source,
             [Problem(None, None, "manifest.path", path, "a directory or glob that holds .parquet files")],
             hint="No Parquet files were found:",
         )
-    schema = _unified_schema(files, source) if len(files) > 1 else None
     try:
+        schema = _unified_schema(files, source, fs) if len(files) > 1 else pq.read_schema(files[0], filesystem=fs)
+        image_col = (columns or {}).get("image", "image")
+        kind = _embedded_kind(schema.field(image_col).type) if image_col in schema.names else None
+        plain = [f.name for f in schema if not holds_bytes(f.type)]
         # Sorted file names, then row order within each file: the same directory read twice gives the same
         # order, which sharding and resume rely on.
-        table = pads.dataset(files, schema=schema, format="parquet").to_table(use_threads=True)
-    except (pa.ArrowInvalid, OSError) as exc:
+        table = pads.dataset(files, schema=schema, format="parquet", filesystem=fs).to_table(
+            columns=plain, use_threads=True)
+        if kind is not None:
+            refs, uris = _embedded_refs(files, fs, image_col, kind, _shard_base(path, files, fs))
+            table = table.append_column(image_col, refs).append_column("__image_uri", uris)
+    except ManifestError:
+        raise
+    except (pa.ArrowInvalid, OSError, RemoteError) as exc:
         raise ManifestError(
             source,
             [Problem(None, None, "manifest.path", path, f"readable Parquet with one schema ({exc})")],
@@ -126,16 +205,62 @@ def read_table(path: str, columns: Mapping[str, str] | None = None) -> tuple[pa.
     return table, source
 
 
-def _unified_schema(files: list[str], source: str) -> pa.Schema:
+def _shard_base(path: str, files: list[str], fs) -> str:
+    """The folder that shard names in ``<shard>#row=<n>`` references are relative to (the manifest's folder,
+    or the fixed part of a glob), so references stay the same when the dataset is moved or copied."""
+    inner = filesystem(path)[1] if fs is not None else path
+    if files == [inner]:
+        return posixpath.dirname(inner)
+    wild = re.search(r"[*?\[]", inner)
+    return inner.rstrip("/") if wild is None else inner[: inner.rfind("/", 0, wild.start()) + 1].rstrip("/") or "."
+
+
+def _embedded_refs(files: list[str], fs, column: str, kind: str, base: str) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """Per row of every shard: the readable reference and, where the cell holds bytes, the cell's URI."""
+    leaf = f"{column}.bytes" if kind == "struct" else column
+    refs, uris = [], []
+    for f in files:
+        with (fs.open(f, "rb") if fs is not None else open(f, "rb")) as handle:
+            pf = parquet_file(handle)
+            n = pf.metadata.num_rows
+            has = pa.array(present(pf, leaf))
+            paths = None
+            if kind == "struct" and f"{column}.path" in [pf.metadata.schema.column(i).path
+                                                         for i in range(pf.metadata.num_columns)]:
+                paths = _struct_paths(pf.read(columns=[f"{column}.path"], use_threads=False).column(0))
+        full = fs.unstrip_protocol(f) if fs is not None else os.path.abspath(f)
+        name = posixpath.relpath(f, base) if fs is not None else os.path.relpath(os.path.abspath(f), os.path.abspath(base))
+        numbers = pc.cast(pa.array(np.arange(n, dtype=np.int64)), pa.string())
+        cell = pc.binary_join_element_wise(f"{name}#row=", numbers, "")
+        uri = pc.binary_join_element_wise(f"{PREFIX}{full}#row=", numbers,
+                                          f"&column={urllib.parse.quote(leaf)}", "")
+        if paths is not None:
+            given = pc.and_(pc.is_valid(paths), pc.not_equal(pc.fill_null(pc.utf8_trim_whitespace(paths), ""), ""))
+            ref = pc.if_else(pc.fill_null(given, False), paths, pc.if_else(has, cell, pa.scalar(None, pa.string())))
+        else:
+            ref = pc.if_else(has, cell, pa.scalar(None, pa.string()))
+        refs.append(ref)
+        uris.append(pc.if_else(has, uri, pa.scalar(None, pa.string())))
+    return pa.chunked_array(refs, pa.string()), pa.chunked_array(uris, pa.string())
+
+
+def _struct_paths(column) -> pa.Array:
+    """The ``path`` strings of a struct column read with only its path field."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if pa.types.is_struct(column.type):
+        column = pc.struct_field(column, [0])
+    return pc.cast(column, pa.string())
+
+
+def _unified_schema(files: list[str], source: str, fs=None) -> pa.Schema:
     """Shards must agree on each column's type (ints in one and floats in another are fine, and a column
     missing from some shards reads as nulls there)."""
-    import pyarrow.parquet as pq
-
     seen: dict[str, tuple[pa.DataType, str]] = {}
     problems, schemas = [], []
     for f in files:
         try:
-            schema = pq.read_schema(f)
+            schema = pq.read_schema(f, filesystem=fs)
             schemas.append(schema.remove_metadata())
         except (pa.ArrowInvalid, OSError) as exc:
             problems.append(Problem(None, None, "file", f, f"a readable Parquet file ({exc})"))
@@ -218,12 +343,12 @@ def load_manifest(
     if theirs["image"] not in raw.column_names:
         raise ManifestError(
             source,
-            [Problem(None, None, theirs["image"], "<missing>", "a string column of image paths or http(s) URLs")],
+            [Problem(None, None, theirs["image"], "<missing>", "a column of image paths or URLs, or of image bytes")],
             hint="The required image column is missing (map yours with manifest.columns.image=<your column>):",
         )
     image = raw[theirs["image"]]
     if not pa.types.is_string(image.type) and not pa.types.is_large_string(image.type):
-        raise ManifestError(source, [Problem(None, None, theirs["image"], str(image.type), "strings")])
+        raise ManifestError(source, [Problem(None, None, theirs["image"], str(image.type), IMAGE_TYPES)])
     image = pc.cast(image, pa.string())
     bad_image = pc.or_kleene(pc.is_null(image), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(image)), 0))
 
@@ -251,7 +376,7 @@ def load_manifest(
 
     for i in np.flatnonzero(pc.fill_null(bad_image, True).to_numpy(zero_copy_only=False)):
         problems.append(Problem(int(rows[i].as_py()), ids[i].as_py(), theirs["image"], image[i].as_py(),
-                                "a non-empty local path or http(s) URL"))
+                                "a non-empty path or URL, or image bytes"))
     problems += _range_problems(resolved, rows, ids)
     problems += _id_problems(ids, rows, theirs["id"])
     if problems:
@@ -259,10 +384,12 @@ def load_manifest(
         raise ManifestError(source, problems)
 
     root = image_root or os.path.dirname(source if os.path.isfile(source) else source.rstrip("/*"))
-    uri = _resolve_images(image, os.path.abspath(root))
+    uri = _resolve_images(image, root if is_url(root) else os.path.abspath(root))
+    if "__image_uri" in raw.column_names:
+        uri = pc.coalesce(raw["__image_uri"], uri)  # embedded bytes win over the struct's path
 
     used = set(theirs.values())
-    extra = [c for c in raw.column_names if c not in used and c != "__row"]
+    extra = [c for c in raw.column_names if c not in used and c not in ("__row", "__image_uri")]
     table = pa.table(
         {
             "row": rows,

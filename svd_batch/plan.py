@@ -189,10 +189,10 @@ class PlanSpec:
                     starts=self.starts, world_size=self.world_size, indices=self.indices)
 
 
-# Values a finished row's video depends on and that a manifest edit can change: the resolved image location
-# (after manifest.image_root and the column mapping) and the conditioning. decode_chunk_size is left out: the
-# recorded value is the effective one (memory cap, out-of-memory fallback), not the manifest's.
-CHANGE_FIELDS = ("image_uri", "seed", "fps", "motion_bucket_id", "noise_aug_strength", "num_frames", "num_inference_steps",
+# Conditioning values a finished row's video depends on and that a manifest edit can change (the image itself is
+# compared by images.changed_images). decode_chunk_size is left out: the recorded value is the effective one
+# (memory cap, out-of-memory fallback), not the manifest's.
+CHANGE_FIELDS = ("seed", "fps", "motion_bucket_id", "noise_aug_strength", "num_frames", "num_inference_steps",
                  "height", "width", "min_guidance_scale", "max_guidance_scale")
 
 

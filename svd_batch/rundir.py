@@ -54,6 +54,7 @@ RESULT_SCHEMA = pa.schema(
         ("seed", pa.int64()),
         *[(f, pa.int64() if f in INT_FIELDS else pa.float64()) for f in CONDITIONING_FIELDS],
         ("frames_sha256", pa.string()),
+        ("image_sha256", pa.string()),  # of the encoded image bytes the row was made from (see images.py)
         ("load_seconds", pa.float64()),
         ("generate_seconds", pa.float64()),
         ("write_seconds", pa.float64()),
@@ -233,7 +234,10 @@ class RunDir:
             # One open file: a part may be replaced (renamed over) while we read, and reading by path can
             # open it twice, pairing the old file's footer with the new file's pages.
             with open(path, "rb") as f:
-                return pq.read_table(f, columns=columns or None)
+                pf = pq.ParquetFile(f)
+                # Columns added by a later svd-batch are simply absent from older files.
+                have = set(pf.schema_arrow.names)
+                return pf.read(columns=[c for c in columns if c in have] if columns else None)
         except FileNotFoundError:
             raise
         except (pa.ArrowInvalid, OSError) as exc:

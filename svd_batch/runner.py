@@ -134,8 +134,9 @@ def use_lock(cfg: DictConfig) -> bool:
 def plan_run(cfg: DictConfig, manifest: Manifest, rundir: RunDir, world: int) -> Plan:
     """What is left to do in ``rundir``, in claim order; raises RunDirError for an unusable folder."""
     has_state = os.path.isdir(rundir.state)
-    records = rundir.read_records(["id", "status", *CHANGE_FIELDS]) if has_state else RESULT_SCHEMA.empty_table()
-    check_unchanged(manifest.table, records)
+    records = (rundir.read_records(["id", "status", "image", "image_uri", "image_sha256", *CHANGE_FIELDS])
+               if has_state else RESULT_SCHEMA.empty_table())
+    check_unchanged(manifest.table, records, cfg)
     return make_plan(manifest.table, records, world_size=world, retry_failed=bool(cfg.retry_failed),
                      batch_size=int(cfg.runtime.batch_size))
 
@@ -150,9 +151,15 @@ def plan_or_report(cfg: DictConfig, manifest: Manifest, rundir: RunDir, world: i
         return None
 
 
-def check_unchanged(manifest, records) -> None:
-    """A manifest edited since rows finished would leave videos that no longer match their rows."""
+def check_unchanged(manifest, records, cfg: DictConfig) -> None:
+    """A manifest edited since rows finished would leave videos that no longer match their rows: other values, or
+    another image (another location or reference whose bytes differ from the recorded hash)."""
+    from .images import changed_images
+
     n, examples = changed_rows(manifest, records)
+    n_img, img_examples = changed_images(manifest, records, timeout=float(cfg.images.timeout),
+                                         max_bytes=int(cfg.images.max_bytes))
+    n, examples = n + n_img, examples + img_examples
     if n:
         raise RunDirError(
             f"{n} finished row{'s' if n != 1 else ''} changed in the manifest since {'their' if n != 1 else 'its'} "

@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from .fields import CONDITIONING_FIELDS
 from .gallery import save_thumbnails
 from .generate import DeviceFailure, Generator
-from .images import ImageError, load_image
+from .images import ImageError, load_image_digest
 from .plan import Plan, row_cost, with_seed
 from .rundir import PartWriter, RunDir, write_text_atomic
 from .scores import pipeline_embedder, save_input_image, scores_for_record
@@ -279,8 +279,8 @@ class RankWorker:
         t = time.perf_counter()
         img = self.cfg.images
         try:
-            image = load_image(row["image_uri"], timeout=float(img.timeout), max_bytes=int(img.max_bytes),
-                               max_pixels=img.max_pixels)
+            image, row["image_sha256"] = load_image_digest(row["image_uri"], timeout=float(img.timeout),
+                                                           max_bytes=int(img.max_bytes), max_pixels=img.max_pixels)
             return image, None, time.perf_counter() - t, started_at
         except ImageError as exc:
             return None, f"row {row['id']}: image {row['image']!r}: {exc}", time.perf_counter() - t, started_at
@@ -340,6 +340,7 @@ class RankWorker:
             "device": str(self.gen.device), "rank": self.rank, "world_size": self.world,
             "host": self.stats.host, "started_at": o["started_at"], "load_seconds": o["load_seconds"],
             "generate_seconds": o.get("generate_seconds"), "peak_vram_bytes": o.get("peak_vram_bytes"),
+            "image_sha256": row.get("image_sha256"),
         }
         t = time.perf_counter()
         if o["frames"] is not None and o["error"] is None:

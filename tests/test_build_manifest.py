@@ -53,3 +53,33 @@ def test_invalid_values_are_refused_like_the_runner_does(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "svd_batch.build_manifest", str(tmp_path / "img"), "--sweep",
                            "colour=1"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and "not a generation column" in proc.stderr
+
+
+def test_parquet_source_with_embedded_images_references_cells(tmp_path):
+    """Hugging Face-style shard in, a small manifest out: sweeps multiply references, not image bytes."""
+    import hashlib
+
+    import pyarrow as pa
+
+    from svd_batch.images import load_image_digest
+    from svd_batch.manifest import load_manifest
+
+    blob = (SAMPLE / "cat.jpg").read_bytes()
+    (tmp_path / "rocket.jpg").write_bytes((SAMPLE / "rocket.jpg").read_bytes())
+    img = pa.StructArray.from_arrays([pa.array([blob, None], pa.binary()), pa.array(["cat.jpg", "rocket.jpg"])],
+                                     ["bytes", "path"])
+    pq.write_table(pa.table({"picture": img, "label": [3, 4]}), tmp_path / "train.parquet")
+    out = tmp_path / "m" / "m.parquet"
+    main([str(tmp_path / "train.parquet"), "-o", str(out), "--image-column", "picture", "--sweep", "seed=1,2"])
+    t = pq.read_table(out)
+    assert not any(pa.types.is_binary(f.type) for f in t.schema) and t.num_rows == 4
+    rows = t.to_pylist()
+    assert rows[0]["id"] == "000000-cat.seed=1" and rows[0]["label"] == 3
+    assert rows[0]["image"] == f"parquet://{tmp_path / 'train.parquet'}#row=0&column=picture.bytes"
+    assert rows[2]["image"] == "../rocket.jpg"  # no bytes: the path, relative to the new manifest
+    m = load_manifest(str(out), {"fps": 7, "motion_bucket_id": 127, "noise_aug_strength": 0.02, "num_frames": 8,
+                                 "num_inference_steps": 4, "height": 64, "width": 64, "min_guidance_scale": 1.0,
+                                 "max_guidance_scale": 3.0, "decode_chunk_size": 8})
+    assert load_image_digest(m.table["image_uri"][0].as_py())[1] == hashlib.sha256(blob).hexdigest()
+    rocket = (tmp_path / "rocket.jpg").read_bytes()
+    assert load_image_digest(m.table["image_uri"][2].as_py())[1] == hashlib.sha256(rocket).hexdigest()

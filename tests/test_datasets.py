@@ -4,6 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 
 import svd_batch.cli  # noqa: F401  (resolvers)
 from svd_batch.manifest import ManifestError, load_manifest, read_table
@@ -107,3 +108,44 @@ def test_dataset_errors_name_the_entry(dataset):
     # Through the CLI, the message names the config entry.
     proc = run_cli(f"--config-dir={dataset / 'myconf'}", "manifest=mydata", f"output.dir={dataset / 'o'}")
     assert proc.returncode == 2 and "The manifest 'mydata'" in proc.stderr and "do not fit together" in proc.stderr
+
+
+HF_ENTRY = """\
+# @package _global_
+manifest:
+  name: hub
+  path: {path}/data/train-*.parquet
+  image_root: null
+  columns: {{image: frame, motion_bucket_id: motion}}
+  defaults: {{}}
+  limit: null
+  where: {{}}
+"""
+
+
+def test_entry_for_hugging_face_shards(tmp_path):
+    """A dataset entry over Hub-style shards: struct image column under its own name, mapped with columns:."""
+    import json
+
+    (tmp_path / "data").mkdir()
+    blob = (SAMPLE / "cat.jpg").read_bytes()
+    for i in range(2):
+        frame = pa.StructArray.from_arrays([pa.array([blob, blob], pa.binary()), pa.array([f"{i}a.jpg", None])],
+                                           ["bytes", "path"])
+        t = pa.table({"frame": frame, "motion": [10 * i, 10 * i + 1], "label": [i, i]})
+        t = t.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": {"frame": {"_type": "Image"}}}})})
+        pq.write_table(t, tmp_path / "data" / f"train-{i:05d}-of-00002.parquet")
+    conf = tmp_path / "myconf" / "manifest"
+    conf.mkdir(parents=True)
+    (conf / "hub.yaml").write_text(HF_ENTRY.format(path=tmp_path))
+    with initialize_config_module("svd_batch.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["model=tiny"])
+    cfg.manifest = OmegaConf.load(conf / "hub.yaml").manifest
+    t = read_manifest(cfg).table
+    assert t["image"].to_pylist() == ["0a.jpg", "train-00000-of-00002.parquet#row=1",
+                                      "1a.jpg", "train-00001-of-00002.parquet#row=1"]
+    assert t["motion_bucket_id"].to_pylist() == [0, 1, 10, 11] and "extra.label" in t.column_names
+    assert all(u.startswith("parquet://") for u in t["image_uri"].to_pylist())
+    dry = run_cli(f"--config-dir={tmp_path / 'myconf'}", "manifest=hub", "dry_run=true",
+                  f"output.dir={tmp_path / 'o'}")
+    assert dry.returncode == 0 and "manifest: 'hub'" in dry.stdout, dry.stderr

@@ -109,7 +109,7 @@ def test_bad_files_fail_with_reasons(tmp_path):
         str(tmp_path / "trunc.png"): "truncated",
         str(tmp_path / "junk.jpg"): "corrupt or truncated",
         str(tmp_path): "directory",
-        "ftp://host/x.jpg": "unsupported URL scheme",
+        "nosuchscheme://host/x.jpg": "unsupported URL scheme",
     }
     for uri, reason in expectations.items():
         with pytest.raises(ImageError, match=reason):
@@ -129,3 +129,26 @@ def test_urls(server):
     assert time.monotonic() - t < 3
     with pytest.raises(ImageError, match="byte cap"):
         load_image(f"{server}/big.png", max_bytes=100_000)
+
+
+def test_fsspec_urls_have_the_same_deadline(tmp_path):
+    """A filesystem library stuck in its own retries is cut off at images.timeout, like a slow server."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class Stuck(MemoryFileSystem):
+        protocol = "stucktest"
+
+        def size(self, path):
+            time.sleep(5)
+            return super().size(path)
+
+    fsspec.register_implementation("stucktest", Stuck, clobber=True)
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    fsspec.filesystem("memory").pipe("/stuck/a.png", buf.getvalue())
+    t = time.monotonic()
+    with pytest.raises(ImageError, match="images.timeout=1"):
+        load_image("stucktest://stuck/a.png", timeout=1.0)
+    assert time.monotonic() - t < 3
+    assert load_image("memory://stuck/a.png").size == (8, 8)

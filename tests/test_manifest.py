@@ -135,3 +135,16 @@ def test_unsigned_and_typed_schema(tmp_path):
     with pytest.raises(ManifestError) as info:
         load_manifest(str(path), GEN)
     assert [p.column for p in info.value.problems] == ["seed"]
+
+
+def test_raw_bytes_column_gives_references_and_names_empty_cells(tmp_path):
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image": pa.array([b"\x89PNG...", None, b"\xff\xd8..."], pa.binary())}),
+                   tmp_path / "raw.parquet")
+    with pytest.raises(ManifestError) as info:
+        load_manifest(str(tmp_path / "raw.parquet"), GEN)
+    assert len(info.value.problems) == 1 and info.value.problems[0].row == 1
+    m = load_manifest(str(tmp_path / "raw.parquet"), GEN, where=None, limit=1)
+    assert m.table["image"].to_pylist() == ["raw.parquet#row=0"]
+    assert m.table["image_uri"].to_pylist() == [f"parquet://{tmp_path / 'raw.parquet'}#row=0&column=image"]
