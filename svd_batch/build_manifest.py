@@ -82,12 +82,28 @@ def read_source(source: str, manifest_dir: str, image_column: str = "image") -> 
         if img and "://" not in img and not os.path.isabs(img):
             # Relative paths in the source are relative to the source file; keep them valid from the manifest.
             r["image"] = os.path.relpath(os.path.join(base, img), manifest_dir)
-        if not r.get("id"):
-            stem = os.path.splitext(os.path.basename(str(img or "")).split("?")[0])[0]
-            r["id"] = f"{i:06d}-{_safe(stem)}"
         for k in GENERATION_FIELDS:  # CSV cells are text: numbers become numbers, empty cells nulls
             if isinstance(r.get(k), str):
                 r[k] = None if r[k] == "" else (float(r[k]) if "." in r[k] or "e" in r[k].lower() else int(r[k]))
+    return _with_content_ids(rows, [str(r.get("image") or "") for r in rows])
+
+
+def _with_content_ids(rows: list[dict[str, Any]], refs: list[str]) -> list[dict[str, Any]]:
+    """Rows without an id get the runner's content id (image name + a hash of the image as written and the
+    row's own generation cells), never one from their position: adding a line to the source keeps every other
+    row's id, seed and video."""
+    import pyarrow as pa
+
+    from .manifest import _derived_ids
+
+    missing = [i for i, r in enumerate(rows) if not r.get("id")]
+    if not missing:
+        return rows
+    cells = [f for f in GENERATION_FIELDS if any(rows[i].get(f) is not None for i in missing)]
+    table = pa.table({"image": [refs[i] for i in missing],
+                      **{f: [None if rows[i].get(f) is None else str(rows[i][f]) for i in missing] for f in cells}})
+    for i, new in zip(missing, _derived_ids(table, table["image"], cells).to_pylist()):
+        rows[i]["id"] = new
     return rows
 
 
@@ -102,7 +118,7 @@ def _parquet_rows(source: str, manifest_dir: str, image_column: str) -> list[dic
         raise ValueError(f"{source}: no column {image_column!r} (name the image column with --image-column)")
     cells = table["__image_uri"].to_pylist() if "__image_uri" in table.column_names else [None] * table.num_rows
     base = source.rsplit("/", 1)[0] if is_url(source) else os.path.dirname(os.path.abspath(source))
-    rows = []
+    rows, refs = [], []
     for i, (r, cell) in enumerate(zip(table.drop_columns([c for c in ("__image_uri",) if c in table.column_names])
                                       .to_pylist(), cells)):
         ref = r.pop(image_column)
@@ -113,11 +129,9 @@ def _parquet_rows(source: str, manifest_dir: str, image_column: str) -> list[dic
         else:
             image = ref
         r["image"] = image
-        if not r.get("id"):
-            stem = os.path.splitext(os.path.basename(str(ref or "")).split("#")[0].split("?")[0])[0]
-            r["id"] = f"{i:06d}-{_safe(stem)}"
         rows.append(r)
-    return rows
+        refs.append(str(ref or image or ""))
+    return _with_content_ids(rows, refs)
 
 
 def expand(rows: list[dict[str, Any]], sweeps: list[tuple[str, list[Any]]]) -> list[dict[str, Any]]:

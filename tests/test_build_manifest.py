@@ -32,8 +32,14 @@ def test_csv_and_jsonl_sources(tmp_path):
     main([str(tmp_path / "in.csv"), "-o", str(tmp_path / "a.parquet"), "--image-column", "path",
           "--sweep", "noise_aug_strength=0.0,0.1"])
     rows = pq.read_table(tmp_path / "a.parquet").to_pylist()
-    assert [r["id"] for r in rows] == ["000000-coffee.noise_aug_strength=0.0", "000000-coffee.noise_aug_strength=0.1",
-                                       "000001-coffee.noise_aug_strength=0.0", "000001-coffee.noise_aug_strength=0.1"]
+    ids = [r["id"] for r in rows]
+    assert len(set(ids)) == 4 and all(i.startswith("coffee-") for i in ids)
+    assert [i.split(".", 1)[1] for i in ids] == ["noise_aug_strength=0.0", "noise_aug_strength=0.1"] * 2
+    # Ids come from content, not position: a line added on top leaves the others' ids as they were.
+    (tmp_path / "in2.csv").write_text("path,fps,caption\nrocket.jpg,3,new\ncoffee.jpg,9,hot\ncoffee.jpg,,cold\n")
+    main([str(tmp_path / "in2.csv"), "-o", str(tmp_path / "a2.parquet"), "--image-column", "path",
+          "--sweep", "noise_aug_strength=0.0,0.1"])
+    assert [r["id"] for r in pq.read_table(tmp_path / "a2.parquet").to_pylist()][2:] == ids
     assert [r["fps"] for r in rows] == [9, 9, None, None] and rows[0]["caption"] == "hot"
     with open(tmp_path / "in.jsonl", "w") as f:
         for i in range(3):
@@ -74,7 +80,7 @@ def test_parquet_source_with_embedded_images_references_cells(tmp_path):
     t = pq.read_table(out)
     assert not any(pa.types.is_binary(f.type) for f in t.schema) and t.num_rows == 4
     rows = t.to_pylist()
-    assert rows[0]["id"] == "000000-cat.seed=1" and rows[0]["label"] == 3
+    assert rows[0]["id"].startswith("cat-") and rows[0]["id"].endswith(".seed=1") and rows[0]["label"] == 3
     assert rows[0]["image"] == f"parquet://{tmp_path / 'train.parquet'}#row=0&column=picture.bytes"
     assert rows[2]["image"] == "../rocket.jpg"  # no bytes: the path, relative to the new manifest
     m = load_manifest(str(out), {"fps": 7, "motion_bucket_id": 127, "noise_aug_strength": 0.02, "num_frames": 8,
