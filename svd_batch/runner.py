@@ -425,7 +425,8 @@ def _run_rank(cfg: DictConfig, manifest: Manifest, rundir: RunDir, ex) -> int:
     if stop.signum is not None or ex.aborted():
         _write_marker(rundir, session, rank, "stopped", parts)
         if stop.signum is None:
-            log("svd-batch: stopped: another rank found the output folder unusable (its message says why).", rank)
+            log("svd-batch: stopped: another rank stopped the run (its message says why: the output folder or the "
+                "model could not be used); every finished row is recorded.", rank)
             return EXIT_OUTPUT
         name = signal.Signals(stop.signum).name
         log(f"svd-batch: stopped by {name}; every finished row is recorded in {rundir.root}. Run the same "
