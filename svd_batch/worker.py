@@ -201,11 +201,7 @@ class RankWorker:
                 if self.slow:  # test and benchmark hook: this rank runs at 1 / (1 + slow) of its speed
                     time.sleep(self.slow * (time.perf_counter() - t))
                 self._seconds_per_cost.append((time.perf_counter() - t) / max(cost, 1e-9))
-                done = self._screen(done, held_back)
-                if self.overlap:
-                    writes.put(done)
-                else:
-                    self._write_batch(done)
+                self._put(writes, self._screen(done, held_back))
                 if self._write_error:
                     raise self._write_error
             # The rank ends normally: rows held back in a streak of equal failures did fail.

@@ -114,6 +114,7 @@ def test_sigterm_on_two_processes_then_resume_on_one(manifest, reference, tmp_pa
 # -- the executor (issue 10): claims, no waiting on lost ranks, one clean exit ------------------------------
 
 def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, through /proc: torchrun starts its workers in sessions of their own."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -133,20 +134,7 @@ def descendants(pid: int) -> list[int]:
 
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and every descendant, found through /proc (they may sit in other sessions)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    todo, tree = [pid], []
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo += children.get(p, [])
+    tree = [pid, *descendants(pid)]
     for p in tree:
         try:
             os.kill(p, signal.SIGKILL)
