@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -55,7 +54,6 @@ class Executor:
 
     def __init__(self, rank: int, world: int, local_rank: int, store=None, session: str = ""):
         self.rank, self.world, self.local_rank = rank, world, local_rank
-        self.host = socket.gethostname()
         self.store = store
         self.session = session
         self._local_claims = 0

@@ -44,11 +44,6 @@ def row_cost(table: pa.Table) -> np.ndarray:
     return frames * pixels * (steps * guided + 1.0)
 
 
-def assign_contiguous(n: int, world_size: int) -> np.ndarray:
-    """Equal row counts in manifest order: what a naive split does (kept for benchmarks)."""
-    return (np.arange(n) * world_size) // max(n, 1)
-
-
 def assign_ranks(cost: np.ndarray, world_size: int) -> np.ndarray:
     """Deal rows to ranks in decreasing cost, snaking 0..W-1, W-1..0: balanced to within one row's cost."""
     n = len(cost)
@@ -122,14 +117,10 @@ class Plan:
         cost = row_cost(self.todo) if self.todo.num_rows else np.zeros(0)
         return np.add.reduceat(cost, self.starts[:-1]) if self.num_units else np.zeros(0)
 
-    def static_units(self, rank: int, strategy: str = "cost") -> np.ndarray:
-        """The units a rank runs under runtime.schedule=static: dealt out before the start (kept to compare
-        against claiming; a slow rank then sets the pace)."""
-        if strategy == "contiguous":
-            ranks = assign_contiguous(self.num_units, self.world_size)
-        else:
-            ranks = assign_ranks(self.unit_costs(), self.world_size)
-        return np.flatnonzero(ranks == rank)
+    def static_units(self, rank: int) -> np.ndarray:
+        """The units a rank runs under runtime.schedule=static: dealt out by cost before the start (kept to
+        compare against claiming; a slow rank then sets the pace)."""
+        return np.flatnonzero(assign_ranks(self.unit_costs(), self.world_size) == rank)
 
     def shapes(self) -> list[tuple[int, int]]:
         """(first todo row, unit size) for each distinct (shape key, unit size): what a compile warm-up covers."""
