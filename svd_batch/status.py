@@ -70,6 +70,13 @@ def read_consistent(rd: RunDir, tries: int = 5) -> pa.Table:
 
 def collect(root: str, now: dt.datetime | None = None, total: int | None = None) -> dict[str, Any]:
     now_s = (now or dt.datetime.now(dt.timezone.utc)).timestamp()
+    # results.parquet is looked at before the records, so that "finished" describes the same moment as the rows:
+    # a run that finishes while this reads (or while the manifest below loads) is still seen as running.
+    res = os.path.join(root, "results.parquet")
+    try:
+        res_mtime = os.path.getmtime(res)
+    except OSError:
+        res_mtime = None
     records = read_consistent(RunDir(root))
     if total is None:
         total = manifest_rows(root)
@@ -81,8 +88,7 @@ def collect(root: str, now: dt.datetime | None = None, total: int | None = None)
     ranks = pc.fill_null(records["rank"], -1).to_numpy()
     hosts = records["host"].to_pylist()
     # results.parquet newer than every record: the last start finished, so quiet ranks are done, not stalled.
-    res = os.path.join(root, "results.parquet")
-    finished = os.path.exists(res) and (not np.any(~np.isnan(fin)) or os.path.getmtime(res) >= np.nanmax(fin) - 1.0)
+    finished = res_mtime is not None and (not np.any(~np.isnan(fin)) or res_mtime >= np.nanmax(fin) - 1.0)
     per_rank = []
     for r in sorted(set(ranks.tolist())):
         m = ranks == r
