@@ -137,10 +137,10 @@ class Executor:
             yield i
 
     # -- abort ------------------------------------------------------------------------------------------
-    def abort(self, reason: str) -> None:
+    def abort(self) -> None:
+        """Stop the run: every rank sees it at its next claim (the aborting rank has said why)."""
         if self.store is not None:
             try:
-                self.store.set(self._key("abort"), reason.encode())
                 self.store.add(self._key("aborted"), 1)
             except Exception:  # noqa: BLE001 - the others then meet the same error themselves
                 pass

@@ -24,7 +24,7 @@ from .util import (Injection, first_line, peak_host_memory_bytes, peak_vram_byte
                    reset_peak_vram)
 
 __all__ = ["ATTENTION", "DeviceFailure", "Generator", "ModelUnavailable", "OutOfMemory", "RowOutcome",
-           "SettingRefused", "first_line", "frame_settings", "is_device_poisoned", "is_oom",
+           "SettingRefused", "first_line", "is_device_poisoned", "is_oom",
            "peak_host_memory_bytes", "quiet_hf_logging"]
 
 # runtime.attention -> the torch SDPA backends allowed around the pipeline (auto: torch's own choice).
@@ -123,24 +123,6 @@ def resolve_dtype(name: str, device_type: str):
         return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
     except KeyError:
         raise ValueError(f"model.dtype={name!r}: use auto, float32, float16 or bfloat16") from None
-
-
-def frame_settings(runtime: Mapping[str, Any]) -> dict[str, Any]:
-    """The runtime settings that change a video's bytes, for the run's fingerprint. Each is left out at its
-    default, so run folders made before these settings existed keep their fingerprint.
-
-    Compile with the eager backend runs the same kernels as no compile (same frames); any other backend
-    generates its own kernels. The attention backend picks other kernels. Batches of several rows give the
-    frames of batch size 1 only within float rounding.
-    """
-    out: dict[str, Any] = {}
-    if runtime.get("compile") and str(runtime.get("compile_backend", "inductor")) != "eager":
-        out["runtime.compile"] = f"{runtime.get('compile_backend', 'inductor')}/{runtime.get('compile_mode')}"
-    if str(runtime.get("attention") or "auto") != "auto":
-        out["runtime.attention"] = str(runtime.get("attention"))
-    if int(runtime.get("batch_size") or 1) > 1:
-        out["runtime.batch_size"] = int(runtime.get("batch_size"))
-    return out
 
 
 def check_attention(name: str, device_type: str) -> None:

@@ -262,7 +262,7 @@ class RunDir:
         # A marker whose parts are all merged away has nothing left to vouch for.
         gone = {os.path.basename(p) for p in deletable}
         for path in self.markers():
-            if all_parts or set(self._marker_parts(path)) <= gone:
+            if all_parts or set(self.read_marker(path).get("parts", {})) <= gone:
                 os.unlink(path)
         return records
 
@@ -279,16 +279,18 @@ class RunDir:
         """Part file name -> final row count, for every part whose writer has finished."""
         out: dict[str, int] = {}
         for path in self.markers():
-            out.update(self._marker_parts(path))
+            out.update(self.read_marker(path).get("parts", {}))
         return out
 
     @staticmethod
-    def _marker_parts(path: str) -> dict[str, int]:
+    def read_marker(path: str) -> dict[str, Any]:
+        """A completion marker's content; {} when it cannot be read (half-visible on a cached filesystem: its
+        parts then count as unsealed)."""
         try:
             with open(path) as f:
-                return dict(json.load(f).get("parts", {}))
+                return dict(json.load(f))
         except (OSError, ValueError):
-            return {}  # half-visible on a cached filesystem: treat its parts as unsealed
+            return {}
 
     def remove_temporaries(self) -> None:
         """Drop files that a killed process left half-written; they never counted as done."""

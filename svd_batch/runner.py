@@ -398,7 +398,7 @@ def _run_rank(cfg: DictConfig, manifest: Manifest, rundir: RunDir, ex) -> int:
                                      compile=compile_options(cfg), runtime=plain(cfg.runtime))
             except ModelUnavailable as exc:
                 log(f"svd-batch: {exc}", rank)
-                ex.abort(str(exc))
+                ex.abort()
                 return EXIT_USAGE
             pending = [first]
             # With claims nobody knows a rank's share in advance: a bar per rank counts rows and rate.
@@ -418,7 +418,7 @@ def _run_rank(cfg: DictConfig, manifest: Manifest, rundir: RunDir, ex) -> int:
         status = "device_failure"
         log(f"svd-batch: rank {rank} stopped: {exc}", rank)
     except OutputFolderError as exc:
-        ex.abort(str(exc))
+        ex.abort()
         log(f"svd-batch: {exc}", rank)
         return EXIT_OUTPUT
 
@@ -455,16 +455,10 @@ def _run_rank(cfg: DictConfig, manifest: Manifest, rundir: RunDir, ex) -> int:
 
 def _local_ranks(rundir: RunDir, session: str, rank: int) -> list[int]:
     """Pids of this run's other ranks on this host, from their completion markers."""
-    import json
-
     host, pids = socket.gethostname(), []
     for path in rundir.markers():
         if os.path.basename(path).startswith(session):
-            try:
-                with open(path) as f:
-                    info = json.load(f)
-            except (OSError, ValueError):
-                continue
+            info = rundir.read_marker(path)
             if info.get("host") == host and info.get("rank") != rank and info.get("pid"):
                 pids.append(int(info["pid"]))
     return pids

@@ -158,7 +158,6 @@ class RankWorker:
         # uses every core and loader/writer threads would only compete with it (BENCHMARKS.md).
         overlap = cfg.runtime.get("overlap", "auto")
         self.overlap = gen.device.type == "cuda" if overlap in ("auto", None) else bool(overlap)
-        self.prefetch = max(1, int(cfg.runtime.get("prefetch_batches", 2)))
         self.parts = PartWriter(rundir, rank, int(cfg.runtime.results_chunk_rows), session=session)
         self.stats = RankStats(rank=rank, world_size=world, host=socket.gethostname(), device=str(gen.device))
         self._write_error: BaseException | None = None
@@ -170,6 +169,7 @@ class RankWorker:
         self.thumb_max_row = thumb_max_row
         self.scores = bool(OmegaConf.select(cfg, "report.scores", default=True))
         self.embed = pipeline_embedder(getattr(gen, "pipe", None)) if self.scores else None
+        gen.configure(cfg.runtime)  # attention and compile settings, once (idempotent after Generator.load)
 
     # -- the loop -----------------------------------------------------------------------------------------
     def run(self, plan: Plan, next_unit: Callable[[], int | None]) -> RankStats:
@@ -266,7 +266,6 @@ class RankWorker:
 
     def _warmup(self, shapes: list[tuple[dict[str, Any], int]]) -> None:
         """Compile before timing rows: every (row shape, batch size) this rank will run, outputs thrown away."""
-        self.gen.configure(self.cfg.runtime)
         self.stats.warmup_seconds = self.gen.warmup(shapes, log=self.log)
         self.log(f"svd-batch: compile warm-up of {len(shapes)} shape(s) took {self.stats.warmup_seconds:.1f} s")
 
@@ -284,7 +283,6 @@ class RankWorker:
     def _generate(self, rows, loaded) -> list[dict[str, Any]]:
         """Frames for the rows whose image loaded; a record skeleton for every row."""
         gen = self.gen
-        gen.configure(self.cfg.runtime)
         out = []
         for row, (image, error, load_s, started_at) in zip(rows, loaded):
             out.append({"row": row, "image": image, "error": error, "loaded": error is None,

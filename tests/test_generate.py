@@ -211,17 +211,6 @@ def test_errors_that_poison_the_device_are_classified_and_raised():
     assert "\n" not in msg and "resume" in msg
 
 
-def test_frame_settings_name_what_changes_frames_and_omit_defaults():
-    from svd_batch.generate import frame_settings
-
-    base = {"compile": False, "compile_backend": "inductor", "compile_mode": "reduce-overhead",
-            "attention": "auto", "batch_size": 1}
-    assert frame_settings(base) == {}
-    assert frame_settings({**base, "compile": True, "compile_backend": "eager"}) == {}  # same kernels as eager
-    assert frame_settings({**base, "compile": True, "attention": "flash", "batch_size": 4}) == {
-        "runtime.compile": "inductor/reduce-overhead", "runtime.attention": "flash", "runtime.batch_size": 4}
-
-
 def test_attention_setting_is_checked_before_the_model_loads():
     from svd_batch.generate import SettingRefused, check_attention
 
