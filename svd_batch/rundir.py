@@ -232,8 +232,11 @@ class RunDir:
     def _read(path: str, columns: list[str] | None) -> pa.Table:
         try:
             # One open file: a part may be replaced (renamed over) while we read, and reading by path can
-            # open it twice, pairing the old file's footer with the new file's pages.
-            with open(path, "rb") as f:
+            # open it twice, pairing the old file's footer with the new file's pages. A native file, not
+            # Python's open(): Arrow's reader threads free a Python file's buffers under the GIL, and one still
+            # doing so when the interpreter exits aborts the process ("terminate called without an active
+            # exception", exit -6 instead of the run's own exit status).
+            with pa.OSFile(path, "rb") as f:
                 pf = pq.ParquetFile(f)
                 # Columns added by a later svd-batch are simply absent from older files.
                 have = set(pf.schema_arrow.names)
