@@ -25,7 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from svd_batch.rundir import RESULT_SCHEMA, RunDir  # noqa: E402
+from svd_batch.fields import RESULT_SCHEMA  # noqa: E402
+from svd_batch.rundir import RunDir  # noqa: E402
 
 
 def build(root: str, rows: int, done: int) -> tuple[str, str]:

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 
 def synthetic_results(n: int, seed: int = 0, image_dir: str = "/data/images") -> pa.Table:
-    from svd_batch.rundir import RESULT_SCHEMA
+    from svd_batch.fields import RESULT_SCHEMA
 
     rng = np.random.default_rng(seed)
     ids = [f"clip-{i:07d}" for i in range(n)]

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from . import batch as batching
+from .fields import pipeline_kwargs
 from .device_errors import DeviceFailure, OutOfMemory, device_failure, is_device_poisoned, is_oom
 from .util import (Injection, first_line, peak_host_memory_bytes, peak_vram_bytes, quiet_hf_logging,
                    reset_peak_vram)
@@ -423,16 +424,7 @@ class Generator:
         with self._pass([row]):
             out = self.pipe(
                 image.resize((width, height)),
-                height=height,
-                width=width,
-                num_frames=int(row["num_frames"]),
-                num_inference_steps=int(row["num_inference_steps"]),
-                min_guidance_scale=float(row["min_guidance_scale"]),
-                max_guidance_scale=float(row["max_guidance_scale"]),
-                fps=int(row["fps"]),
-                motion_bucket_id=int(row["motion_bucket_id"]),
-                noise_aug_strength=float(row["noise_aug_strength"]),
-                decode_chunk_size=int(row["decode_chunk_size"]),
+                **pipeline_kwargs(row),
                 generator=torch.Generator("cpu").manual_seed(int(row["seed"])),
                 output_type="pt",
             )

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .fields import SEED_MAX
+from .fields import CHANGE_FIELDS, SEED_MAX
 
 
 def with_seed(row: dict, base_seed: int) -> dict:
@@ -183,10 +183,6 @@ class PlanSpec:
 # Conditioning values a finished row's video depends on and that a manifest edit can change (the image itself is
 # compared by images.changed_images). decode_chunk_size is left out: the recorded value is the effective one
 # (memory cap, out-of-memory fallback), not the manifest's.
-CHANGE_FIELDS = ("seed", "fps", "motion_bucket_id", "noise_aug_strength", "num_frames", "num_inference_steps",
-                 "height", "width", "min_guidance_scale", "max_guidance_scale")
-
-
 def changed_rows(manifest: pa.Table, records: pa.Table, limit: int = 20) -> tuple[int, list[str]]:
     """Finished rows whose manifest values no longer match what their video was made with.
 

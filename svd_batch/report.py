@@ -6,7 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .rundir import RESULT_SCHEMA, RunDir, write_parquet_atomic
+from .fields import RESULT_SCHEMA
+from .rundir import RunDir, write_parquet_atomic
 
 
 def results_table(records: pa.Table, manifest: pa.Table, extra_columns: list[str]) -> pa.Table:

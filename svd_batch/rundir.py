@@ -38,46 +38,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .atomic import atomic_path, fsync_dir
-from .fields import CONDITIONING_FIELDS, INT_FIELDS
+from .fields import RESULT_SCHEMA
 
 STATE = ".svd-batch"
-
-RESULT_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("video_path", pa.string()),
-        ("image", pa.string()),
-        ("image_uri", pa.string()),
-        ("row", pa.int64()),
-        ("seed", pa.int64()),
-        *[(f, pa.int64() if f in INT_FIELDS else pa.float64()) for f in CONDITIONING_FIELDS],
-        ("frames_sha256", pa.string()),
-        ("image_sha256", pa.string()),  # of the encoded image bytes the row was made from (see images.py)
-        ("load_seconds", pa.float64()),
-        ("generate_seconds", pa.float64()),
-        ("write_seconds", pa.float64()),
-        ("total_seconds", pa.float64()),
-        ("peak_vram_bytes", pa.int64()),
-        ("peak_host_memory_bytes", pa.int64()),
-        ("memory_mode", pa.string()),
-        ("batch_size", pa.int32()),
-        ("compiled", pa.bool_()),
-        ("attention", pa.string()),  # runtime.attention the row ran with (auto: torch's choice)
-        ("model", pa.string()),
-        ("device", pa.string()),
-        ("rank", pa.int32()),
-        ("world_size", pa.int32()),
-        ("host", pa.string()),
-        ("started_at", pa.timestamp("us", tz="UTC")),
-        ("finished_at", pa.timestamp("us", tz="UTC")),
-        ("motion_score", pa.float64()),  # scores.py: null when report.scores=false or the row failed
-        ("image_similarity", pa.float64()),
-        ("flicker_score", pa.float64()),
-    ]
-)
-
 
 class RunDirError(Exception):
     """The run folder cannot be used as asked (locked, incompatible, or would be overwritten): exit 2."""

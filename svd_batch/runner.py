@@ -20,11 +20,12 @@ from typing import Any, Callable
 import pyarrow.compute as pc
 from omegaconf import DictConfig, OmegaConf
 
-from .fields import CONDITIONING_FIELDS, GENERATION_FIELDS
+from .fields import CHANGE_FIELDS, CONDITIONING_FIELDS, GENERATION_FIELDS, RESULT_SCHEMA
 from .manifest import Manifest, ManifestError, load_manifest
 from .executor import EXIT_INCOMPLETE, EXIT_OK, EXIT_OUTPUT, EXIT_ROWS_FAILED, EXIT_USAGE
-from .plan import CHANGE_FIELDS, Plan, changed_rows, make_plan
-from .rundir import RESULT_SCHEMA, RunDir, RunDirError, new_session, write_text_atomic
+from .plan import Plan, changed_rows, make_plan
+from .rundir import RunDir, RunDirError, new_session, write_text_atomic
+from .settings import WorkerSettings
 
 
 def log(msg: str, rank: int = 0) -> None:
@@ -403,7 +404,7 @@ def _run_rank(cfg: DictConfig, manifest: Manifest, rundir: RunDir, ex) -> int:
             pending = [first]
             # With claims nobody knows a rank's share in advance: a bar per rank counts rows and rate.
             bar = _progress(cfg, plan.todo.num_rows if world == 1 else None, rank, world)
-            worker = RankWorker(gen, rundir, cfg, rank=rank, world=world, stop=stop, progress=bar,
+            worker = RankWorker(gen, rundir, WorkerSettings.from_config(cfg), rank=rank, world=world, stop=stop, progress=bar,
                                 log=lambda msg: log(msg, rank), thumb_max_row=_thumb_max_row(cfg, manifest),
                                 session=session)
             worker.stats.model_load_seconds = time.perf_counter() - t

@@ -9,7 +9,8 @@ key never breaks older checks.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -160,4 +161,51 @@ def check(cfg: DictConfig) -> None:
             f"{n} config value{'s are' if n != 1 else ' is'} of the wrong type or out of range, so nothing was run: "
             + "; ".join(problems) + ". Values come from the command line (key=value), your config files and the "
             "presets; `svd-batch --help` lists every key with its default."
+        )
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What a rank's worker needs from the config, typed once at the runner (below it, nothing reads a
+    DictConfig). Built after ``check``, so the conversions here cannot fail on a user's value."""
+
+    batch_size: int = 1
+    overlap: bool | None = None          # None: auto (on for CUDA, off for CPU)
+    results_chunk_rows: int = 1024
+    compile: bool = False
+    max_same_failures: int = 0           # 0: off
+    base_seed: int = 0                   # generation.seed, for rows without a seed of their own
+    model_name: str = ""
+    scores: bool = True
+    image_timeout: float = 30.0
+    image_max_bytes: int = 64 << 20
+    image_max_pixels: int | None = None
+    video_crf: int = 18
+    video_codec: str = "libx264"
+    video_pix_fmt: str = "yuv420p"
+    video_preset: str = "medium"
+    runtime: Mapping[str, Any] = field(default_factory=dict)  # for Generator.configure: attention, compile cache
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> "WorkerSettings":
+        rt = cfg.runtime
+        overlap = rt.get("overlap", "auto")
+        max_pixels = cfg.images.get("max_pixels")
+        return cls(
+            batch_size=max(1, int(rt.batch_size)),
+            overlap=None if overlap in ("auto", None) else bool(overlap),
+            results_chunk_rows=int(rt.results_chunk_rows),
+            compile=bool(rt.compile),
+            max_same_failures=int(rt.get("max_same_failures", 0) or 0),
+            base_seed=int(cfg.generation.seed),
+            model_name=str(cfg.model.name),
+            scores=bool(OmegaConf.select(cfg, "report.scores", default=True)),
+            image_timeout=float(cfg.images.timeout),
+            image_max_bytes=int(cfg.images.max_bytes),
+            image_max_pixels=None if max_pixels is None else int(max_pixels),
+            video_crf=int(cfg.video.crf),
+            video_codec=str(cfg.video.codec),
+            video_pix_fmt=str(cfg.video.pix_fmt),
+            video_preset=str(cfg.video.preset),
+            runtime=OmegaConf.to_container(rt, resolve=True),
         )

@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-from omegaconf import OmegaConf
 
 from .fields import CONDITIONING_FIELDS
 from .gallery import save_thumbnails
@@ -35,6 +34,7 @@ from .images import ImageError, load_image_digest
 from .plan import Plan, row_cost, with_seed
 from .rundir import PartWriter, RunDir, write_text_atomic
 from .scores import pipeline_embedder, save_input_image, scores_for_record
+from .settings import WorkerSettings
 from .util import first_line, peak_host_memory_bytes
 from .write import frames_sha256, is_output_error, output_folder_error, write_mp4
 
@@ -149,16 +149,15 @@ class RankStats:
 
 
 class RankWorker:
-    def __init__(self, gen: Generator, rundir: RunDir, cfg, *, rank: int, world: int, stop, progress,
-                 log: Callable[[str], None], thumb_max_row: int = -1, session: str | None = None):
-        self.gen, self.rundir, self.cfg = gen, rundir, cfg
+    def __init__(self, gen: Generator, rundir: RunDir, settings: WorkerSettings, *, rank: int, world: int, stop,
+                 progress, log: Callable[[str], None], thumb_max_row: int = -1, session: str | None = None):
+        self.gen, self.rundir, self.settings = gen, rundir, settings
         self.rank, self.world, self.stop, self.progress, self.log = rank, world, stop, progress, log
-        self.batch_size = max(1, int(cfg.runtime.batch_size))
+        self.batch_size = settings.batch_size
         # auto: overlap on GPUs, where the CPU is otherwise idle while the model runs; on CPU the model already
         # uses every core and loader/writer threads would only compete with it (BENCHMARKS.md).
-        overlap = cfg.runtime.get("overlap", "auto")
-        self.overlap = gen.device.type == "cuda" if overlap in ("auto", None) else bool(overlap)
-        self.parts = PartWriter(rundir, rank, int(cfg.runtime.results_chunk_rows), session=session)
+        self.overlap = gen.device.type == "cuda" if settings.overlap is None else settings.overlap
+        self.parts = PartWriter(rundir, rank, settings.results_chunk_rows, session=session)
         self.stats = RankStats(rank=rank, world_size=world, host=socket.gethostname(), device=str(gen.device))
         self._write_error: BaseException | None = None
         self._seconds_per_cost: list[float] = []
@@ -167,9 +166,9 @@ class RankWorker:
         slow = dict(x.split(":") for x in filter(None, os.environ.get("SVD_BATCH_INJECT_SLOW", "").split(",")))
         self.slow = float(slow.get(str(rank), 0.0))
         self.thumb_max_row = thumb_max_row
-        self.scores = bool(OmegaConf.select(cfg, "report.scores", default=True))
+        self.scores = settings.scores
         self.embed = pipeline_embedder(getattr(gen, "pipe", None)) if self.scores else None
-        gen.configure(cfg.runtime)  # attention and compile settings, once (idempotent after Generator.load)
+        gen.configure(settings.runtime)  # attention and compile settings, once (idempotent after Generator.load)
 
     # -- the loop -----------------------------------------------------------------------------------------
     def run(self, plan: Plan, next_unit: Callable[[], int | None]) -> RankStats:
@@ -181,7 +180,7 @@ class RankWorker:
         if self.overlap:
             writer.start()
         feed = Feed(plan, next_unit, lambda rows: [loader.submit(self._load, r) for r in rows],
-                    base_seed=int(self.cfg.generation.seed), lookahead=self.overlap)
+                    base_seed=self.settings.base_seed, lookahead=self.overlap)
         held_back: list[dict[str, Any]] = []
         try:
             while True:
@@ -190,9 +189,9 @@ class RankWorker:
                     break
                 rows, futures, cost = item
                 self.stats.units += 1
-                if self.cfg.runtime.compile and not self.stats.warmup_seconds:
+                if self.settings.compile and not self.stats.warmup_seconds:
                     # Any rank may claim any unit: warm up every (shape, unit size) of the plan.
-                    self._warmup([(with_seed(plan.todo.slice(first, 1).to_pylist()[0], int(self.cfg.generation.seed)), n)
+                    self._warmup([(with_seed(plan.todo.slice(first, 1).to_pylist()[0], self.settings.base_seed), n)
                                   for first, n in plan.shapes()])
                 loaded = [f.result() for f in futures]
                 feed.arm(self._expected_seconds(cost))
@@ -238,7 +237,7 @@ class RankWorker:
     def _screen(self, done: list[dict[str, Any]], held: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Hold back rows that fail generation the same way in a row; at runtime.max_same_failures of them the
         device (or its environment) is to blame, not the rows: stop this rank, recording none of them."""
-        limit = int(self.cfg.runtime.get("max_same_failures", 0) or 0)
+        limit = self.settings.max_same_failures
         out: list[dict[str, Any]] = []
         for o in done:
             failed_in_model = o["error"] is not None and o.get("loaded", False)
@@ -272,10 +271,10 @@ class RankWorker:
     def _load(self, row: dict[str, Any]) -> tuple[Any, str | None, float, dt.datetime]:
         started_at = _now()
         t = time.perf_counter()
-        img = self.cfg.images
+        s = self.settings
         try:
-            image, row["image_sha256"] = load_image_digest(row["image_uri"], timeout=float(img.timeout),
-                                                           max_bytes=int(img.max_bytes), max_pixels=img.max_pixels)
+            image, row["image_sha256"] = load_image_digest(row["image_uri"], timeout=s.image_timeout,
+                                                           max_bytes=s.image_max_bytes, max_pixels=s.image_max_pixels)
             return image, None, time.perf_counter() - t, started_at
         except ImageError as exc:
             return None, f"row {row['id']}: image {row['image']!r}: {exc}", time.perf_counter() - t, started_at
@@ -323,13 +322,13 @@ class RankWorker:
             self._write_row(o)
 
     def _write_row(self, o: dict[str, Any]) -> None:
-        row, cfg = o["row"], self.cfg
+        row, s = o["row"], self.settings
         record: dict[str, Any] = {
             "id": row["id"], "image": row["image"], "image_uri": row["image_uri"], "row": row["row"],
             "seed": row["seed"],
             **{f: row[f] for f in CONDITIONING_FIELDS},
             "decode_chunk_size": o["decode_chunk_size"], "memory_mode": o["memory_mode"],
-            "batch_size": o.get("batch_size"), "compiled": bool(cfg.runtime.compile), "model": str(cfg.model.name),
+            "batch_size": o.get("batch_size"), "compiled": s.compile, "model": s.model_name,
             "attention": o.get("attention"),
             "device": str(self.gen.device), "rank": self.rank, "world_size": self.world,
             "host": self.stats.host, "started_at": o["started_at"], "load_seconds": o["load_seconds"],
@@ -340,8 +339,8 @@ class RankWorker:
         if o["frames"] is not None and o["error"] is None:
             try:
                 record["frames_sha256"] = frames_sha256(o["frames"])
-                write_mp4(o["frames"], self.rundir.video_path(row["id"]), int(row["fps"]), crf=int(cfg.video.crf),
-                          codec=str(cfg.video.codec), pix_fmt=str(cfg.video.pix_fmt), preset=str(cfg.video.preset))
+                write_mp4(o["frames"], self.rundir.video_path(row["id"]), int(row["fps"]), crf=s.video_crf,
+                          codec=s.video_codec, pix_fmt=s.video_pix_fmt, preset=s.video_preset)
                 # The conditioning image as the model saw it: the same resize generate.py does, off the model's thread.
                 seen = o["input_image"].resize((int(row["width"]), int(row["height"]))) if o.get("input_image") is not None else None
                 if row["row"] <= self.thumb_max_row:

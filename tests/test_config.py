@@ -46,3 +46,35 @@ def test_memory_modes():
     low = cfg("memory=low_vram").memory
     assert low.cpu_offload and low.forward_chunking and low.max_decode_chunk_size == 2
     OmegaConf.resolve(cfg("memory=low_vram"))
+
+
+def test_worker_settings_are_typed_once_from_the_composed_config():
+    from svd_batch.settings import WorkerSettings, check
+
+    c = cfg("runtime.batch_size=3", "runtime.overlap=false", "video.crf=23", "generation.seed=7",
+            "runtime.max_same_failures=0", "report.scores=false")
+    check(c)
+    s = WorkerSettings.from_config(c)
+    assert (s.batch_size, s.overlap, s.video_crf, s.base_seed, s.max_same_failures, s.scores) == (3, False, 23, 7, 0, False)
+    assert isinstance(s.runtime, dict) and s.runtime["batch_size"] == 3  # plain values: no DictConfig below the runner
+    assert WorkerSettings.from_config(cfg()).overlap is None  # auto: decided by the device
+    assert WorkerSettings.from_config(cfg("runtime.overlap=true")).overlap is True
+
+
+def test_the_row_definition_matches_the_pipeline_and_the_record():
+    import inspect
+
+    from diffusers import StableVideoDiffusionPipeline
+
+    from svd_batch.fields import (CHANGE_FIELDS, CONDITIONING_FIELDS, GENERATION_FIELDS, PIPELINE_FIELDS,
+                                  RESULT_SCHEMA, pipeline_kwargs)
+
+    accepted = set(inspect.signature(StableVideoDiffusionPipeline.__call__).parameters)
+    assert set(PIPELINE_FIELDS) <= accepted and "seed" not in PIPELINE_FIELDS
+    assert set(GENERATION_FIELDS) - set(PIPELINE_FIELDS) == {"seed"}  # the seed becomes the generator
+    recorded = set(RESULT_SCHEMA.names)
+    assert set(CHANGE_FIELDS) <= recorded and set(CONDITIONING_FIELDS) <= recorded
+    assert "decode_chunk_size" not in CHANGE_FIELDS  # memory, not frames
+    row = {f: "3" for f in GENERATION_FIELDS}
+    kw = pipeline_kwargs(row)
+    assert type(kw["fps"]) is int and type(kw["noise_aug_strength"]) is float and kw["num_frames"] == 3

@@ -3,7 +3,7 @@ import pyarrow as pa
 
 from svd_batch.manifest import load_manifest
 from svd_batch.plan import assign_ranks, derive_seed, group_units, make_plan, row_cost, with_seed
-from svd_batch.rundir import RESULT_SCHEMA
+from svd_batch.fields import RESULT_SCHEMA
 from tests.conftest import write_manifest
 from tests.test_manifest import GEN
 

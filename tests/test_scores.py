@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from svd_batch.rundir import RESULT_SCHEMA
+from svd_batch.fields import RESULT_SCHEMA
 from svd_batch.scores import flicker_score, motion_score, save_input_image, score_video
 from svd_batch.write import write_mp4
 from tests.conftest import REPO, SAMPLE, read_results, run_cli, write_manifest

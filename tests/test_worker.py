@@ -5,10 +5,10 @@ import types
 
 import pyarrow as pa
 import torch
-from omegaconf import OmegaConf
 
 from svd_batch.plan import make_plan
-from svd_batch.rundir import RESULT_SCHEMA
+from svd_batch.fields import RESULT_SCHEMA
+from svd_batch.settings import WorkerSettings
 from svd_batch.worker import RankWorker
 from tests.conftest import SAMPLE, read_results, run_cli, write_manifest
 
@@ -81,18 +81,15 @@ def test_images_in_flight_are_bounded(tmp_path, monkeypatch):
              "motion_bucket_id": 1, "noise_aug_strength": 0.0, "num_frames": 2, "num_inference_steps": 1,
              "height": 8, "width": 8, "min_guidance_scale": 1.0, "max_guidance_scale": 1.0, "decode_chunk_size": 2}
             for i in range(n)]
-    cfg = OmegaConf.create({"runtime": {"batch_size": batch_size, "overlap": True, "prefetch_batches": prefetch,
-                                        "results_chunk_rows": 1024, "compile": False},
-                            "images": {"timeout": 5, "max_bytes": 10**7, "max_pixels": 10**8},
-                            "video": {"crf": 30, "codec": "libx264", "pix_fmt": "yuv420p", "preset": "ultrafast"},
-                            "model": {"name": "fake"}, "generation": {"seed": 1}})
+    settings = WorkerSettings(batch_size=batch_size, overlap=True, base_seed=1, model_name="fake", image_timeout=5,
+                              image_max_bytes=10**7, image_max_pixels=10**8, video_crf=30, video_preset="ultrafast")
     from svd_batch.rundir import RunDir
 
     rd = RunDir(str(tmp_path / "out"))
     rd.create()
     stop = types.SimpleNamespace(signum=None)
     progress = types.SimpleNamespace(update=lambda k: None)
-    worker = RankWorker(FakeGen(), rd, cfg, rank=0, world=1, stop=stop, progress=progress, log=lambda m: None)
+    worker = RankWorker(FakeGen(), rd, settings, rank=0, world=1, stop=stop, progress=progress, log=lambda m: None)
     lock, live, peak = threading.Lock(), [0], [0]
     real_load, real_generate = worker._load, worker._generate
 
