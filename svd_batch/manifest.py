@@ -189,8 +189,10 @@ def read_table(path: str, columns: Mapping[str, str] | None = None) -> tuple[pa.
         plain = [f.name for f in schema if not holds_bytes(f.type)]
         # Sorted file names, then row order within each file: the same directory read twice gives the same
         # order, which sharding and resume rely on.
+        # Remote files are Python (fsspec) files, whose buffers Arrow's reader threads free under the GIL; one
+        # still doing so as the interpreter exits (a manifest error ends the run at once) aborts the process.
         table = pads.dataset(files, schema=schema, format="parquet", filesystem=fs).to_table(
-            columns=plain, use_threads=True)
+            columns=plain, use_threads=not remote)
         if kind is not None:
             refs, uris = _embedded_refs(files, fs, image_col, kind, _shard_base(path, files, fs))
             table = table.append_column(image_col, refs).append_column("__image_uri", uris)
