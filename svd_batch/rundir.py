@@ -218,7 +218,9 @@ class RunDir:
         whole: every part with ``all_parts`` (only under the exclusive lock, when no writer is alive), else
         those whose completion marker lists the very row count this merge read."""
         records, counts = self._read_all()
-        sealed = self.sealed_parts()
+        # One reading of the markers decides both which parts are sealed and which markers go.
+        markers = {path: self.read_marker(path) for path in self.markers()}
+        sealed = {name: n for info in markers.values() for name, n in info.get("parts", {}).items()}
         deletable = [p for p, n in counts.items() if all_parts or sealed.get(os.path.basename(p)) == n]
         if counts or not os.path.exists(self.records_path):
             write_parquet_atomic(records, self.records_path)
@@ -227,8 +229,8 @@ class RunDir:
             fsync_dir(self.parts)
         # A marker whose parts are all merged away has nothing left to vouch for.
         gone = {os.path.basename(p) for p in deletable}
-        for path in self.markers():
-            if all_parts or set(self.read_marker(path).get("parts", {})) <= gone:
+        for path, info in markers.items():
+            if all_parts or set(info.get("parts", {})) <= gone:
                 os.unlink(path)
         return records
 
@@ -240,13 +242,6 @@ class RunDir:
         os.makedirs(self.done, exist_ok=True)
         write_text_atomic(json.dumps(info, indent=1, default=str),
                           os.path.join(self.done, f"{session}-rank{rank:05d}.json"))
-
-    def sealed_parts(self) -> dict[str, int]:
-        """Part file name -> final row count, for every part whose writer has finished."""
-        out: dict[str, int] = {}
-        for path in self.markers():
-            out.update(self.read_marker(path).get("parts", {}))
-        return out
 
     @staticmethod
     def read_marker(path: str) -> dict[str, Any]:

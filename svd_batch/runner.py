@@ -310,6 +310,7 @@ def _agree(cfg: DictConfig, manifest: Manifest, rundir: RunDir, ex, device) -> t
     from .generate import ModelUnavailable, model_identity, resolve_model_path
 
     proposal: dict[str, Any]
+    local = None
     if ex.rank == 0:
         try:
             local = resolve_model_path(str(cfg.model.path), cfg.model.variant, str(cfg.model.name))
@@ -336,8 +337,8 @@ def _agree(cfg: DictConfig, manifest: Manifest, rundir: RunDir, ex, device) -> t
     problem = None
     where = f"rank {ex.rank} on host {socket.gethostname()}"
     try:
-        local = resolve_model_path(str(cfg.model.path), cfg.model.variant, str(cfg.model.name))
         if ex.rank != 0:
+            local = resolve_model_path(str(cfg.model.path), cfg.model.variant, str(cfg.model.name))
             identity = model_identity(local)
             if identity != proposal["identity"]:
                 problem = (f"{where} sees model files {identity} at {local}, rank 0 sees {proposal['identity']}: "
@@ -404,9 +405,9 @@ def _run_rank(cfg: DictConfig, manifest: Manifest, rundir: RunDir, ex) -> int:
             pending = [first]
             # With claims nobody knows a rank's share in advance: a bar per rank counts rows and rate.
             bar = _progress(cfg, plan.todo.num_rows if world == 1 else None, rank, world)
-            worker = RankWorker(gen, rundir, WorkerSettings.from_config(cfg), rank=rank, world=world, stop=stop, progress=bar,
-                                log=lambda msg: log(msg, rank), thumb_max_row=_thumb_max_row(cfg, manifest),
-                                session=session)
+            worker = RankWorker(gen, rundir, WorkerSettings.from_config(cfg), rank=rank, world=world, stop=stop,
+                                progress=bar, log=lambda msg: log(msg, rank),
+                                thumb_max_row=_thumb_max_row(cfg, manifest), session=session)
             worker.stats.model_load_seconds = time.perf_counter() - t
             try:
                 stats = worker.run(plan, lambda: pending.pop() if pending else next_unit())

@@ -9,8 +9,8 @@ key never breaks older checks.
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -184,7 +184,6 @@ class WorkerSettings:
     video_codec: str = "libx264"
     video_pix_fmt: str = "yuv420p"
     video_preset: str = "medium"
-    runtime: Mapping[str, Any] = field(default_factory=dict)  # for Generator.configure: attention, compile cache
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "WorkerSettings":
@@ -207,5 +206,4 @@ class WorkerSettings:
             video_codec=str(cfg.video.codec),
             video_pix_fmt=str(cfg.video.pix_fmt),
             video_preset=str(cfg.video.preset),
-            runtime=OmegaConf.to_container(rt, resolve=True),
         )

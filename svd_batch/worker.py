@@ -168,7 +168,6 @@ class RankWorker:
         self.thumb_max_row = thumb_max_row
         self.scores = settings.scores
         self.embed = pipeline_embedder(getattr(gen, "pipe", None)) if self.scores else None
-        gen.configure(settings.runtime)  # attention and compile settings, once (idempotent after Generator.load)
 
     # -- the loop -----------------------------------------------------------------------------------------
     def run(self, plan: Plan, next_unit: Callable[[], int | None]) -> RankStats:

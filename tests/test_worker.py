@@ -62,9 +62,6 @@ class FakeGen:
     def effective_decode_chunk(self, n):
         return n
 
-    def configure(self, runtime):
-        pass
-
     def run(self, rows, images, log=None):
         import numpy as np
 
