@@ -242,7 +242,9 @@ def bench_attention(pipe, args, device, unet_inputs, flops):
             step = float(np.median(times[1:]))
             out[name] = {"unet_per_step_s": step, "unet_tflops": flops["unet_step_cfg_batch2"] / step / 1e12}
         except Exception as exc:  # noqa: BLE001 - e.g. math attention out of memory at full size
-            out[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+            from svd_batch.util import first_line
+
+            out[name] = {"error": f"{type(exc).__name__}: {first_line(exc, 200)}"}
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return out

@@ -17,11 +17,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .fields import SHAPE_FIELDS
+
 
 def batch_key(row: Mapping[str, Any]) -> tuple:
     """Rows with equal keys can share one pipeline batch."""
-    return (int(row["height"]), int(row["width"]), int(row["num_frames"]), int(row["num_inference_steps"]),
-            float(row["max_guidance_scale"]) > 1.0)
+    return (*(int(row[f]) for f in SHAPE_FIELDS), float(row["max_guidance_scale"]) > 1.0)
 
 
 def quantize_on_device(video):

@@ -29,8 +29,10 @@ CACHE_BYTES = 64 << 20   # windows kept for rows that come back to them
 OPEN_FILES = 4
 
 
-def cell_uri(file: str, row: int, column: str) -> str:
-    return f"{PREFIX}{file}#row={int(row)}&column={urllib.parse.quote(column)}"
+def cell_uris(file: str, rows: pa.Array, column: str) -> pa.Array:
+    """The references of cells of one shard file and column, for ``rows`` (row numbers as strings); parse_uri
+    reads one back."""
+    return pc.binary_join_element_wise(f"{PREFIX}{file}#row=", rows, f"&column={urllib.parse.quote(column)}", "")
 
 
 def parse_uri(uri: str) -> tuple[str, int, str]:

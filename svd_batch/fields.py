@@ -54,6 +54,10 @@ def arrow_type(field: str) -> pa.DataType:
     return pa.int64() if field in INT_FIELDS else pa.float64()
 
 
+# The values that fix a row's tensor shapes; with whether guidance is on (max_guidance_scale > 1: the UNet then
+# runs on a batch of two), rows equal in them can share one pipeline batch (batch.batch_key, plan.batch_keys).
+SHAPE_FIELDS = ("height", "width", "num_frames", "num_inference_steps")
+
 # The row's values passed to StableVideoDiffusionPipeline.__call__ under their own names (the seed becomes the
 # generator; the image, resized to width x height, is the first argument).
 PIPELINE_FIELDS = tuple(f for f in GENERATION_FIELDS if f != "seed")

@@ -27,8 +27,10 @@ import pyarrow.parquet as pq
 
 from .atomic import atomic_path
 from .fields import CONDITIONING_FIELDS
+from .report import epoch_seconds, float_values
 from .rundir import RunDir, write_text_atomic
 from .scores import INPUTS, SCORE_COLUMNS, input_image_path
+from .write import read_mp4
 
 REPORT_DIR = "report"
 CHUNK_ROWS = 50_000
@@ -168,14 +170,9 @@ def _human_bytes(n: float | None) -> str:
     return str(n)
 
 
-def _num(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """float64 values with NaN for nulls."""
-    return pc.fill_null(pc.cast(col, pa.float64()), float("nan")).to_numpy()
-
-
 def summarize(results: pa.Table) -> dict[str, Any]:
     ok = results.filter(pc.equal(results["status"], "ok")) if results.num_rows else results
-    secs = _num(ok["total_seconds"]) if ok.num_rows else np.array([])
+    secs = float_values(ok["total_seconds"]) if ok.num_rows else np.array([])
     secs = secs[~np.isnan(secs)]
     s: dict[str, Any] = {
         "rows": results.num_rows, "ok": ok.num_rows, "failed": results.num_rows - ok.num_rows,
@@ -324,14 +321,14 @@ def write_data_chunks(root: str, results: pa.Table, hosts: list[str], chunk_rows
             if c not in part.column_names:
                 cols[c] = None
                 continue
-            a = _num(part[c])
+            a = float_values(part[c])
             cols[c] = _js_values(a, ROUND.get(c))
         cols["host"] = _js_values(np.array([host_index.get(h, 0) for h in part["host"].to_pylist()], dtype=np.int64))
         fin = part["finished_at"]
         if t0 is not None:
             secs = pc.divide(pc.cast(pc.subtract(pc.cast(fin, pa.int64()), pa.scalar(int(t0.timestamp() * 1e6))),
                                      pa.float64()), 1e6)
-            cols["t"] = _js_values(np.round(_num(secs), 1))
+            cols["t"] = _js_values(np.round(float_values(secs), 1))
         vp = part["video_path"].to_pylist()
         cols["vid"] = _js_values([1 if (not f and f"{i}.mp4" in videos and p == f"videos/{i}.mp4") else (p if not f else 0)
                                   for i, p, f in zip(ids, vp, failed)])
@@ -366,15 +363,15 @@ def write_gallery(root: str, page_size: int = 48, chunk_rows: int = CHUNK_ROWS) 
     score_rows = ""
     ok = results.filter(pc.equal(results["status"], "ok")) if results.num_rows else results
     for c in scores:
-        a = _num(ok[c]) if ok.num_rows else np.array([])
+        a = float_values(ok[c]) if ok.num_rows else np.array([])
         a = a[~np.isnan(a)]
         if len(a):
             lo, med, p5 = np.min(a), np.median(a), np.percentile(a, 5)
             score_rows += f"<tr><th>{c}</th><td>median {med:.4f} · 5th percentile {p5:.4f} · min {lo:.4f}</td></tr>"
     charts = ""
     if ok.num_rows:
-        fin = _num(pc.divide(pc.cast(pc.cast(ok["finished_at"], pa.int64()), pa.float64()), 1e6))
-        charts = throughput_chart(_num(ok["rank"]), fin) + seconds_histogram(_num(ok["total_seconds"]))
+        fin = epoch_seconds(ok["finished_at"])
+        charts = throughput_chart(float_values(ok["rank"]), fin) + seconds_histogram(float_values(ok["total_seconds"]))
     failed = results.filter(pc.equal(results["status"], "failed")) if results.num_rows else results
     fail_html = ""
     if failed.num_rows:
@@ -431,15 +428,6 @@ def _read_results(rd: RunDir) -> pa.Table:
 
 
 # -- contact sheet -----------------------------------------------------------------------------------------
-def _frames(path: str) -> list[np.ndarray]:
-    import imageio_ffmpeg
-
-    gen = imageio_ffmpeg.read_frames(path)
-    meta = next(gen)
-    w, h = meta["size"]
-    return [np.frombuffer(f, np.uint8).reshape(h, w, 3) for f in gen]
-
-
 THUMB_HEIGHT, PAD = 128, 6
 # PNG at zlib level 1: the sheet is a preview, and level 6 (PIL's default) cost ~0.5 s per run.
 PNG_LEVEL = 1
@@ -492,7 +480,7 @@ def write_contact_sheet(root: str, max_rows: int = 16) -> str | None:
                 picture = Image.open(thumb).convert("RGB")
             else:
                 inp = input_image_path(root, r["id"])
-                picture = _strip(_frames(video), Image.open(inp) if os.path.exists(inp) else None)
+                picture = _strip(read_mp4(video), Image.open(inp) if os.path.exists(inp) else None)
         width = label_w + (picture.width if picture else 4 * (THUMB_HEIGHT + PAD))
         strip = Image.new("RGB", (width, THUMB_HEIGHT + 2 * PAD), (24, 24, 24))
         draw = ImageDraw.Draw(strip)

@@ -19,8 +19,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from . import batch as batching
-from .fields import pipeline_kwargs
 from .device_errors import DeviceFailure, OutOfMemory, device_failure, is_device_poisoned, is_oom
+from .fields import pipeline_kwargs
 from .util import (Injection, first_line, peak_host_memory_bytes, peak_vram_bytes, quiet_hf_logging,
                    reset_peak_vram)
 
@@ -32,6 +32,7 @@ __all__ = ["ATTENTION", "DeviceFailure", "Generator", "ModelUnavailable", "OutOf
 ATTENTION = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
              "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
 CUDA_ONLY_ATTENTION = ("cudnn", "efficient")  # torch has no CPU kernel for these
+
 
 def set_forward_chunking(unet, on: bool) -> None:
     """The SVD UNet has enable_forward_chunking() but no disable: undo what enable does, module by module."""

@@ -11,7 +11,6 @@ import glob
 import os
 import posixpath
 import re
-import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -21,9 +20,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from .embedded import PREFIX, parquet_file, present
+from .embedded import cell_uris, parquet_file, present
 from .fields import FLOAT_FIELDS, GENERATION_FIELDS, INT_FIELDS, RULES, arrow_type
 from .remote import RemoteError, filesystem, is_url
+from .util import occurrence
 
 # Ids become file names (videos/<id>.mp4), so they are restricted to characters that are safe on every
 # filesystem, cannot climb out of videos/ and cannot hide (no leading dot).
@@ -234,8 +234,7 @@ def _embedded_refs(files: list[str], fs, column: str, kind: str, base: str) -> t
         name = posixpath.relpath(f, base) if fs is not None else os.path.relpath(os.path.abspath(f), os.path.abspath(base))
         numbers = pc.cast(pa.array(np.arange(n, dtype=np.int64)), pa.string())
         cell = pc.binary_join_element_wise(f"{name}#row=", numbers, "")
-        uri = pc.binary_join_element_wise(f"{PREFIX}{full}#row=", numbers,
-                                          f"&column={urllib.parse.quote(leaf)}", "")
+        uri = cell_uris(full, numbers, leaf)
         if paths is not None:
             given = pc.and_(pc.is_valid(paths), pc.not_equal(pc.fill_null(pc.utf8_trim_whitespace(paths), ""), ""))
             ref = pc.if_else(pc.fill_null(given, False), paths, pc.if_else(has, cell, pa.scalar(None, pa.string())))
@@ -425,19 +424,13 @@ def _derived_ids(raw: pa.Table, image: pa.ChunkedArray, cells: list[str]) -> pa.
     digests = np.fromiter((int.from_bytes(blake(k.encode(), digest_size=5).digest(), "big")
                            for k in content.to_pylist()), dtype=np.int64, count=len(content))
     # The n-th copy of an identical row (n >= 2) gets "-n": stable as long as the copies keep their order.
-    by_digest = np.argsort(digests, kind="stable")
-    sorted_d = digests[by_digest]
-    group_start = np.r_[0, np.flatnonzero(np.diff(sorted_d)) + 1] if len(sorted_d) else np.zeros(0, np.int64)
-    lens = np.diff(np.r_[group_start, len(sorted_d)])
-    occurrence = np.empty(len(digests), np.int64)
-    occurrence[by_digest] = np.arange(len(digests)) - np.repeat(group_start, lens)
+    copy = occurrence(digests)
     hexes = np.char.mod("-%010x", digests)
-    dup = occurrence > 0
+    dup = copy > 0
     if dup.any():
         hexes = hexes.astype(object)
-        hexes[dup] = [f"{h}-{k + 1}" for h, k in zip(hexes[dup], occurrence[dup])]
-    ids = hexes
-    return pc.binary_join_element_wise(stem, pa.array(ids.astype(object), pa.string()), "")
+        hexes[dup] = [f"{h}-{k + 1}" for h, k in zip(hexes[dup], copy[dup])]
+    return pc.binary_join_element_wise(stem, pa.array(hexes.astype(object), pa.string()), "")
 
 
 def _typed_column(raw: pa.Table, col: str, name: str, rows, ids) -> tuple[pa.ChunkedArray, list[Problem]]:

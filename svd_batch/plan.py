@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .fields import CHANGE_FIELDS, SEED_MAX
+from .fields import CHANGE_FIELDS, SEED_MAX, SHAPE_FIELDS
+from .util import occurrence
 
 
 def with_seed(row: dict, base_seed: int) -> dict:
@@ -57,9 +58,8 @@ def assign_ranks(cost: np.ndarray, world_size: int) -> np.ndarray:
 
 
 def batch_keys(table: pa.Table) -> np.ndarray:
-    """Per row, the values that fix tensor shapes (rows sharing them can share a pipeline batch): height, width,
-    frames, steps and whether guidance is on (the UNet then runs on a batch of two)."""
-    cols = [table[c].to_numpy() for c in ("height", "width", "num_frames", "num_inference_steps")]
+    """Per row, ``batch.batch_key`` as numbers: the shape fields and whether guidance is on."""
+    cols = [table[c].to_numpy() for c in SHAPE_FIELDS]
     cols.append((table["max_guidance_scale"].to_numpy() > 1.0).astype(np.int64))
     return np.stack(cols, axis=1).astype(np.int64) if table.num_rows else np.zeros((0, 5), np.int64)
 
@@ -77,12 +77,7 @@ def group_units(cost: np.ndarray, keys: np.ndarray, batch_size: int) -> tuple[np
     _, key_id = np.unique(keys[order], axis=0, return_inverse=True)
     key_id = key_id.reshape(-1)
     pos = np.arange(n)
-    by_key = np.argsort(key_id, kind="stable")
-    sorted_keys = key_id[by_key]
-    group_start = np.r_[0, np.flatnonzero(np.diff(sorted_keys)) + 1]
-    group_len = np.diff(np.r_[group_start, n])
-    within = np.empty(n, np.int64)
-    within[by_key] = pos - np.repeat(group_start, group_len)
+    within = occurrence(key_id)  # place among the rows of its key, in claim order
     _, unit = np.unique(key_id * (n // batch_size + 1) + within // batch_size, return_inverse=True)
     unit = unit.reshape(-1)
     first = np.full(unit.max() + 1, n, np.int64)

@@ -12,6 +12,8 @@ import re
 import threading
 from typing import Any, Callable
 
+from .util import first_line
+
 URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 # fsspec protocol -> (the package that implements it, our extra that installs it)
@@ -100,5 +102,4 @@ def read_bytes(url: str, timeout: float, max_bytes: int) -> bytes:
     except FileNotFoundError:
         raise RemoteError(f"not found: {url}") from None
     except Exception as exc:  # noqa: BLE001 - every library has its own errors; one line for the row's record
-        text = str(exc).splitlines()[0][:300] if str(exc) else ""
-        raise RemoteError(f"could not read {url}: {type(exc).__name__}: {text}") from None
+        raise RemoteError(f"could not read {url}: {type(exc).__name__}: {first_line(exc, 300)}") from None

@@ -10,6 +10,16 @@ from .fields import RESULT_SCHEMA
 from .rundir import RunDir, write_parquet_atomic
 
 
+def float_values(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A numeric results column as float64, NaN for nulls."""
+    return pc.fill_null(pc.cast(col, pa.float64()), float("nan")).to_numpy()
+
+
+def epoch_seconds(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A timestamp[us] results column (started_at, finished_at) as float seconds since the epoch, NaN for nulls."""
+    return float_values(pc.divide(pc.cast(pc.cast(col, pa.int64()), pa.float64()), 1e6))
+
+
 def results_table(records: pa.Table, manifest: pa.Table, extra_columns: list[str]) -> pa.Table:
     """One row per manifest row that has a record, in manifest order, with the manifest's extra columns."""
     if records.num_rows == 0:

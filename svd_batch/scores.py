@@ -25,6 +25,8 @@ from typing import Any, Callable
 import numpy as np
 
 from .atomic import atomic_path
+from .util import first_line
+from .write import read_mp4
 
 SCORE_COLUMNS = ("motion_score", "image_similarity", "flicker_score")
 INPUTS = "inputs"
@@ -185,15 +187,6 @@ def load_embedder(model_path: str, device: str | None = None) -> Embed:
     return clip_embedder(enc, fx)
 
 
-def read_video(path: str) -> np.ndarray:
-    import imageio_ffmpeg
-
-    gen = imageio_ffmpeg.read_frames(path)
-    meta = next(gen)
-    w, h = meta["size"]
-    return np.stack([np.frombuffer(f, np.uint8).reshape(h, w, 3) for f in gen])
-
-
 def conditioning_image(root: str, row: dict[str, Any]):
     """inputs/<id>.jpg when the run kept it; else the row's own image resized as the model resizes it."""
     from PIL import Image
@@ -237,7 +230,7 @@ def rescore(root: str, embed: Embed | None, log: Callable[[str], None] = print) 
         if not video or not os.path.exists(video):
             missing += row["status"] == "ok"
             continue
-        s = score_video(read_video(video), conditioning_image(root, row), embed)
+        s = score_video(read_mp4(video), conditioning_image(root, row), embed)
         for c in SCORE_COLUMNS:
             cols[c][i] = s[c]
     for c in SCORE_COLUMNS:
@@ -277,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
             embed = load_embedder(path, args.device)
         except Exception as exc:  # noqa: BLE001 - one message for every way the encoder is unavailable
             print(f"svd-batch-score: cannot load the image encoder for image_similarity ({type(exc).__name__}: "
-                  f"{str(exc).splitlines()[0] if str(exc) else ''}). Pass --model <diffusers folder with "
+                  f"{first_line(exc)}). Pass --model <diffusers folder with "
                   "image_encoder/ and feature_extractor/>, or --no-embed to compute only the pixel scores.",
                   file=sys.stderr)
             sys.exit(2)

@@ -15,6 +15,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from .fields import FLOAT_FIELDS, INT_FIELDS, RULES
+from .generate import ATTENTION
 
 
 class SettingsError(Exception):
@@ -89,7 +90,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "runtime.results_chunk_rows": _int(1),
     "runtime.schedule": _choice("claim", "static"),
     "runtime.max_same_failures": _int(0),
-    "runtime.attention": _nullable(_choice("auto", "flash", "cudnn", "efficient", "math")),
+    "runtime.attention": _nullable(_choice(*ATTENTION)),
     "runtime.compile_threads": (lambda v: v is None or v == "auto" or (type(v) is int and v >= 1),
                                 "auto or an integer >= 1"),
     "runtime.compile_cache_dir": _nullable(_str()),

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .report import epoch_seconds, float_values
 from .rundir import RunDir, RunDirError
 
 # A rank is stalled when its last record is this many times its median seconds per row old (and at least
@@ -41,11 +42,6 @@ def manifest_rows(root: str) -> int | None:
         return read_manifest(OmegaConf.load(cfg_path)).table.num_rows
     except Exception:  # noqa: BLE001 - the manifest lives on another node or moved: report without a total
         return None
-
-
-def _ts(col) -> np.ndarray:
-    """Timestamps as float seconds since the epoch, NaN for nulls."""
-    return pc.fill_null(pc.divide(pc.cast(pc.cast(col, pa.int64()), pa.float64()), 1e6), float("nan")).to_numpy()
 
 
 def _state(rd: RunDir) -> tuple:
@@ -82,9 +78,9 @@ def collect(root: str, now: dt.datetime | None = None, total: int | None = None)
         total = manifest_rows(root)
     ok = pc.sum(pc.equal(records["status"], "ok")).as_py() or 0 if records.num_rows else 0
     failed = records.num_rows - ok
-    fin = _ts(records["finished_at"])
-    start = _ts(records["started_at"])
-    secs = pc.fill_null(pc.cast(records["total_seconds"], pa.float64()), float("nan")).to_numpy()
+    fin = epoch_seconds(records["finished_at"])
+    start = epoch_seconds(records["started_at"])
+    secs = float_values(records["total_seconds"])
     ranks = pc.fill_null(records["rank"], -1).to_numpy()
     hosts = records["host"].to_pylist()
     # results.parquet newer than every record: the last start finished, so quiet ranks are done, not stalled.

@@ -10,6 +10,8 @@ import os
 import resource
 from dataclasses import dataclass, field
 
+import numpy as np
+
 # Where a failure can be injected: at the start of a pass, or inside it as each model is entered.
 STAGES = ("call", "clip", "vae_encode", "unet", "vae_decode")
 
@@ -18,6 +20,16 @@ def first_line(exc: BaseException, limit: int = 500) -> str:
     """An exception's message cut to one line, for one-line errors in results and messages."""
     text = str(exc)
     return text.splitlines()[0][:limit] if text else ""
+
+
+def occurrence(keys: np.ndarray) -> np.ndarray:
+    """For each element, how many equal elements come before it (0 for the first of its kind), vectorized."""
+    n = len(keys)
+    order = np.argsort(keys, kind="stable")
+    starts = np.r_[0, np.flatnonzero(np.diff(keys[order])) + 1] if n else np.zeros(0, np.int64)
+    out = np.empty(n, np.int64)
+    out[order] = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    return out
 
 
 def quiet_hf_logging() -> None:

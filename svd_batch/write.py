@@ -16,6 +16,7 @@ import subprocess
 import numpy as np
 
 from .atomic import atomic_path
+from .util import first_line
 
 # Errors of the output filesystem: no row is to blame, and every later row would hit them too.
 OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
@@ -99,6 +100,16 @@ def write_mp4(frames: np.ndarray, path: str, fps: int, *, crf: int = 18, codec: 
             raise VideoWriteError(f"ffmpeg's output is not a whole MP4 ({problem})")
 
 
+def read_mp4(path: str) -> np.ndarray:
+    """The decoded frames of an MP4, (num_frames, height, width, 3) uint8: for scores and the contact sheet."""
+    import imageio_ffmpeg
+
+    gen = imageio_ffmpeg.read_frames(path)
+    meta = next(gen)
+    w, h = meta["size"]
+    return np.stack([np.frombuffer(f, np.uint8).reshape(h, w, 3) for f in gen])
+
+
 def is_output_error(exc: BaseException) -> bool:
     """An error of the output filesystem rather than of a row."""
     if isinstance(exc, VideoWriteError):
@@ -111,7 +122,7 @@ def is_output_error(exc: BaseException) -> bool:
 def output_folder_error(exc: BaseException, folder: str) -> OutputFolderError:
     return OutputFolderError(
         f"The output folder {folder} cannot take more files ({type(exc).__name__}: "
-        f"{str(exc).splitlines()[0] if str(exc) else exc!r}): its filesystem is full, over quota, read-only or "
+        f"{first_line(exc) or repr(exc)}): its filesystem is full, over quota, read-only or "
         "failing. The run stopped so that no row is recorded as failed for it; every finished video and record "
         "is kept. Free space (or fix the mount), then run the same command again to finish the rest."
     )
