@@ -66,8 +66,9 @@ def leaf_index(pf: pq.ParquetFile, leaf: str) -> int:
     raise KeyError(leaf)
 
 
-def bytes_of(column: Any) -> pa.Array:
-    """The binary values of a batch column read with a ``image.bytes``-style path (a struct) or directly."""
+def leaf_values(column: Any) -> pa.Array:
+    """The values of a column read by a leaf path (``image.bytes``, ``image.path``: a one-field struct) or
+    directly, as one array."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if pa.types.is_struct(column.type):
@@ -97,7 +98,7 @@ def present(pf: pq.ParquetFile, leaf: str) -> np.ndarray:
             continue
         for batch in pf.iter_batches(batch_size=window_rows(pf, rg, leaf), row_groups=[rg], columns=[leaf],
                                      use_threads=False):
-            out.append(bytes_of(batch.column(0)).is_valid().to_numpy(zero_copy_only=False))
+            out.append(leaf_values(batch.column(0)).is_valid().to_numpy(zero_copy_only=False))
     return np.concatenate(out) if out else np.zeros(0, dtype=bool)
 
 
@@ -172,7 +173,7 @@ class CellReader:
             if nxt - 1 == w:
                 break
         self._cursors[(file, column)] = (rg_, nxt, stream)
-        window = bytes_of(batch.column(0))
+        window = leaf_values(batch.column(0))
         self._windows[(file, column, rg, w)] = window
         self._cached += window.nbytes
         while self._cached > self.cache_bytes and len(self._windows) > 1:

@@ -350,8 +350,8 @@ def write_gallery(root: str, page_size: int = 48, chunk_rows: int = CHUNK_ROWS) 
     results = _read_results(rd)
     s = summarize(results)
     config = ""
-    if os.path.exists(os.path.join(root, "config.yaml")):
-        with open(os.path.join(root, "config.yaml")) as f:
+    if os.path.exists(rd.config_path):
+        with open(rd.config_path) as f:
             config = f.read()
     model = results["model"][0].as_py() if results.num_rows else "n/a"
     hosts = sorted(set(pc.unique(results["host"]).to_pylist()) - {None}) if results.num_rows else []

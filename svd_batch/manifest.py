@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from .embedded import cell_uris, parquet_file, present
+from .embedded import cell_uris, leaf_values, parquet_file, present
 from .fields import FLOAT_FIELDS, GENERATION_FIELDS, INT_FIELDS, RULES, arrow_type
 from .remote import RemoteError, filesystem, is_url
 from .util import occurrence
@@ -229,7 +229,8 @@ def _embedded_refs(files: list[str], fs, column: str, kind: str, base: str) -> t
             paths = None
             if kind == "struct" and f"{column}.path" in [pf.metadata.schema.column(i).path
                                                          for i in range(pf.metadata.num_columns)]:
-                paths = _struct_paths(pf.read(columns=[f"{column}.path"], use_threads=False).column(0))
+                paths = pc.cast(leaf_values(pf.read(columns=[f"{column}.path"], use_threads=False).column(0)),
+                                pa.string())
         full = fs.unstrip_protocol(f) if fs is not None else os.path.abspath(f)
         name = posixpath.relpath(f, base) if fs is not None else os.path.relpath(os.path.abspath(f), os.path.abspath(base))
         numbers = pc.cast(pa.array(np.arange(n, dtype=np.int64)), pa.string())
@@ -243,15 +244,6 @@ def _embedded_refs(files: list[str], fs, column: str, kind: str, base: str) -> t
         refs.append(ref)
         uris.append(pc.if_else(has, uri, pa.scalar(None, pa.string())))
     return pa.chunked_array(refs, pa.string()), pa.chunked_array(uris, pa.string())
-
-
-def _struct_paths(column) -> pa.Array:
-    """The ``path`` strings of a struct column read with only its path field."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    if pa.types.is_struct(column.type):
-        column = pc.struct_field(column, [0])
-    return pc.cast(column, pa.string())
 
 
 def _unified_schema(files: list[str], source: str, fs=None) -> pa.Schema:

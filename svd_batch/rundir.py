@@ -88,6 +88,7 @@ class RunDir:
         self.records_path = os.path.join(self.state, "records.parquet")
         self.results_path = os.path.join(self.root, "results.parquet")
         self.run_json = os.path.join(self.state, "run.json")
+        self.config_path = os.path.join(self.root, "config.yaml")
         self.done = os.path.join(self.state, "done")
         self._lock_fd: int | None = None
 

@@ -125,7 +125,32 @@ def prepare_rundir(cfg: DictConfig, rundir: RunDir, identity: str, device_type: 
                     "add overwrite=true to delete the earlier results and redo everything."
                 )
     rundir.write_fingerprint(fp)
-    write_text_atomic(OmegaConf.to_yaml(cfg, resolve=True), os.path.join(rundir.root, "config.yaml"))
+    write_text_atomic(OmegaConf.to_yaml(cfg, resolve=True), rundir.config_path)
+
+
+def saved_config(root: str) -> DictConfig | None:
+    """The config.yaml a run saved in its folder (for the tools that work on a finished folder), or None."""
+    path = RunDir(root).config_path
+    if not os.path.exists(path):
+        return None
+    from .cli import register_resolvers
+
+    register_resolvers()  # saved resolved; a hand-edited one may still name ${pkgdata:...}
+    return OmegaConf.load(path)
+
+
+def model_path(cfg: DictConfig) -> str:
+    """model.path as a local diffusers folder (built-in, local, Hugging Face cache, or the Hub)."""
+    from .generate import resolve_model_path
+
+    return resolve_model_path(str(cfg.model.path), cfg.model.get("variant"), str(cfg.model.get("name")))
+
+
+def device_type(cfg: DictConfig) -> str:
+    """cuda when a GPU is visible and runtime.device allows it, else cpu."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() and str(cfg.runtime.device) != "cpu" else "cpu"
 
 
 def use_lock(cfg: DictConfig) -> bool:
@@ -275,8 +300,7 @@ def run(cfg: DictConfig) -> int:
 
     try:  # settings that cannot work are refused before anything is written
         check_compile_with_memory(compile_options(cfg), plain(cfg.memory))
-        check_attention(str(cfg.runtime.get("attention") or "auto"),
-                        "cuda" if torch.cuda.is_available() and str(cfg.runtime.device) != "cpu" else "cpu")
+        check_attention(str(cfg.runtime.get("attention") or "auto"), device_type(cfg))
     except SettingRefused as exc:
         if rank == 0:
             log(f"svd-batch: {exc}")
@@ -297,7 +321,7 @@ def run(cfg: DictConfig) -> int:
 def _device(cfg: DictConfig, local_rank: int):
     import torch
 
-    if str(cfg.runtime.device) == "cpu" or not torch.cuda.is_available():
+    if device_type(cfg) == "cpu":
         # Plain "cpu", never "cpu:0": diffusers takes other code paths for the latter, whose floats differ.
         return torch.device("cpu")
     torch.cuda.set_device(local_rank % torch.cuda.device_count())
@@ -307,13 +331,13 @@ def _device(cfg: DictConfig, local_rank: int):
 def _agree(cfg: DictConfig, manifest: Manifest, rundir: RunDir, ex, device) -> tuple[Plan, str, str] | None:
     """The one agreement of a run: rank 0 prepares the folder and the plan; every rank checks that it sees the
     same model, manifest and device type and holds the folder's lock; all go, or none does (exit 2)."""
-    from .generate import ModelUnavailable, model_identity, resolve_model_path
+    from .generate import ModelUnavailable, model_identity
 
     proposal: dict[str, Any]
     local = None
     if ex.rank == 0:
         try:
-            local = resolve_model_path(str(cfg.model.path), cfg.model.variant, str(cfg.model.name))
+            local = model_path(cfg)
             identity = model_identity(local)
             prepare_rundir(cfg, rundir, identity, device.type)
             plan = plan_run(cfg, manifest, rundir, ex.world)
@@ -338,7 +362,7 @@ def _agree(cfg: DictConfig, manifest: Manifest, rundir: RunDir, ex, device) -> t
     where = f"rank {ex.rank} on host {socket.gethostname()}"
     try:
         if ex.rank != 0:
-            local = resolve_model_path(str(cfg.model.path), cfg.model.variant, str(cfg.model.name))
+            local = model_path(cfg)
             identity = model_identity(local)
             if identity != proposal["identity"]:
                 problem = (f"{where} sees model files {identity} at {local}, rank 0 sees {proposal['identity']}: "
@@ -554,8 +578,8 @@ def complete_folder(root: str, say: Callable[[str], None] = log) -> bool:
     rundir = RunDir(root)
     if not rundir.part_files() and os.path.exists(rundir.results_path):
         return True
-    cfg_path = os.path.join(rundir.root, "config.yaml")
-    if not os.path.exists(cfg_path):
+    cfg = saved_config(root)
+    if cfg is None:
         return False
     try:
         rundir.acquire_lock()
@@ -565,7 +589,6 @@ def complete_folder(root: str, say: Callable[[str], None] = log) -> bool:
     try:
         from .report import write_results
 
-        cfg = OmegaConf.load(cfg_path)
         manifest = read_manifest(cfg)
         records = rundir.merge(all_parts=True)  # exclusive lock: no writer is alive
         write_results(rundir, records, manifest.table, manifest.extra_columns)

@@ -203,15 +203,10 @@ def conditioning_image(root: str, row: dict[str, Any]):
 
 
 def _model_path_from_config(root: str) -> str | None:
-    cfg_path = os.path.join(root, "config.yaml")
-    if not os.path.exists(cfg_path):
-        return None
-    from omegaconf import OmegaConf
+    from .runner import model_path, saved_config
 
-    cfg = OmegaConf.load(cfg_path)
-    from .generate import resolve_model_path
-
-    return resolve_model_path(str(cfg.model.path), cfg.model.get("variant"), str(cfg.model.get("name")))
+    cfg = saved_config(root)
+    return None if cfg is None else model_path(cfg)
 
 
 def rescore(root: str, embed: Embed | None, log: Callable[[str], None] = print) -> "pa.Table":

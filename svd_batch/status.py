@@ -29,17 +29,11 @@ STALL_MIN_SECONDS = 60.0
 
 def manifest_rows(root: str) -> int | None:
     """Rows the run selected, from its config.yaml; None when the manifest cannot be read from here."""
-    cfg_path = os.path.join(root, "config.yaml")
-    if not os.path.exists(cfg_path):
-        return None
     try:
-        from omegaconf import OmegaConf
+        from .runner import read_manifest, saved_config
 
-        from .cli import register_resolvers
-        from .runner import read_manifest
-
-        register_resolvers()
-        return read_manifest(OmegaConf.load(cfg_path)).table.num_rows
+        cfg = saved_config(root)
+        return None if cfg is None else read_manifest(cfg).table.num_rows
     except Exception:  # noqa: BLE001 - the manifest lives on another node or moved: report without a total
         return None
 

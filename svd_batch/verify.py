@@ -24,9 +24,9 @@ def verify(root: str, sample: int = 5, seed: int = 0, ids: list[str] | None = No
     import torch
 
     from . import cli  # noqa: F401  (resolvers for the saved config)
-    from .generate import Generator, resolve_model_path
+    from .generate import Generator
     from .images import load_image
-    from .runner import compile_options, plain, read_manifest
+    from .runner import compile_options, device_type, model_path, plain, read_manifest
     from .write import frames_sha256
 
     cfg = OmegaConf.load(os.path.join(root, "config.yaml"))
@@ -41,9 +41,8 @@ def verify(root: str, sample: int = 5, seed: int = 0, ids: list[str] | None = No
     uris = dict(zip(*(read_manifest(cfg).table[c].to_pylist() for c in ("id", "image_uri"))))
     if cfg.runtime.threads:
         torch.set_num_threads(int(cfg.runtime.threads))
-    device = torch.device("cuda" if torch.cuda.is_available() and str(cfg.runtime.device) != "cpu" else "cpu")
-    gen = Generator.load(resolve_model_path(str(cfg.model.path), cfg.model.variant, str(cfg.model.name)),
-                         device=device, dtype_name=str(cfg.model.dtype), variant=cfg.model.variant,
+    device = torch.device(device_type(cfg))
+    gen = Generator.load(model_path(cfg), device=device, dtype_name=str(cfg.model.dtype), variant=cfg.model.variant,
                          memory=plain(cfg.memory), compile=compile_options(cfg), runtime=plain(cfg.runtime))
     lines, matches = [], 0
     for r in rows:
