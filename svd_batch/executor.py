@@ -1,201 +1,489 @@
-"""The executor: how the ranks of one run work together, apart from what a row is.
+"""The executor: how the processes working on one run folder cooperate. The whole protocol lives here.
 
-One agreement at the start, then no collective. Rank 0 prepares the run folder and the plan from one snapshot
-of the records; every rank checks that it sees the same manifest and model, and all go or none does. After
-that, ranks talk only through the launcher's key-value store (the TCPStore torchrun already runs; no new
-service) and through the run folder:
+A *launch* is one command (`svd-batch`, `accelerate launch`, `torchrun`, a SLURM array task); a *member* is
+one rank of one launch. Any number of launches may work on one folder at any time, as long as their settings
+give the same videos (the fingerprint). The run folder is the authority (ledger.py), not any launcher:
 
-- claims: a shared counter hands out the plan's units in order, one when a rank needs work, so a slow rank
-  claims less and a dead one leaves only what it had claimed (for the next run);
-- completion: each rank writes a marker into the run folder and counts itself finished; the last rank to
-  finish (or a survivor that sees the unfinished ones stopped beating) merges the records and writes the
-  results and the report;
-- abort: a rank that meets an error of the whole run (the output disk is full) raises a flag the others see
-  at their next claim;
-- heartbeats: a thread per rank bumps a counter every second, so a survivor can tell a lost rank from a slow
-  one without waiting for it.
-
-The control plane is gloo (CPU) also on GPU nodes: no GPU ever spins in a barrier, and a dead or hung peer
-is noticed (NCCL notices neither before its timeout). Exit codes follow one rule: a rank exits non-zero only
-when nothing of the run is left to cut short, since torchrun stops every worker of a node as soon as one
-exits non-zero.
+1. Agreement (per launch, once). Rank 0 takes the folder's planning lock. If no member of any launch is
+   alive (the ``active`` lock can be taken exclusively), it cleans up after earlier runs, merges every part
+   and plans a new *job* (the rows still to do, as units in claim order) from that one snapshot. Otherwise it
+   joins the job in progress. Every rank of the launch checks that it sees the same model, manifest and device
+   type; all go, or none does. After this the launch's process group is torn down: no collective, no
+   launcher store, nothing outside the folder can block or end a rank.
+2. Claims. Units are claimed one at a time, in order, as the model needs work, by creating their claim file
+   (atomic exclusive creation), so a slow member simply claims less, across launches too.
+3. Liveness. Each member rewrites its file every few seconds (a thread) and holds a lock for its life. A
+   member is lost when its lock is free (its process is gone) or its heartbeat counter has not moved for
+   ``runtime.lease_seconds`` on the observer's own clock. A member that runs out of units takes over the
+   units of lost members (and those that stopping members gave back) under a new claim generation; the late
+   holder, should it wake up, sees the newer claim and throws its result away (a record written anyway
+   would be a duplicate of the same row, which the merge folds into one).
+4. The end. A member with nothing left to claim or take over writes its final state, waits until every
+   other member of the job is final or lost, and merges (one merge at a time; a merge finding the folder
+   already merged skips). Per launch and host one member, the reporter, prints the summary and exits with
+   the run's code, after the launch's other local ranks have exited (torchrun stops a node's workers as soon
+   as one exits non-zero): no rank is ever cut short by another's exit code.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import pickle
+import signal
+import socket
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .ledger import (FINAL_STATES, Claims, JobDir, JobInfo, Member, Peers, Ticket, read_members,
+                     takeover_candidates)
+from .rundir import RunDir, RunDirError, new_session
 
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_OUTPUT = 0, 1, 2, 3, 4
 
-HEARTBEAT_SECONDS = 1.0
-LOST_AFTER_SECONDS = 6.0  # a rank whose heartbeat has not moved for this long is gone
+
+# -- launches: how the ranks of one command find each other at the start -----------------------------------------
+class Launch:
+    """A plain ``svd-batch``: one process, nothing to agree with."""
+
+    rank, world, local_rank = 0, 1, 0
+
+    def broadcast(self, obj: Any) -> Any:
+        return obj
+
+    def gather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def close(self) -> None:
+        pass
 
 
-class StoreGone(Exception):
-    """The launcher's store (hosted by the first node's agent) cannot be reached: this rank's work ends."""
+class LaunchError(Exception):
+    """The ranks of a launch could not agree (their launcher's store stopped answering): nothing was run."""
+
+
+STORE_OP_SECONDS = 60.0  # one store operation; a store that takes longer is hung (its host paused, say)
+
+
+class TorchrunLaunch(Launch):
+    """The ranks of `accelerate launch` / `torchrun`: they agree through the launcher's key-value store (the
+    rendezvous every torch launcher sets up; under torchrun one per restart attempt), with no process group at
+    all: no NCCL or gloo connections to set up (gloo's mesh set-up fails now and then after an elastic
+    restart), no GPU spinning in a barrier, and nothing left to tear down. Each store operation is bounded
+    (a hung store stops the launch cleanly within a minute); the wait for rank 0, which may be downloading
+    the model, is bounded by ``runtime.dist_timeout_minutes``. After the agreement the store is never used
+    again, so a launcher that stops answering or exits cannot block or end a rank."""
+
+    def __init__(self, timeout_minutes: float):
+        import torch.distributed as dist
+
+        self.timeout = 60.0 * float(timeout_minutes)
+        store, self.rank, self.world = next(dist.rendezvous("env://", timeout=dt.timedelta(seconds=self.timeout)))
+        # The agent's store outlives restarts of its workers: keys of an earlier attempt must not be read.
+        attempt = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"
+        self.store = dist.PrefixStore(f"svd-batch/{attempt}/", store)
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self._round = 0
+
+    def _op(self, fn: Callable[[], Any]) -> Any:
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["value"] = fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                box["error"] = exc
+
+        t = threading.Thread(target=run, daemon=True, name="store")
+        t.start()
+        t.join(STORE_OP_SECONDS)
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        if t.is_alive():
+            raise LaunchError(f"the launcher's key-value store at {where} did not answer for {STORE_OP_SECONDS:.0f} s "
+                              "(its host is hung or paused), so this launch stops before any work. Start it again.")
+        if "error" in box:
+            raise LaunchError(f"the launcher's key-value store at {where} failed ({box['error']}), so this launch "
+                              "stops before any work. Start it again.")
+        return box.get("value")
+
+    def _wait_for(self, key: str) -> Any:
+        deadline = time.monotonic() + self.timeout
+        while not self._op(lambda: self.store.check([key])):
+            if time.monotonic() > deadline:
+                raise LaunchError(f"rank 0 did not answer within runtime.dist_timeout_minutes "
+                                  f"({self.timeout / 60:.0f}), so this launch stops before any work.")
+            time.sleep(0.2)
+        return pickle.loads(self._op(lambda: self.store.get(key)))
+
+    def _key(self, kind: str) -> str:
+        self._round += 1
+        return f"{kind}/{self._round}"
+
+    def broadcast(self, obj: Any) -> Any:
+        key = self._key("broadcast")
+        if self.rank == 0:
+            data = pickle.dumps(obj)
+            self._op(lambda: self.store.set(key, data))
+            return obj
+        return self._wait_for(key)
+
+    def gather(self, obj: Any) -> list[Any]:
+        key = self._key("gather")
+        data = pickle.dumps(obj)
+        self._op(lambda: self.store.set(f"{key}/{self.rank}", data))
+        return [self._wait_for(f"{key}/{r}") for r in range(self.world)]
+
+
+def start_launch(timeout_minutes: float) -> Launch:
+    return TorchrunLaunch(timeout_minutes) if int(os.environ.get("WORLD_SIZE", 1)) > 1 else Launch()
+
+
+# -- the agreement ------------------------------------------------------------------------------------------------
+@dataclass
+class Timing:
+    """The protocol's clocks (runtime.*): all on each process's own monotonic clock."""
+
+    lease: float = 180.0        # heartbeat silence after which a member's units are taken over
+    heartbeat: float = 2.0      # seconds between heartbeats
+    poll: float = 1.0           # seconds between looks at the other members while waiting at the end
+    plan_wait: float = 600.0    # how long a launch waits for another one that is planning
 
 
 @dataclass
-class Ending:
-    """How this rank's work ended, and what it means for the run."""
+class Start:
+    """What rank 0 proposes to its launch: the job to work on, or why nothing runs."""
 
-    merge: bool            # this rank merges the records and writes results.parquet
-    lost_ranks: list[int]  # ranks that stopped beating without finishing (only known to a merging survivor)
-    others_running: int    # ranks still at work when this one left (0 for the merger)
+    error: str | None = None
+    launch: str = ""
+    job: JobInfo | None = None
+    joined: bool = False
+    facts: dict[str, Any] = field(default_factory=dict)  # what every rank checks it sees alike (model, ...)
 
 
 class Executor:
-    """One rank's handle on the run's control plane (see the module docstring)."""
+    """One member's handle on the protocol (see the module docstring)."""
 
-    def __init__(self, rank: int, world: int, local_rank: int, store=None, session: str = ""):
-        self.rank, self.world, self.local_rank = rank, world, local_rank
-        self.store = store
-        self.session = session
-        self._local_claims = 0
-        self._beat_stop = threading.Event()
-        self._beat: threading.Thread | None = None
+    def __init__(self, launch: Launch, rundir: RunDir, timing: Timing, log: Callable[[str], None]):
+        self.launch, self.rundir, self.timing, self.log = launch, rundir, timing, log
+        self.rank, self.world, self.local_rank = launch.rank, launch.world, launch.local_rank
+        self.member: Member | None = None
+        self.job: JobInfo | None = None
+        self.jobdir: JobDir | None = None
+        self.claims: Claims | None = None
+        self.peers: Peers | None = None
+        self.num_units = 0
+        self.static_units: list[int] | None = None
+        self._cursor = 0
+        self._fresh_done = False
+        self._orphans: dict[str, list[Ticket]] = {}
+        self.took_over: dict[Ticket, tuple[str, str]] = {}  # ticket -> (from member, why)
+        self.stopped: Callable[[], bool] = lambda: False
 
-    # -- start ------------------------------------------------------------------------------------------
-    @classmethod
-    def start(cls, timeout_minutes: float) -> "Executor":
-        """Join the launcher's process group on gloo (a plain `svd-batch` is a world of one, with no group)."""
-        world = int(os.environ.get("WORLD_SIZE", 1))
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if world <= 1:
-            return cls(0, 1, 0)
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            # The start may wait on rank 0 downloading the model: the group's timeout covers that wait.
-            dist.init_process_group("gloo", timeout=dt.timedelta(minutes=float(timeout_minutes)))
-        store = dist.distributed_c10d._get_default_store()
-        return cls(dist.get_rank(), dist.get_world_size(), local_rank, store=store)
-
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank."""
-        if self.world == 1:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, obj: Any) -> list[Any]:
-        """Every rank's ``obj``, on every rank, in rank order."""
-        if self.world == 1:
-            return [obj]
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def begin(self, session: str, claim_timeout_s: float = 60.0) -> None:
-        """The agreement is done: from here on only the store and the run folder carry messages."""
-        self.session = session
-        if self.store is None:
-            return
-        # A store operation now fails within a minute instead of the start's long timeout: a lost first node
-        # ends this rank's work instead of hanging it.
-        self.store.set_timeout(dt.timedelta(seconds=claim_timeout_s))
-        self._beat = threading.Thread(target=self._beat_loop, name="heartbeat", daemon=True)
-        self._beat.start()
-
-    def _key(self, name: str) -> str:
-        return f"svd-batch/{self.session}/{name}"
-
-    def _beat_loop(self) -> None:
-        while not self._beat_stop.wait(HEARTBEAT_SECONDS):
+    # 1. Agreement ------------------------------------------------------------------------------------------
+    def agree(self, propose: Callable[[bool], Start], check: Callable[[Start], str | None]) -> Start | None:
+        """Rank 0 runs ``propose(alone)`` under the planning lock (``alone``: no member of any launch lives, so
+        the folder may be cleaned and re-planned); every rank runs ``check`` on the proposal. Returns the
+        agreed start (every rank holding the ``active`` lock shared), or None when the launch must stop (the
+        message is logged by rank 0)."""
+        rd = self.rundir
+        start: Start | None = None
+        if self.rank == 0:
             try:
-                self.store.add(self._key(f"beat/{self.rank}"), 1)
-            except Exception:  # noqa: BLE001 - the store is gone: claims will say so
-                return
-
-    # -- claims -----------------------------------------------------------------------------------------
-    def claim(self) -> int:
-        """The next unit number (0, 1, 2, ... across all ranks); raises StoreGone."""
-        if self.store is None:
-            self._local_claims += 1
-            return self._local_claims - 1
-        try:
-            return int(self.store.add(self._key("claims"), 1)) - 1
-        except Exception as exc:  # noqa: BLE001 - any store failure means the same: no more work from it
-            raise StoreGone(str(exc)) from None
-
-    def claims(self, num_units: int, stopped: Callable[[], bool]) -> Iterator[int]:
-        """Unit numbers for this rank, claimed one at a time as the caller asks for the next."""
-        while not stopped():
-            i = self.claim()
-            if i >= num_units:
-                return
-            yield i
-
-    # -- abort ------------------------------------------------------------------------------------------
-    def abort(self) -> None:
-        """Stop the run: every rank sees it at its next claim (the aborting rank has said why)."""
-        if self.store is not None:
-            try:
-                self.store.add(self._key("aborted"), 1)
-            except Exception:  # noqa: BLE001 - the others then meet the same error themselves
-                pass
-
-    def aborted(self) -> bool:
-        if self.store is None:
-            return False
-        try:
-            return int(self.store.add(self._key("aborted"), 0)) > 0
-        except Exception:  # noqa: BLE001
-            return False
-
-    # -- completion -------------------------------------------------------------------------------------
-    def finish(self) -> Ending:
-        """Count this rank finished and decide who merges: the last rank to finish, or, when the ranks still
-        unfinished have all stopped beating (killed, node lost), the first survivor to notice."""
-        self._beat_stop.set()
-        if self.store is None:
-            return Ending(merge=True, lost_ranks=[], others_running=0)
-        try:
-            self.store.set(self._key(f"finished/{self.rank}"), b"1")
-            finished = int(self.store.add(self._key("finished"), 1))
-            if finished >= self.world:
-                return Ending(merge=True, lost_ranks=[], others_running=0)
-            others = [r for r in range(self.world) if r != self.rank and not self._has(f"finished/{r}")]
-            before = {r: self._beats(r) for r in others}
-            deadline = time.monotonic() + LOST_AFTER_SECONDS
-            while time.monotonic() < deadline:
-                time.sleep(0.5)
-                others = [r for r in others if not self._has(f"finished/{r}")]
-                alive = [r for r in others if self._beats(r) != before[r]]
-                if alive or not others:
-                    # Someone still works (and will merge when it finishes), or everyone finished meanwhile and
-                    # the last of them merges.
-                    return Ending(merge=False, lost_ranks=[], others_running=len(others))
-            # Everyone unfinished is silent: they are gone. One survivor merges (the first to claim the job).
-            if int(self.store.add(self._key("survivor_merge"), 1)) == 1:
-                return Ending(merge=True, lost_ranks=others, others_running=0)
-            return Ending(merge=False, lost_ranks=others, others_running=0)
-        except Exception:  # noqa: BLE001 - the store is gone: leave the merge to the next run / svd-batch-report
-            return Ending(merge=False, lost_ranks=[], others_running=-1)
-
-    def _has(self, name: str) -> bool:
-        return bool(self.store.check([self._key(name)]))
-
-    def _beats(self, rank: int) -> int:
-        return int(self.store.add(self._key(f"beat/{rank}"), 0))
-
-    def close(self) -> None:
-        self._beat_stop.set()
-        if self.world > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
+                rd.create()
+                rd.plan_lock.require(wait=self.timing.plan_wait, describe=True)
                 try:
-                    dist.destroy_process_group()
-                except Exception:  # noqa: BLE001 - peers may be gone; nothing left to tear down cleanly
-                    pass
+                    alone = rd.active_lock.acquire(shared=False)
+                    start = propose(alone)
+                    rd.active_lock.require(shared=True)  # from now on this launch counts as alive
+                finally:
+                    rd.plan_lock.release()
+                start.launch = new_session()
+            except RunDirError as exc:
+                start = Start(error=f"svd-batch: {exc}")
+            except OSError as exc:
+                start = Start(error=f"svd-batch: cannot use output.dir={rd.root}: {exc}. Choose a writable folder.")
+        try:
+            start = self.launch.broadcast(start)
+        except LaunchError as exc:
+            self.log(f"svd-batch: rank {self.rank}: {exc}")
+            return None
+        if start.error is not None:
+            if self.rank == 0:
+                self.log(start.error)
+            return None
+        problem = None
+        try:
+            if self.rank != 0:
+                problem = check(start)
+                if problem is None:
+                    rd.active_lock.require(shared=True)
+        except (RunDirError, OSError) as exc:
+            problem = f"rank {self.rank} on host {socket.gethostname()}: {exc}"
+        try:
+            problems = [p for p in self.launch.gather(problem) if p]
+        except LaunchError as exc:
+            self.log(f"svd-batch: rank {self.rank}: {exc}")
+            return None
+        self.launch.close()  # from here on the folder carries every message: no rank waits on another
+        if problems:
+            if self.rank == 0:
+                self.log("svd-batch: the ranks do not agree, so nothing was run:\n" +
+                         "\n".join(f"  {p}" for p in problems))
+            return None
+        return start
+
+    def begin(self, start: Start, num_units: int, static_units: list[int] | None = None) -> None:
+        """Enter the job as a member: the member file and its heartbeat, the claims, the view of the others."""
+        rd, job = self.rundir, start.job
+        self.job, self.num_units, self.static_units = job, num_units, static_units
+        self.jobdir = JobDir(rd.state, job.job)
+        member = f"{start.launch}-r{self.rank:05d}"
+        self.member = Member(rd.members, member, launch=start.launch, job=job.job, rank=self.rank,
+                             local_rank=self.local_rank, world_size=self.world,
+                             heartbeat_seconds=self.timing.heartbeat, log=self.log)
+        self.claims = Claims(self.jobdir, member, rd.members)
+        self.peers = Peers(rd.members, job.job, member, self.timing.lease)
+        # Every unit below another member's cursor is claimed: a newcomer starts there.
+        self._cursor = max([int(d.get("cursor", 0)) for d in read_members(rd.members, job.job)] or [0])
+        self.member.info["cursor"] = self._cursor
+        self.member.start()
+
+    @property
+    def name(self) -> str:
+        return self.member.member if self.member else "?"
+
+    # 2. Claims and takeovers -------------------------------------------------------------------------------
+    def aborted(self) -> bool:
+        return self.jobdir is not None and self.jobdir.aborted()
+
+    def abort(self, reason: str) -> None:
+        """An error of the whole run (the output disk): every member stops at its next claim."""
+        if self.jobdir is not None:
+            self.jobdir.abort(reason)
+
+    def next_unit(self, wait: bool) -> Ticket | None:
+        """The next unit for this member: a fresh claim, else a takeover. With ``wait`` (the model is idle) it
+        waits at the end of the job until every other member is finished, lost or waiting too, taking over
+        what lost or stopping members leave; None then means this member is done. Without ``wait`` (claiming
+        ahead) None means "nothing right now"."""
+        if self.stopped() or self.aborted():
+            return None
+        t = self._fresh()
+        if t is not None:
+            return t
+        while True:
+            t = self._takeover()
+            if t is not None or not wait:
+                return t
+            if self.member.info["state"] != "waiting":
+                self.member.update(state="waiting")
+            if not self._others_at_work():
+                return None
+            time.sleep(self._poll_seconds())
+            if self.stopped() or self.aborted():
+                return None
+
+    def _fresh(self) -> Ticket | None:
+        if self._fresh_done:
+            return None
+        mine = self.static_units
+        while True:
+            if mine is not None:
+                if self._cursor >= len(mine):
+                    break
+                t = Ticket(mine[self._cursor])
+            elif self._cursor < self.num_units:
+                t = Ticket(self._cursor)
+            else:
+                break
+            self._cursor += 1
+            if self.claims.take(t):
+                # In claim order the heartbeat's cursor finds a claim made just before dying; a static deal's
+                # units are not in order, so there the claim is written at once.
+                self.member.hold(t, write=mine is not None, cursor=self._cursor if mine is None else 0)
+                return t
+        self._fresh_done = True
+        return None
+
+    def _takeover(self) -> Ticket | None:
+        peers = self.peers.poll()
+        for t, holder, why in takeover_candidates(peers, self.claims, self.num_units, self._orphans):
+            if self.claims.latest(t.unit, t.gen) != t or self.claims.holder(t) != holder:
+                continue  # taken over already, or never really claimed by that member
+            mine = Ticket(t.unit, t.gen + 1)
+            self.member.hold(mine, state="working")  # written before the claim: a takeover is never orphaned
+            if self.claims.take(mine):
+                self.took_over[mine] = (holder, why)
+                self.log(f"svd-batch: took over unit {t.unit} from {holder} ({why})")
+                return mine
+            self.member.drop(mine)
+        return None
+
+    def _poll_seconds(self) -> float:
+        """Each poll reads every member file not yet final: with thousands of members waiting at the end of a
+        job, look less often rather than flood the file server."""
+        return self.timing.poll * max(1.0, self.peers.active() / 64)
+
+    def _others_at_work(self) -> bool:
+        return any(not d["lost"] and d.get("state") not in (*FINAL_STATES, "waiting") for d in self.peers.poll())
+
+    def superseded(self, t: Ticket) -> bool:
+        """Whether another member took this unit over (this one was judged lost): its result must be dropped."""
+        return self.claims.superseded(t)
+
+    def finished(self, t: Ticket) -> None:
+        """The unit's records are durable (the next heartbeat says so)."""
+        self.member.drop(t, write=False)
+
+    def recorded(self, parts: dict[str, int], **counts: int) -> None:
+        """A row was recorded: the next heartbeat carries the counts (and which parts hold how many rows)."""
+        self.member.set(parts=dict(parts), **counts)
+
+    # 4. The end --------------------------------------------------------------------------------------------
+    def leave(self, state: str, parts: dict[str, int], stats: dict[str, Any] | None = None,
+              early: bool = False) -> None:
+        """Enter a final state; units still held are given back (the others take them over at once). ``early``:
+        this member leaves while others may still work (its device broke), so it does not report: said in the
+        same write that gives its units back, before any other member can take one and look for a reporter."""
+        if self.member is None:
+            return
+        self.member.set(parts=dict(parts), stats=stats or {}, **({"exit_code": EXIT_OK} if early else {}))
+        self.member.release_all(state)
+
+    def others_alive(self) -> bool:
+        """Whether another member of the job is alive and not yet final (it takes over what this one gives back)."""
+        return any(not d["lost"] and d.get("state") not in FINAL_STATES for d in self.peers.poll())
+
+    def wait_for_others(self) -> list[str]:
+        """After leaving: wait until every other member of the job is final or lost. Returns the lost ones."""
+        while True:
+            peers = self.peers.poll()
+            if all(d["lost"] or d.get("state") in FINAL_STATES for d in peers):
+                return [d["member"] for d in peers if d["lost"]]
+            time.sleep(self._poll_seconds())
+
+    def merge(self, write: Callable[[], Any]) -> tuple[bool, Any]:
+        """Run ``write`` (merge the records, write results and report) under the merge lock, unless the folder
+        is already merged as it stands. Returns (whether it ran, its result)."""
+        lock = self.rundir.merge_lock
+        if not lock.acquire(wait=self.timing.lease):
+            self.log(f"svd-batch: another process has held the merge lock of {self.rundir.root} for "
+                     f"{self.timing.lease:.0f} s (paused?); it writes results.parquet when it resumes, or run "
+                     "svd-batch-report on the folder.")
+            return False, None
+        try:
+            if self.rundir.up_to_date():
+                return False, None
+            return True, write()
+        finally:
+            lock.release()
+
+    def local_peers(self) -> list[dict[str, Any]]:
+        """The other members of this launch on this member's node (the workers of one torchrun agent)."""
+        me = self.member.info
+        return [d for d in read_members(self.rundir.members, self.job.job, prefix=f"{me['launch']}-", skip={self.name})
+                if d.get("node", 0) == me["node"] and d.get("host") == me["host"]]
+
+    def _running_peers(self) -> list[dict[str, Any]]:
+        """This node's other members of this launch that are still here and have not yet decided their exit."""
+        return [d for d in self.local_peers() if d.get("exit_code") is None and pid_running(int(d.get("pid", 0)))]
+
+    def is_reporter(self) -> bool:
+        """Per launch and node, the lowest local rank still running reports (prints the summary, exits with the
+        run's code once the others have left); the others exit 0."""
+        return all(self.local_rank < int(d.get("local_rank", 0)) for d in self._running_peers())
+
+    def exit_code(self, code: int, others_carry_on: bool = False) -> int:
+        """The code this process may exit with. torchrun stops every worker of a node as soon as one exits
+        non-zero, so per launch and node only the reporter exits with the code, after the others have exited.
+        ``others_carry_on``: this member leaves while the others go on working (its device broke): it exits 0
+        while any of its node's peers runs."""
+        running = self._running_peers()
+        if (others_carry_on and running) or any(int(d.get("local_rank", 0)) < self.local_rank for d in running):
+            self.member.update(exit_code=EXIT_OK)
+            return EXIT_OK
+        self.member.update(exit_code=code)
+        wait_until_gone([int(d["pid"]) for d in running], timeout=self.timing.lease + 30)
+        return code
+
+    def close(self, exit_code: int | None = None) -> None:
+        if self.member is not None:
+            self.member.close(exit_code)
+        self.rundir.release_locks()
+
+
+class StopFlag:
+    """SIGINT, SIGTERM and SIGUSR1 (schedulers' preemption notices): stop taking units. The unit in hand
+    finishes when it is expected to end within ``grace`` seconds of the signal; otherwise, or when it runs past
+    the grace period, it is abandoned (KeyboardInterrupt in the main thread) and given back. A second signal
+    abandons it at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, grace: float = 25.0) -> None:
+        self.signum: int | None = None
+        self.grace = grace
+        self._busy_until: float | None = None
+        self._busy = False
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+        signal.signal(signal.SIGALRM, self._overrun)
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def busy(self, expected_seconds: float | None) -> None:
+        """The main thread starts a unit expected to take this long (None: not known yet). Stopped already (a
+        signal during the model load): the unit is not started but given back."""
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self._busy = True
+        self._busy_until = None if expected_seconds is None else time.monotonic() + expected_seconds
+
+    def idle(self) -> None:
+        self._busy = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        if not self._busy:
+            return
+        left = None if self._busy_until is None else self._busy_until - time.monotonic()
+        if left is not None and left > self.grace:
+            raise KeyboardInterrupt
+        signal.setitimer(signal.ITIMER_REAL, max(0.01, self.grace))
+
+    def _overrun(self, signum, frame) -> None:  # noqa: ARG002
+        if self._busy:
+            raise KeyboardInterrupt
+
+
+def pid_running(pid: int) -> bool:
+    """Whether a process of this host is running (a zombie has exited already)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def wait_until_gone(pids: list[int], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if pid_running(p)]
+        if pids:
+            time.sleep(0.05)
+
+
+def static_deal(costs: np.ndarray, world: int, rank: int) -> list[int]:
+    from .plan import assign_ranks
+
+    return np.flatnonzero(assign_ranks(costs, world) == rank).tolist()

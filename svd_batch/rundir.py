@@ -3,22 +3,27 @@
 Layout under ``output.dir``::
 
     videos/<id>.mp4            one per finished row, renamed into place only when complete
-    results.parquet            one row per manifest row that has a record, merged at the end of a run
+    results.parquet            one row per manifest row that has a record, written by every merge
     config.yaml                the resolved config of the latest start
     .svd-batch/run.json        what finished videos depend on (config fingerprint, model identity)
-    .svd-batch/lock            flock: exclusive while rank 0 prepares, then shared by every rank while it works
-    .svd-batch/records.parquet every record ever made here, merged (the resume state)
-    .svd-batch/parts/*.parquet records written since the last merge, per rank, each file written whole
-    .svd-batch/done/*.json     one per rank and start: how it ended and how many records each of its parts holds
+    .svd-batch/lock            flock: held exclusively by a launch while it plans or joins a job (seconds)
+    .svd-batch/active          flock: held shared by every member while it lives; exclusive means "alone"
+    .svd-batch/merge.lock      flock: one merge at a time
+    .svd-batch/records.parquet every record made here, merged (the resume state), with a merge generation
+    .svd-batch/merged.json     which part files (and how many rows of each) the latest merge folded in
+    .svd-batch/parts/*.parquet records written since, per member, each file written whole
+    .svd-batch/members, jobs   the ledger of who works on which units (ledger.py)
 
-Each rank appends its finished rows to its own part file and rewrites that small file under a temporary
-name, then renames it over the old one after every row: a row counts as done exactly when its record is
-in a part, and a reader never sees a half-written file. Resume reads one listing of ``parts/`` and a
-few Parquet files, never a stat per row.
+Each member appends its finished rows to its own part file and rewrites that small file under a temporary
+name, then renames it over the old one after every row: a row counts as done exactly when its record is in a
+part, and a reader never sees a half-written file.
 
-A merge deletes only parts it read whole: at the start of a run (exclusive lock: no writer is alive) every
-part; at the end only parts whose rank's completion marker lists exactly the rows the merge read, so a stale
-copy (NFS caches file contents and listings per client) or a part still being written is never lost.
+Merges are serialized by ``merge.lock`` and fenced by a generation number: a merge that finds records.parquet
+replaced since it read it (its lock was lost, say, on a file server that revoked it while the process was
+paused) throws its work away instead of putting back an older table. A merge deletes a part only when its
+member has finished (a final state in its member file) and the row count it read equals the count the member
+recorded; a process that is alone in the folder (``active`` exclusive: every member is gone) folds in and
+deletes every part.
 """
 
 from __future__ import annotations
@@ -37,13 +42,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .atomic import atomic_path, fsync_dir
+from .atomic import atomic_path, fsync_dir, write_text_atomic  # noqa: F401 - write_text_atomic: re-exported
 from .fields import RESULT_SCHEMA
+from .ledger import FINAL_STATES, read_json, read_members
 
 STATE = ".svd-batch"
+GENERATION_KEY = b"svd-batch.generation"
+
 
 class RunDirError(Exception):
     """The run folder cannot be used as asked (locked, incompatible, or would be overwritten): exit 2."""
+
+
+class _Superseded(Exception):
+    """Another merge replaced records.parquet while this one worked."""
 
 
 _NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
@@ -53,9 +65,10 @@ def lock_error(exc: OSError, root: str, holder: str) -> RunDirError:
     """Only "already held" means another run; any other flock failure says what it is."""
     if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
         return RunDirError(
-            f"Another svd-batch run is using {root} (started by {holder}). Two runs on one folder would "
-            "overwrite each other's videos and results, so this one stops without touching it. Wait for "
-            "the other run to finish (or stop it), or give this run its own folder with output.dir=..."
+            f"Another svd-batch run is using {root} (started by {holder}), and this command needs the folder to "
+            "itself (overwrite=true, resume=false, or a tool that rewrites the results). It stops without "
+            "touching it. Wait for the other run to finish (or stop it), or give this command its own folder "
+            "with output.dir=..."
         )
     if exc.errno in _NO_LOCKS:
         return RunDirError(
@@ -74,56 +87,96 @@ def write_parquet_atomic(table: pa.Table, path: str) -> None:
         pq.write_table(table, tmp)
 
 
-def write_text_atomic(text: str, path: str) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        f.write(text)
+class FolderLock:
+    """One flock on one file of the run folder. flock dies with its process: a killed run leaves no stale
+    lock behind. With ``enabled=False`` (output.lock=false, filesystems without locks) every acquire succeeds."""
+
+    def __init__(self, path: str, root: str, enabled: bool = True):
+        self.path, self.root, self.enabled = path, root, enabled
+        self.fd: int | None = None
+        self.mode: str | None = None
+
+    def acquire(self, shared: bool = False, wait: float = 0.0, describe: bool = False) -> bool:
+        """Take the lock; False when it is held elsewhere after ``wait`` seconds. Errors other than "held"
+        raise RunDirError."""
+        if not self.enabled:
+            self.mode = "shared" if shared else "exclusive"
+            return True
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    holder = self.holder()
+                    self.release()
+                    raise lock_error(exc, self.root, holder) from None
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.05)
+        self.mode = "shared" if shared else "exclusive"
+        if describe and not shared:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"host {socket.gethostname()} pid {os.getpid()}".encode(), 0)
+        return True
+
+    def holder(self) -> str:
+        try:
+            fd = self.fd if self.fd is not None else os.open(self.path, os.O_RDONLY)
+            try:
+                return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            finally:
+                if fd != self.fd:
+                    os.close(fd)
+        except OSError:
+            return "unknown"
+
+    def require(self, shared: bool = False, wait: float = 0.0, describe: bool = False) -> None:
+        """acquire, or RunDirError naming the holder."""
+        if not self.acquire(shared=shared, wait=wait, describe=describe):
+            holder = self.holder()
+            self.release()
+            raise lock_error(OSError(errno.EWOULDBLOCK, "held"), self.root, holder)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.mode = None
 
 
 class RunDir:
-    def __init__(self, root: str):
+    def __init__(self, root: str, locks: bool = True):
         self.root = os.path.abspath(root)
         self.videos = os.path.join(self.root, "videos")
         self.state = os.path.join(self.root, STATE)
         self.parts = os.path.join(self.state, "parts")
+        self.members = os.path.join(self.state, "members")
+        self.jobs = os.path.join(self.state, "jobs")
         self.records_path = os.path.join(self.state, "records.parquet")
+        self.merged_path = os.path.join(self.state, "merged.json")
         self.results_path = os.path.join(self.root, "results.parquet")
         self.run_json = os.path.join(self.state, "run.json")
+        self.job_json = os.path.join(self.state, "job.json")
         self.config_path = os.path.join(self.root, "config.yaml")
-        self.done = os.path.join(self.state, "done")
-        self._lock_fd: int | None = None
+        self.legacy_done = os.path.join(self.state, "done")  # completion markers of svd-batch <= 0.1 runs
+        self.plan_lock = FolderLock(os.path.join(self.state, "lock"), self.root, locks)
+        self.active_lock = FolderLock(os.path.join(self.state, "active"), self.root, locks)
+        self.merge_lock = FolderLock(os.path.join(self.state, "merge.lock"), self.root, locks)
 
     def create(self) -> None:
-        for d in (self.root, self.videos, self.state, self.parts, self.done):
+        for d in (self.root, self.videos, self.state, self.parts, self.members, self.jobs):
             os.makedirs(d, exist_ok=True)
 
     def video_path(self, row_id: str) -> str:
         return os.path.join(self.videos, f"{row_id}.mp4")
 
-    # -- locking ------------------------------------------------------------------------------------------
-    def acquire_lock(self, shared: bool = False) -> None:
-        """Refuse a second launch on the same folder. Rank 0 takes the lock exclusively while it prepares and
-        plans, then every rank holds it shared while it works, so a new launch is refused until the last rank
-        of this one is gone. flock dies with its process: a killed run leaves no stale lock behind."""
-        path = os.path.join(self.state, "lock")
-        fd = self._lock_fd if self._lock_fd is not None else os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except OSError as exc:
-            try:
-                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
-            finally:
-                os.close(fd)
-                self._lock_fd = None
-            raise lock_error(exc, self.root, holder) from None
-        if not shared:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}".encode(), 0)
-        self._lock_fd = fd
-
-    def release_lock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+    def release_locks(self) -> None:
+        for lock in (self.merge_lock, self.active_lock, self.plan_lock):
+            lock.release()
 
     # -- what finished videos depend on -------------------------------------------------------------------
     def read_fingerprint(self) -> dict[str, Any] | None:
@@ -143,16 +196,33 @@ class RunDir:
         )
 
     def clear(self) -> None:
-        """overwrite=true: remove every earlier record and video, keep the folder."""
-        for path in self.part_files() + self.markers() + [self.records_path, self.results_path, self.run_json]:
+        """overwrite=true (alone in the folder): remove every earlier record and video, keep the folder."""
+        for path in self.part_files() + [self.records_path, self.results_path, self.run_json, self.merged_path,
+                                         self.job_json]:
             if os.path.exists(path):
                 os.unlink(path)
+        self.forget_finished_work()
         for folder, suffix in ((self.videos, ".mp4"), (os.path.join(self.state, "thumbs"), ".png"),
                                (os.path.join(self.root, "inputs"), ".jpg")):
             if os.path.isdir(folder):
                 for entry in os.scandir(folder):
                     if entry.name.endswith(suffix):
                         os.unlink(entry.path)
+
+    def forget_finished_work(self) -> None:
+        """Alone in the folder: earlier jobs' claims and members' files describe processes that are gone."""
+        import shutil
+
+        if os.path.isdir(self.jobs):
+            for entry in os.scandir(self.jobs):
+                shutil.rmtree(entry.path, ignore_errors=True)
+        for folder in (self.members, self.legacy_done):
+            if os.path.isdir(folder):
+                for entry in os.scandir(folder):
+                    try:
+                        os.unlink(entry.path)
+                    except OSError:
+                        pass
 
     # -- records ------------------------------------------------------------------------------------------
     def part_files(self) -> list[str]:
@@ -214,50 +284,82 @@ class RunDir:
                 "the rows it recorded are regenerated."
             ) from None
 
-    def merge(self, all_parts: bool = False) -> pa.Table:
-        """Fold the part files into records.parquet (written whole, then renamed), then delete the parts read
-        whole: every part with ``all_parts`` (only under the exclusive lock, when no writer is alive), else
-        those whose completion marker lists the very row count this merge read."""
+    def generation(self) -> int:
+        """The merge generation of records.parquet (0: none yet)."""
+        try:
+            meta = pq.read_schema(self.records_path).metadata or {}
+        except FileNotFoundError:
+            return 0
+        except (pa.ArrowInvalid, OSError):
+            return -1
+        return int(meta.get(GENERATION_KEY, b"0"))
+
+    def sealed_parts(self) -> dict[str, int]:
+        """Part file -> rows its member recorded when it finished: parts no member will write again."""
+        sealed: dict[str, int] = {}
+        for info in read_members(self.members):
+            if info.get("state") in FINAL_STATES:
+                sealed.update(info.get("parts") or {})
+        if os.path.isdir(self.legacy_done):
+            for path in glob.glob(os.path.join(self.legacy_done, "*.json")):
+                sealed.update((read_json(path) or {}).get("parts") or {})
+        return sealed
+
+    def up_to_date(self) -> bool:
+        """Whether the latest merge already holds every part as it is now (nothing for another merge to do)."""
+        if not (os.path.exists(self.records_path) and os.path.exists(self.results_path)):
+            return False
+        merged = (read_json(self.merged_path) or {}).get("parts")
+        if merged is None:
+            return False
+        now = {}
+        for p in self.part_files():
+            try:
+                now[os.path.basename(p)] = pq.read_metadata(p).num_rows
+            except FileNotFoundError:
+                continue
+            except (pa.ArrowInvalid, OSError):
+                return False
+        return now == merged
+
+    def merge(self, all_parts: bool = False) -> pa.Table | None:
+        """Fold the part files into records.parquet (written whole, then renamed), then delete the parts that
+        are in it for good: every part with ``all_parts`` (only when alone in the folder: no writer is alive),
+        else the parts of finished members whose recorded row count equals what this merge read. Returns the
+        merged records, or None when another merge replaced records.parquet meanwhile (then nothing was
+        written or deleted; merge again). The caller holds ``merge_lock`` where locks work."""
+        gen = self.generation()
         records, counts = self._read_all()
-        # One reading of the markers decides both which parts are sealed and which markers go.
-        markers = {path: self.read_marker(path) for path in self.markers()}
-        sealed = {name: n for info in markers.values() for name, n in info.get("parts", {}).items()}
+        sealed = self.sealed_parts()
         deletable = [p for p, n in counts.items() if all_parts or sealed.get(os.path.basename(p)) == n]
         if counts or not os.path.exists(self.records_path):
-            write_parquet_atomic(records, self.records_path)
+            table = records.replace_schema_metadata({**(records.schema.metadata or {}),
+                                                     GENERATION_KEY: str(max(gen, 0) + 1).encode()})
+            try:
+                with atomic_path(self.records_path) as tmp:
+                    pq.write_table(table, tmp)
+                    pause_here("merge")  # test hook: a merge paused half-way (SIGSTOP, NFS hang)
+                    if self.generation() != gen:  # another merge won meanwhile: keep its table
+                        raise _Superseded
+            except _Superseded:
+                return None
             for path in deletable:
-                os.unlink(path)
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
             fsync_dir(self.parts)
-        # A marker whose parts are all merged away has nothing left to vouch for.
-        gone = {os.path.basename(p) for p in deletable}
-        for path, info in markers.items():
-            if all_parts or set(info.get("parts", {})) <= gone:
+        kept = {os.path.basename(p): n for p, n in counts.items() if p not in deletable}
+        write_text_atomic(json.dumps({"parts": kept, "at": time.time()}), self.merged_path)
+        if all_parts and os.path.isdir(self.legacy_done):
+            for path in glob.glob(os.path.join(self.legacy_done, "*.json")):
                 os.unlink(path)
         return records
 
-    # -- completion markers -------------------------------------------------------------------------------
-    def markers(self) -> list[str]:
-        return sorted(glob.glob(os.path.join(self.done, "*.json")))
-
-    def write_marker(self, session: str, rank: int, info: dict[str, Any]) -> None:
-        os.makedirs(self.done, exist_ok=True)
-        write_text_atomic(json.dumps(info, indent=1, default=str),
-                          os.path.join(self.done, f"{session}-rank{rank:05d}.json"))
-
-    @staticmethod
-    def read_marker(path: str) -> dict[str, Any]:
-        """A completion marker's content; {} when it cannot be read (half-visible on a cached filesystem: its
-        parts then count as unsealed)."""
-        try:
-            with open(path) as f:
-                return dict(json.load(f))
-        except (OSError, ValueError):
-            return {}
-
     def remove_temporaries(self) -> None:
-        """Drop files that a killed process left half-written; they never counted as done."""
-        for d in (self.videos, self.parts, self.state, self.done, os.path.join(self.state, "thumbs"), self.root,
-                  os.path.join(self.root, "inputs"), os.path.join(self.root, "report")):
+        """Drop files that a killed process left half-written (alone in the folder); they never counted."""
+        for d in (self.videos, self.parts, self.state, self.members, os.path.join(self.state, "thumbs"),
+                  self.root, os.path.join(self.root, "inputs"), os.path.join(self.root, "report")):
             if os.path.isdir(d):
                 for entry in os.scandir(d):
                     if ".tmp-" in entry.name:
@@ -265,6 +367,15 @@ class RunDir:
                             os.unlink(entry.path)
                         except FileNotFoundError:
                             pass
+
+
+def pause_here(point: str) -> None:
+    """Test hook: ``SVD_BATCH_INJECT_PAUSE=<point>`` makes this process SIGSTOP itself there, once."""
+    if os.environ.get("SVD_BATCH_INJECT_PAUSE") == point:
+        import signal
+
+        del os.environ["SVD_BATCH_INJECT_PAUSE"]
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def latest_per_id(table: pa.Table) -> pa.Table:
@@ -279,21 +390,21 @@ def latest_per_id(table: pa.Table) -> pa.Table:
 
 
 class PartWriter:
-    """A rank's record log: one small Parquet file, rewritten whole and renamed after each finished row."""
+    """A member's record log: one small Parquet file, rewritten whole and renamed after each finished row."""
 
-    def __init__(self, rundir: RunDir, rank: int, chunk_rows: int = 1024, session: str | None = None):
+    def __init__(self, rundir: RunDir, rank: int = 0, chunk_rows: int = 1024, session: str | None = None,
+                 member: str | None = None):
         self.rundir = rundir
-        self.rank = rank
         self.chunk_rows = max(1, int(chunk_rows))
-        # Names sort in time order (start of the run, then chunk): when a row was retried in a later run that
-        # was also interrupted before merging, the later part is read last and its record wins.
-        self.session = session or new_session()
+        # Names sort in time order (start of the launch, then rank and chunk): when a row was retried in a later
+        # run that was also interrupted before merging, the later part is read last and its record wins.
+        self.member = member or f"{session or new_session()}-r{int(rank):05d}"
         self.chunk = 0
         self.rows: list[dict[str, Any]] = []
-        self.written: dict[str, int] = {}  # part file name -> rows in it (for the completion marker)
+        self.written: dict[str, int] = {}  # part file name -> rows in it (for the member file: what is sealed)
 
     def _path(self) -> str:
-        return os.path.join(self.rundir.parts, f"{self.session}-rank{self.rank:05d}-{self.chunk:05d}.parquet")
+        return os.path.join(self.rundir.parts, f"{self.member}-{self.chunk:05d}.parquet")
 
     def add(self, record: dict[str, Any]) -> None:
         self.rows.append(record)
@@ -306,5 +417,5 @@ class PartWriter:
 
 
 def new_session() -> str:
-    """A start's name: sorts in time order, unique across hosts."""
+    """A launch's name: sorts in time order, unique across hosts."""
     return f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"

@@ -22,8 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from .fields import CHANGE_FIELDS, CONDITIONING_FIELDS, GENERATION_FIELDS, RESULT_SCHEMA
 from .manifest import Manifest, ManifestError, load_manifest
-from .executor import EXIT_INCOMPLETE, EXIT_OK, EXIT_OUTPUT, EXIT_ROWS_FAILED, EXIT_USAGE
-from .plan import Plan, changed_rows, make_plan
+from .executor import (EXIT_INCOMPLETE, EXIT_OK, EXIT_OUTPUT, EXIT_ROWS_FAILED, EXIT_USAGE, Executor, LaunchError,
+                       Start, StopFlag, Timing, start_launch, static_deal)
+from .ledger import JobDir, JobInfo
+from .plan import Plan, PlanSpec, changed_rows, make_plan
 from .rundir import RunDir, RunDirError, new_session, write_text_atomic
 from .settings import WorkerSettings
 
@@ -92,40 +94,6 @@ def fingerprint_diff(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
         now["model.dtype"] = "auto"
     keys = sorted(set(before) | set(now))
     return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)]
-
-
-def prepare_rundir(cfg: DictConfig, rundir: RunDir, identity: str, device_type: str) -> None:
-    """Rank 0 only: lock the folder, fold in what earlier runs left, and make sure this start may add to it."""
-    rundir.create()
-    if use_lock(cfg):
-        rundir.acquire_lock()
-    # Under the exclusive lock no writer of an earlier run is alive: every part can be merged and deleted, and
-    # half-written files swept. This merged file is the one snapshot every rank plans from.
-    rundir.remove_temporaries()
-    if rundir.part_files():
-        rundir.merge(all_parts=True)
-    fp = fingerprint(cfg, identity, device_type)
-    if cfg.overwrite:
-        rundir.clear()
-    elif rundir.has_previous_work():
-        if not cfg.resume:
-            raise RunDirError(
-                f"{rundir.root} already holds results of an earlier run and resume=false was given. Rerun "
-                "without resume=false to continue it, with overwrite=true to delete it and start again, or "
-                "choose another output.dir."
-            )
-        before = rundir.read_fingerprint()
-        if before is not None:
-            diff = fingerprint_diff(before, fp)
-            if diff:
-                raise RunDirError(
-                    f"{rundir.root} holds videos made with a different configuration, and resuming would mix "
-                    "them with videos made now. Differing keys (earlier -> now): " + "; ".join(diff) + ". "
-                    "Run with the earlier values to resume, use another output.dir for the new settings, or "
-                    "add overwrite=true to delete the earlier results and redo everything."
-                )
-    rundir.write_fingerprint(fp)
-    write_text_atomic(OmegaConf.to_yaml(cfg, resolve=True), rundir.config_path)
 
 
 def saved_config(root: str) -> DictConfig | None:
@@ -250,24 +218,102 @@ def compile_options(cfg: DictConfig) -> dict[str, Any] | None:
     return {"mode": cfg.runtime.compile_mode, "backend": str(cfg.runtime.compile_backend), "fullgraph": True}
 
 
-class StopFlag:
-    """SIGINT/SIGTERM: stop taking rows, finish the current one; a second signal abandons it."""
+def propose(cfg: DictConfig, manifest: Manifest, rundir: RunDir, device_type_: str, world: int, alone: bool) -> Start:
+    """Rank 0, under the folder's planning lock: join the job in progress, or (no other launch alive, or none
+    active) check the folder may take this start and plan a new job from one snapshot of the records."""
+    from .generate import ModelUnavailable, model_identity
 
-    def __init__(self) -> None:
-        self.signum: int | None = None
+    try:
+        local = model_path(cfg)
+        identity = model_identity(local)
+    except ModelUnavailable as exc:
+        return Start(error=f"svd-batch: {exc}")
+    facts = {"identity": identity, "manifest": manifest_digest(manifest), "device_type": device_type_}
+    if alone:
+        # No member of any launch is alive: every part can be merged and deleted, and half-written files swept.
+        rundir.remove_temporaries()
+        if rundir.part_files():
+            rundir.merge(all_parts=True)
+        rundir.forget_finished_work()
+    fp = fingerprint(cfg, identity, device_type_)
+    if cfg.overwrite:
+        if not alone:
+            raise RunDirError(f"Another svd-batch run is using {rundir.root}, and overwrite=true would delete the "
+                              "videos it is making. Wait for it to finish (or stop it), or use another output.dir.")
+        rundir.clear()
+    elif rundir.has_previous_work():
+        if not cfg.resume:
+            raise RunDirError(
+                f"{rundir.root} already holds results of an earlier run and resume=false was given. Rerun "
+                "without resume=false to continue it, with overwrite=true to delete it and start again, or "
+                "choose another output.dir."
+            )
+        before = rundir.read_fingerprint()
+        diff = fingerprint_diff(before, fp) if before is not None else []
+        if diff:
+            raise RunDirError(
+                f"{rundir.root} holds videos made with a different configuration, and resuming would mix "
+                "them with videos made now. Differing keys (earlier -> now): " + "; ".join(diff) + ". "
+                "Run with the earlier values to resume, use another output.dir for the new settings, or "
+                "add overwrite=true to delete the earlier results and redo everything."
+            )
+    current = JobInfo.read(rundir.job_json)
+    if (not alone and current is not None and current.state == "active"
+            and not JobDir(rundir.state, current.job).aborted()):  # an aborted job's members are leaving
+        if current.manifest != facts["manifest"]:
+            raise RunDirError(
+                f"Another launch is working on {rundir.root} with other manifest rows (a different manifest, "
+                "selection or defaults). Launches that share a folder must run the same rows: start this one "
+                "with the same manifest settings, or give it its own output.dir."
+            )
+        indices, starts = JobDir(rundir.state, current.job).read_plan()
+        spec = PlanSpec(total=current.total, done=current.done, failed_skipped=current.failed_skipped,
+                        indices=indices, starts=starts, world_size=world)
+        return Start(job=current, joined=True, facts={**facts, "plan": spec})
+    plan = plan_run(cfg, manifest, rundir, world)
+    job = JobInfo(job=new_session(), state="active", total=plan.total, done=plan.done,
+                  failed_skipped=plan.failed_skipped, todo=plan.todo.num_rows, units=plan.num_units,
+                  manifest=facts["manifest"], started_at=time.time(), retry_failed=bool(cfg.retry_failed))
+    JobDir(rundir.state, job.job).create(plan.indices, plan.starts)
+    job.write(rundir.job_json)
+    rundir.write_fingerprint(fp)
+    write_text_atomic(OmegaConf.to_yaml(cfg, resolve=True), rundir.config_path)
+    return Start(job=job, joined=False, facts={**facts, "plan": plan.spec()})
 
-    def install(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
 
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
+def check_facts(cfg: DictConfig, manifest: Manifest, device_type_: str, start: Start) -> str | None:
+    """Every rank but 0: the same model (node-local caches can hold another revision), manifest and device."""
+    from .generate import ModelUnavailable, model_identity
+
+    where = f"rank {int(os.environ.get('RANK', 0))} on host {socket.gethostname()}"
+    facts = start.facts
+    try:
+        local = model_path(cfg)
+        identity = model_identity(local)
+    except ModelUnavailable as exc:
+        return f"{where}: {exc}"
+    if identity != facts["identity"]:
+        return (f"{where} sees model files {identity} at {local}, rank 0 sees {facts['identity']}: another revision "
+                "in this node's cache. Share one HF_HOME, or point model.path at one folder every node sees.")
+    if manifest_digest(manifest) != facts["manifest"]:
+        return (f"{where} read other manifest rows than rank 0 (a manifest changed while the run started, or files "
+                "not visible on every node yet). Make the manifest visible to every node and start again.")
+    if device_type_ != facts["device_type"]:
+        return (f"{where} runs on {device_type_}, rank 0 on {facts['device_type']}: frames differ between the two. "
+                "Make every node see its GPUs, or set runtime.device.")
+    return None
+
+
+def timing(cfg: DictConfig) -> Timing:
+    r = cfg.runtime
+    return Timing(lease=float(r.get("lease_seconds", 180)), heartbeat=float(r.get("heartbeat_seconds", 2)),
+                  poll=min(1.0, float(r.get("heartbeat_seconds", 2))))
 
 
 def run(cfg: DictConfig) -> int:
+    """The orchestration of one rank, as numbered steps; the protocol between ranks is the executor's."""
     rank, world = env_rank_world()
+    # 1. Check the settings and read the manifest (every rank: each checks it sees the same rows).
     try:
         from .settings import SettingsError, check as check_settings
 
@@ -283,7 +329,7 @@ def run(cfg: DictConfig) -> int:
         if rank == 0:
             log(f"svd-batch: {exc}")
         return EXIT_USAGE
-    rundir = RunDir(str(cfg.output.dir))
+    rundir = RunDir(str(cfg.output.dir), locks=use_lock(cfg))
 
     if cfg.dry_run:
         plan = plan_or_report(cfg, manifest, rundir, world, rank)
@@ -309,13 +355,21 @@ def run(cfg: DictConfig) -> int:
         if rank == 0:
             log("svd-batch: runtime.device=cuda but no CUDA device is visible. Use runtime.device=auto or cpu.")
         return EXIT_USAGE
-    from .executor import Executor
-
-    ex = Executor.start(float(cfg.runtime.dist_timeout_minutes))
+    stop = StopFlag(float(cfg.runtime.get("grace_seconds", 25)))
+    stop.install()
     try:
-        return _run_rank(cfg, manifest, rundir, ex)
+        launch = start_launch(float(cfg.runtime.dist_timeout_minutes))
+    except LaunchError as exc:
+        log(f"svd-batch: rank {rank}: {exc}")
+        return EXIT_USAGE
+    ex = Executor(launch, rundir, timing(cfg), log=lambda msg: log(msg, rank))
+    ex.stopped = stop
+    code = None
+    try:
+        code = _run_member(cfg, manifest, rundir, ex, stop)
+        return code
     finally:
-        ex.close()
+        ex.close(code)
 
 
 def _device(cfg: DictConfig, local_rank: int):
@@ -328,66 +382,7 @@ def _device(cfg: DictConfig, local_rank: int):
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _agree(cfg: DictConfig, manifest: Manifest, rundir: RunDir, ex, device) -> tuple[Plan, str, str] | None:
-    """The one agreement of a run: rank 0 prepares the folder and the plan; every rank checks that it sees the
-    same model, manifest and device type and holds the folder's lock; all go, or none does (exit 2)."""
-    from .generate import ModelUnavailable, model_identity
-
-    proposal: dict[str, Any]
-    local = None
-    if ex.rank == 0:
-        try:
-            local = model_path(cfg)
-            identity = model_identity(local)
-            prepare_rundir(cfg, rundir, identity, device.type)
-            plan = plan_run(cfg, manifest, rundir, ex.world)
-            if use_lock(cfg):
-                rundir.acquire_lock(shared=True)  # from now on every rank holds it shared while it works
-            proposal = {"error": None, "identity": identity, "session": new_session(), "plan": plan.spec(),
-                        "manifest": manifest_digest(manifest), "device_type": device.type}
-        except (ModelUnavailable, RunDirError) as exc:
-            proposal = {"error": f"svd-batch: {exc}"}
-        except OSError as exc:
-            proposal = {"error": f"svd-batch: cannot use output.dir={rundir.root}: {exc}. Choose a writable folder."}
-    else:
-        proposal = None
-    proposal = ex.broadcast(proposal)
-    if proposal["error"] is not None:
-        if ex.rank == 0:
-            log(proposal["error"])
-        return None
-
-    # Every rank: the same model (node-local caches can hold another revision), manifest and device type.
-    problem = None
-    where = f"rank {ex.rank} on host {socket.gethostname()}"
-    try:
-        if ex.rank != 0:
-            local = model_path(cfg)
-            identity = model_identity(local)
-            if identity != proposal["identity"]:
-                problem = (f"{where} sees model files {identity} at {local}, rank 0 sees {proposal['identity']}: "
-                           "another revision in this node's cache. Share one HF_HOME, or point model.path at one "
-                           "folder every node sees.")
-            elif manifest_digest(manifest) != proposal["manifest"]:
-                problem = (f"{where} read other manifest rows than rank 0 (a manifest changed while the run started, "
-                           "or files not visible on every node yet). Make the manifest visible to every node "
-                           "and start again.")
-            elif device.type != proposal["device_type"]:
-                problem = (f"{where} runs on {device.type}, rank 0 on {proposal['device_type']}: frames differ "
-                           "between the two. Make every node see its GPUs, or set runtime.device.")
-            elif use_lock(cfg):
-                rundir.acquire_lock(shared=True)
-    except (ModelUnavailable, RunDirError, OSError) as exc:
-        problem = f"{where}: {exc}"
-    problems = [p for p in ex.gather(problem) if p]
-    if problems:
-        if ex.rank == 0:
-            log("svd-batch: the ranks do not agree, so nothing was run:\n" + "\n".join(f"  {p}" for p in problems))
-        return None
-    return proposal["plan"].build(manifest.table), proposal["session"], local
-
-
-def _run_rank(cfg: DictConfig, manifest: Manifest, rundir: RunDir, ex) -> int:
+def _run_member(cfg: DictConfig, manifest: Manifest, rundir: RunDir, ex: Executor, stop: StopFlag) -> int:
     import torch
 
     from .generate import DeviceFailure, Generator, ModelUnavailable
@@ -397,173 +392,208 @@ def _run_rank(cfg: DictConfig, manifest: Manifest, rundir: RunDir, ex) -> int:
     device = _device(cfg, ex.local_rank)
     if cfg.runtime.threads:
         torch.set_num_threads(int(cfg.runtime.threads))
-    stop = StopFlag()
-    stop.install()
     rank, world = ex.rank, ex.world
+    say = lambda msg: log(msg, rank)  # noqa: E731
 
-    # 1. One agreement, then no collective.
-    agreed = _agree(cfg, manifest, rundir, ex, device)
-    if agreed is None:
+    # 2. Agree on the job: join the one in progress in this folder, or plan a new one.
+    start = ex.agree(lambda alone: propose(cfg, manifest, rundir, device.type, world, alone),
+                     lambda proposal: check_facts(cfg, manifest, device.type, proposal))
+    if start is None:
         return EXIT_USAGE
-    plan, session, local = agreed
-    ex.begin(session)
+    plan = start.facts["plan"].build(manifest.table)
+    static = (static_deal(plan.unit_costs(), world, rank) if str(cfg.runtime.get("schedule", "claim")) == "static"
+              and not start.joined else None)
+    ex.begin(start, plan.num_units, static)
     if rank == 0:
+        if start.joined:
+            say(f"svd-batch: joined job {start.job.job} in progress in {rundir.root}: {plan.todo.num_rows} rows "
+                f"in {plan.num_units} units, shared with the launches already working there")
         log(describe_plan(plan, manifest, cfg.manifest.get("name")))
     started = time.perf_counter()
 
-    # 2. Claim units until none is left; the model loads only once this rank has work.
-    next_unit = _unit_source(cfg, plan, ex, stop, lambda msg: log(msg, rank))
-    first = next_unit()
-    status, stats, parts = "finished", None, {}
+    # 3. Claim units until none is left; the model loads only once this member has work.
+    first = ex.next_unit(wait=True)
+    state, stats, parts = "done", None, {}
+    worker = None
     try:
         if first is not None:
             t = time.perf_counter()
             try:
-                gen = Generator.load(local, device=device, dtype_name=str(cfg.model.dtype),
-                                     variant=cfg.model.variant, memory=plain(cfg.memory),
-                                     compile=compile_options(cfg), runtime=plain(cfg.runtime))
+                gen = Generator.load(model_path(cfg), device=device,
+                                     dtype_name=str(cfg.model.dtype), variant=cfg.model.variant,
+                                     memory=plain(cfg.memory), compile=compile_options(cfg), runtime=plain(cfg.runtime))
             except ModelUnavailable as exc:
-                log(f"svd-batch: {exc}", rank)
-                ex.abort()
+                say(f"svd-batch: {exc}")
+                ex.leave("aborted", {})
+                ex.abort(str(exc))
                 return EXIT_USAGE
-            pending = [first]
             # With claims nobody knows a rank's share in advance: a bar per rank counts rows and rate.
-            bar = _progress(cfg, plan.todo.num_rows if world == 1 else None, rank, world)
+            bar = _progress(cfg, plan.todo.num_rows if world == 1 and not start.joined else None, rank, world)
             worker = RankWorker(gen, rundir, WorkerSettings.from_config(cfg), rank=rank, world=world, stop=stop,
-                                progress=bar, log=lambda msg: log(msg, rank),
-                                thumb_max_row=_thumb_max_row(cfg, manifest), session=session)
+                                progress=bar, log=say, thumb_max_row=_thumb_max_row(cfg, manifest),
+                                member=ex.name)
             worker.stats.model_load_seconds = time.perf_counter() - t
+            units = _FirstThen(first, ex)
             try:
-                stats = worker.run(plan, lambda: pending.pop() if pending else next_unit())
+                stats = worker.run(plan, units)
             finally:
                 parts = dict(worker.parts.written)
                 bar.close()
     except KeyboardInterrupt:
         stop.signum = stop.signum or signal.SIGINT
     except DeviceFailure as exc:
-        status = "device_failure"
-        log(f"svd-batch: rank {rank} stopped: {exc}", rank)
+        state = "device_failure"
+        say(f"svd-batch: rank {rank} stopped: {exc}")
     except OutputFolderError as exc:
-        ex.abort()
-        log(f"svd-batch: {exc}", rank)
-        return EXIT_OUTPUT
+        ex.abort(str(exc))
+        ex.leave("aborted", parts, _stats_dict(worker))
+        say(f"svd-batch: {exc}")
+        return ex.exit_code(EXIT_OUTPUT)
 
-    if stop.signum is not None or ex.aborted():
-        _write_marker(rundir, session, rank, "stopped", parts)
-        if stop.signum is None:
-            log("svd-batch: stopped: another rank stopped the run (its message says why: the output folder or the "
-                "model could not be used); every finished row is recorded.", rank)
-            return EXIT_OUTPUT
+    # 4. Leave: a final state (units still held are given back), then the end of the job.
+    if stop.signum is not None:
+        ex.leave("stopped", parts, _stats_dict(worker))
         name = signal.Signals(stop.signum).name
-        log(f"svd-batch: stopped by {name}; every finished row is recorded in {rundir.root}. Run the same "
-            "command again to resume: finished rows are skipped.", rank)
+        text = (f"svd-batch: interrupted by {name}; every finished row is recorded in {rundir.root}. Run the same "
+                "command again to resume: finished rows are skipped.")
+        if stop.signum == signal.SIGINT and "TORCHELASTIC_RUN_ID" in os.environ:
+            # Ctrl-C: the launcher prints its own traceback once its workers are gone; one line per node, after
+            # it. (SIGTERM also comes from torchrun restarting its workers, which then carry on: said at once.)
+            if ex.local_rank == 0:
+                say_after_exit(os.getppid(), text)
+        else:
+            say(text)
         return 128 + stop.signum
-
-    # 3. Record this rank's completion; the last rank to finish merges and reports.
-    _write_marker(rundir, session, rank, status, parts)
-    ending = ex.finish()
-    if not ending.merge:
-        if ending.others_running < 0:
-            log(f"svd-batch: rank {rank} done, but the run's coordinator (the first node's launcher) is gone; "
-                f"results.parquet is written by the next run on {rundir.root} or by svd-batch-report.", rank)
-        elif world > 1:
-            log(f"svd-batch: rank {rank} done ({stats.rows if stats else 0} rows); the last rank to finish writes "
-                "results.parquet and the summary.", rank)
+    if ex.aborted():
+        ex.leave("aborted", parts, _stats_dict(worker))
+        say("svd-batch: stopped: another process stopped the run (its message says why: the output folder could not "
+            "take more files); every finished row is recorded.")
+        return ex.exit_code(EXIT_OUTPUT)
+    if state == "device_failure":
+        ex.leave(state, parts, _stats_dict(worker), early=True)
+        if ex.others_alive():
+            # The others take this member's units over; this launch's other local ranks must not be cut short.
+            return ex.exit_code(EXIT_INCOMPLETE, others_carry_on=True)
+        ex.member.update(exit_code=None)  # nobody else is left: this member reports after all
+    else:
+        ex.leave(state, parts, _stats_dict(worker))
+    lost = ex.wait_for_others()
+    merged, results = ex.merge(lambda: _merge_and_report(cfg, manifest, rundir))
+    if not ex.is_reporter():
+        if world > 1:
+            say(f"svd-batch: rank {rank} done ({stats.rows if stats else 0} rows)")
         return EXIT_OK
-    peers = _local_ranks(rundir, session, rank)  # read before the merge removes the markers
-    code = _merge_and_report(cfg, manifest, rundir, plan, started, stats, ending.lost_ranks)
-    if code != EXIT_OK:
-        # torchrun stops every worker of a node as soon as one exits non-zero: let this node's other ranks, done
-        # but maybe still exiting, leave first, so that none is ever signalled because of this exit code.
-        _wait_until_gone(peers)
-    return code
+    if results is None:
+        results = _read_results(rundir)
+    code = _summarize(cfg, rundir, plan, start, results, started, stats, lost)
+    return ex.exit_code(code)
 
 
-def _local_ranks(rundir: RunDir, session: str, rank: int) -> list[int]:
-    """Pids of this run's other ranks on this host, from their completion markers."""
-    host, pids = socket.gethostname(), []
-    for path in rundir.markers():
-        if os.path.basename(path).startswith(session):
-            info = rundir.read_marker(path)
-            if info.get("host") == host and info.get("rank") != rank and info.get("pid"):
-                pids.append(int(info["pid"]))
-    return pids
+def say_after_exit(pid: int, text: str) -> None:
+    """Print ``text`` on this process's stderr once process ``pid`` (the launcher) has exited, from a small
+    detached process, so that it is the last line of the job's output."""
+    import subprocess
 
-
-def _wait_until_gone(pids: list[int], timeout: float = 30.0) -> None:
-    def running(pid: int) -> bool:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited already
-        except OSError:
-            return False
-
-    deadline = time.monotonic() + timeout
-    while pids and time.monotonic() < deadline:
-        pids = [p for p in pids if running(p)]
-        if pids:
-            time.sleep(0.05)
-
-
-def _write_marker(rundir: RunDir, session: str, rank: int, status: str, parts: dict[str, int]) -> None:
-    """Seal this rank's parts. Without a marker (a full disk) they stay unsealed: merged, never deleted."""
+    code = ("import os, select, sys, time\n"
+            "pid = int(sys.argv[1])\n"
+            "try:\n"
+            "    fd = os.pidfd_open(pid); select.select([fd], [], [], 3600)\n"
+            "except (AttributeError, OSError):\n"
+            "    while os.path.exists(f'/proc/{pid}'): time.sleep(0.05)\n"
+            "sys.stderr.write(sys.argv[2] + '\\n')\n")
     try:
-        rundir.write_marker(session, rank, {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
-                                            "status": status, "parts": parts, "finished_at": time.time()})
+        subprocess.Popen([sys.executable, "-c", code, str(pid), text], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, start_new_session=True)
     except OSError:
-        pass
+        log(text)
 
 
-def _unit_source(cfg: DictConfig, plan: Plan, ex, stop: "StopFlag", say: Callable[[str], None]):
-    """The next unit number for this rank, or None when it should take no more work."""
-    from .executor import StoreGone
+class _FirstThen:
+    """The executor as the worker's unit source, after the unit claimed before the model loaded."""
 
-    def stopped() -> bool:
-        return stop.signum is not None or ex.aborted()
+    def __init__(self, first, ex: Executor):
+        self.first, self.ex = first, ex
 
-    if str(cfg.runtime.get("schedule", "claim")) == "static":
-        mine = iter(plan.static_units(ex.rank).tolist())
-        return lambda: None if stopped() else next(mine, None)
-    claims = ex.claims(plan.num_units, stopped)
+    def next_unit(self, wait: bool):
+        if self.first is not None:
+            t, self.first = self.first, None
+            return t
+        return self.ex.next_unit(wait)
 
-    def next_unit() -> int | None:
-        try:
-            return next(claims, None)
-        except StoreGone as exc:
-            say(f"svd-batch: rank {ex.rank} cannot reach the run's coordinator any more ({exc}); it stops taking "
-                "rows. Every finished row is recorded; the next run does the rest.")
-            return None
+    def superseded(self, t) -> bool:
+        return self.ex.superseded(t)
 
-    return next_unit
+    def finished(self, t) -> None:
+        self.ex.finished(t)
+
+    def recorded(self, parts, **counts) -> None:
+        self.ex.recorded(parts, **counts)
 
 
-def _merge_and_report(cfg: DictConfig, manifest: Manifest, rundir: RunDir, plan: Plan, started: float, stats,
-                      lost: list[int]) -> int:
-    from .report import summary, write_results
+def _stats_dict(worker) -> dict[str, Any]:
+    if worker is None:
+        return {}
+    s = worker.stats
+    return {"rows": s.rows, "ok": s.ok, "failed": s.failed, "model_load_seconds": s.model_load_seconds,
+            "warmup_seconds": s.warmup_seconds, "pipeline_seconds": s.pipeline_seconds, "wall_seconds": s.wall_seconds}
 
-    records = rundir.merge()
+
+def _merge_and_report(cfg: DictConfig, manifest: Manifest, rundir: RunDir):
+    from .report import write_results
+
+    records = None
+    for _ in range(5):  # another merge replaced the records meanwhile (its lock was lost): merge again on top
+        records = rundir.merge()
+        if records is not None:
+            break
+    if records is None:
+        return None
     results = write_results(rundir, records, manifest.table, manifest.extra_columns)
     if cfg.report.enabled:
         _write_report(rundir.root, cfg)
-    rundir.release_lock()
-    ran = results.filter(pc.and_(pc.is_in(results["id"], value_set=plan.todo["id"]),
+    return results
+
+
+def _read_results(rundir: RunDir):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(rundir.results_path)
+    except (OSError, Exception):  # noqa: BLE001 - no results yet (another process's merge is pending)
+        return RESULT_SCHEMA.empty_table()
+
+
+def _summarize(cfg: DictConfig, rundir: RunDir, plan: Plan, start: Start, results, started: float, stats,
+               lost: list[str]) -> int:
+    from .report import summary
+
+    job_ids = plan.todo["id"]
+    ran = results.filter(pc.and_(pc.is_in(results["id"], value_set=job_ids),
                                  pc.equal(results["status"], "ok")))["total_seconds"].to_pylist()
     failed = results.filter(pc.equal(results["status"], "failed")).num_rows
     not_done = plan.total - results.num_rows
     text = summary(results, total=plan.total, ran=ran, wall_seconds=time.perf_counter() - started,
                    output_dir=rundir.root, stats=stats)
     if lost:
-        text += (f"\n  rank(s) {', '.join(map(str, lost))} stopped without finishing (killed, or their node was lost); "
-                 "the rows they had in hand are not done.")
+        text += (f"\n  {len(lost)} process(es) stopped answering during the run ({', '.join(lost)}); their units "
+                 "were taken over by the others.")
     if not_done:
         text += f"\n  {not_done} row(s) not done: run the same command again to finish them (exit code 3)."
+    else:
+        job = JobInfo.read(rundir.job_json)
+        if job is not None and job.job == start.job.job and job.state != "complete":
+            job.state = "complete"
+            try:
+                job.write(rundir.job_json)
+            except OSError:
+                pass
     log(text)
     if not_done:
         return EXIT_INCOMPLETE
     return EXIT_ROWS_FAILED if failed else EXIT_OK
 
 
-def _progress(cfg: DictConfig, total: int, rank: int, world: int):
+def _progress(cfg: DictConfig, total: int | None, rank: int, world: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=f"rank {rank}" if world > 1 else "videos", unit="video",
@@ -572,9 +602,9 @@ def _progress(cfg: DictConfig, total: int, rank: int, world: int):
 
 
 def complete_folder(root: str, say: Callable[[str], None] = log) -> bool:
-    """Merge what a run left unmerged (its last rank was lost, or the coordinator went away) and write
-    results.parquet, as its own last rank would have. Needs the folder's exclusive lock, so it never touches a
-    folder that a run is using; returns whether results.parquet is now up to date."""
+    """Merge what a run left unmerged (its last process was lost or stopped) and write results.parquet, as its
+    own last process would have. Needs the folder to itself (no member of any launch alive), so it never
+    touches a folder that a run is using; returns whether results.parquet is now up to date."""
     rundir = RunDir(root)
     if not rundir.part_files() and os.path.exists(rundir.results_path):
         return True
@@ -582,19 +612,21 @@ def complete_folder(root: str, say: Callable[[str], None] = log) -> bool:
     if cfg is None:
         return False
     try:
-        rundir.acquire_lock()
+        rundir.plan_lock.require(wait=60, describe=True)
+        rundir.active_lock.require()
     except RunDirError as exc:
         say(f"svd-batch: {exc}")
+        rundir.release_locks()
         return False
     try:
         from .report import write_results
 
         manifest = read_manifest(cfg)
-        records = rundir.merge(all_parts=True)  # exclusive lock: no writer is alive
+        records = rundir.merge(all_parts=True)  # alone: no writer is alive
         write_results(rundir, records, manifest.table, manifest.extra_columns)
         return True
     except (ManifestError, RunDirError) as exc:
         say(f"svd-batch: could not merge the records in {root}: {exc}")
         return False
     finally:
-        rundir.release_lock()
+        rundir.release_locks()

@@ -31,6 +31,7 @@ from .fields import CONDITIONING_FIELDS
 from .gallery import save_thumbnails
 from .generate import DeviceFailure, Generator
 from .images import ImageError, load_image_digest
+from .ledger import Ticket
 from .plan import Plan, row_cost, with_seed
 from .rundir import PartWriter, RunDir, write_text_atomic
 from .scores import pipeline_embedder, save_input_image, scores_for_record
@@ -64,11 +65,12 @@ class Feed:
     Without lookahead a unit is claimed when the model asks for it. With lookahead (overlap on), ``arm`` is
     called as the model starts a unit, with the seconds that unit is expected to take; the next unit is claimed
     when about twice its expected image-loading time is left, so its images are ready when the model is free,
-    and at the end of a run no rank sits on claimed rows while others idle."""
+    and at the end of a run no rank sits on claimed rows while others idle. Claiming ahead never waits: at the
+    end of a job only the model's own request waits for units that lost members may leave behind."""
 
-    def __init__(self, plan: Plan, next_unit: Callable[[], int | None], load: Callable[[list], list[Future]],
+    def __init__(self, plan: Plan, units: "UnitSource", load: Callable[[list], list[Future]],
                  *, base_seed: int, lookahead: bool):
-        self.plan, self.next_unit, self.load = plan, next_unit, load
+        self.plan, self.units, self.load = plan, units, load
         self.base_seed, self.lookahead = base_seed, lookahead
         self._lock = threading.Lock()
         self._ahead: tuple | None = None
@@ -76,29 +78,29 @@ class Feed:
         self._timer: threading.Timer | None = None
         self._load_seconds: list[float] = []
 
-    def _claim(self) -> tuple | None:
+    def _claim(self, wait: bool) -> tuple | None:
         if self._exhausted:
             return None
-        i = self.next_unit()
-        if i is None:
-            self._exhausted = True
+        ticket = self.units.next_unit(wait)
+        if ticket is None:
+            self._exhausted = wait
             return None
-        table = self.plan.unit(i)
+        table = self.plan.unit(ticket.unit)
         rows = [with_seed(r, self.base_seed) for r in table.to_pylist()]
         t = time.perf_counter()
         futures = self.load(rows)
         if self.lookahead:
             for f in futures:
                 f.add_done_callback(lambda _f, t=t: self._load_seconds.append(time.perf_counter() - t))
-        return rows, futures, float(row_cost(table).sum())
+        return ticket, rows, futures, float(row_cost(table).sum())
 
     def next(self) -> tuple | None:
-        """(rows, image futures, estimated cost) of the next unit, or None."""
+        """(ticket, rows, image futures, estimated cost) of the next unit, or None when this rank is done."""
         if self._timer is not None:
             self._timer.cancel()
         with self._lock:
             item, self._ahead = self._ahead, None
-            return item if item is not None else self._claim()
+            return item if item is not None else self._claim(wait=True)
 
     def arm(self, expected_seconds: float | None) -> None:
         if not self.lookahead or self._exhausted:
@@ -112,16 +114,45 @@ class Feed:
     def _claim_ahead(self) -> None:
         with self._lock:
             if self._ahead is None:
-                self._ahead = self._claim()
+                self._ahead = self._claim(wait=False)
 
     def close(self) -> None:
+        """Cancel the claimed-ahead unit's loads; the unit itself stays held until the rank leaves (then it is
+        given back)."""
         if self._timer is not None:
             self._timer.cancel()
         with self._lock:
             if self._ahead is not None:
-                for f in self._ahead[1]:
+                for f in self._ahead[2]:
                     f.cancel()
                 self._ahead = None
+
+
+class UnitSource:
+    """Where a worker's units come from and go back to (the executor; tests use a plain list)."""
+
+    def next_unit(self, wait: bool) -> Ticket | None:
+        raise NotImplementedError
+
+    def superseded(self, ticket: Ticket) -> bool:
+        return False
+
+    def finished(self, ticket: Ticket) -> None:
+        pass
+
+    def recorded(self, parts: dict[str, int], **counts: int) -> None:
+        pass
+
+
+class ListSource(UnitSource):
+    """Units handed out from a list, for one process without a run folder protocol (tests)."""
+
+    def __init__(self, units):
+        self._it = iter(units)
+
+    def next_unit(self, wait: bool) -> Ticket | None:
+        u = next(self._it, None)
+        return None if u is None else Ticket(int(u))
 
 
 @dataclass
@@ -150,14 +181,17 @@ class RankStats:
 
 class RankWorker:
     def __init__(self, gen: Generator, rundir: RunDir, settings: WorkerSettings, *, rank: int, world: int, stop,
-                 progress, log: Callable[[str], None], thumb_max_row: int = -1, session: str | None = None):
+                 progress, log: Callable[[str], None], thumb_max_row: int = -1, member: str | None = None):
         self.gen, self.rundir, self.settings = gen, rundir, settings
         self.rank, self.world, self.stop, self.progress, self.log = rank, world, stop, progress, log
         self.batch_size = settings.batch_size
         # auto: overlap on GPUs, where the CPU is otherwise idle while the model runs; on CPU the model already
         # uses every core and loader/writer threads would only compete with it (BENCHMARKS.md).
         self.overlap = gen.device.type == "cuda" if settings.overlap is None else settings.overlap
-        self.parts = PartWriter(rundir, rank, settings.results_chunk_rows, session=session)
+        self.parts = PartWriter(rundir, rank, settings.results_chunk_rows, member=member)
+        self.units: UnitSource = UnitSource()
+        self._pending: dict[Ticket, int] = {}  # rows of each unit in hand not yet recorded (or dropped)
+        self._dropped: set[Ticket] = set()
         self.stats = RankStats(rank=rank, world_size=world, host=socket.gethostname(), device=str(gen.device))
         self._write_error: BaseException | None = None
         self._seconds_per_cost: list[float] = []
@@ -170,15 +204,16 @@ class RankWorker:
         self.embed = pipeline_embedder(getattr(gen, "pipe", None)) if self.scores else None
 
     # -- the loop -----------------------------------------------------------------------------------------
-    def run(self, plan: Plan, next_unit: Callable[[], int | None]) -> RankStats:
-        """Run units of ``plan`` as ``next_unit`` hands them out (None: no more work for this rank)."""
+    def run(self, plan: Plan, units: UnitSource) -> RankStats:
+        """Run units of ``plan`` as ``units`` hands them out, until it has none left for this rank."""
         started = time.perf_counter()
+        self.units = units
         loader = ThreadPoolExecutor(2, thread_name_prefix="load") if self.overlap else _Inline()
         writes: queue.Queue = queue.Queue(maxsize=2)
         writer = threading.Thread(target=self._writer_loop, args=(writes,), daemon=True, name="write")
         if self.overlap:
             writer.start()
-        feed = Feed(plan, next_unit, lambda rows: [loader.submit(self._load, r) for r in rows],
+        feed = Feed(plan, units, lambda rows: [loader.submit(self._load, r) for r in rows],
                     base_seed=self.settings.base_seed, lookahead=self.overlap)
         held_back: list[dict[str, Any]] = []
         try:
@@ -186,19 +221,28 @@ class RankWorker:
                 item = feed.next()
                 if item is None:
                     break
-                rows, futures, cost = item
+                ticket, rows, futures, cost = item
+                self._pending[ticket] = len(rows)
                 self.stats.units += 1
                 if self.settings.compile and not self.stats.warmup_seconds:
                     # Any rank may claim any unit: warm up every (shape, unit size) of the plan.
                     self._warmup([(with_seed(plan.todo.slice(first, 1).to_pylist()[0], self.settings.base_seed), n)
                                   for first, n in plan.shapes()])
-                loaded = [f.result() for f in futures]
-                feed.arm(self._expected_seconds(cost))
-                t = time.perf_counter()
-                done = self._generate(rows, loaded)
-                if self.slow:  # test and benchmark hook: this rank runs at 1 / (1 + slow) of its speed
-                    time.sleep(self.slow * (time.perf_counter() - t))
+                expected = self._expected_seconds(cost)
+                # A stop signal now lets this unit finish only if it fits the grace period (StopFlag).
+                self.stop.busy(expected)
+                try:
+                    loaded = [f.result() for f in futures]
+                    feed.arm(expected)
+                    t = time.perf_counter()
+                    done = self._generate(rows, loaded)
+                    if self.slow:  # test and benchmark hook: this rank runs at 1 / (1 + slow) of its speed
+                        time.sleep(self.slow * (time.perf_counter() - t))
+                finally:
+                    self.stop.idle()
                 self._seconds_per_cost.append((time.perf_counter() - t) / max(cost, 1e-9))
+                for o in done:
+                    o["ticket"] = ticket
                 self._put(writes, self._screen(done, held_back))
                 if self._write_error:
                     raise self._write_error
@@ -206,7 +250,7 @@ class RankWorker:
             if held_back:
                 self._put(writes, held_back)
         except DeviceFailure:
-            raise  # the streak's rows and the unit in hand stay unrecorded: the other ranks or the next run do them
+            raise  # the streak's rows and the unit in hand stay unrecorded: their units are given back
         except BaseException:
             if held_back:
                 self._put(writes, held_back)
@@ -318,7 +362,19 @@ class RankWorker:
 
     def _write_batch(self, done: list[dict[str, Any]]) -> None:
         for o in done:
-            self._write_row(o)
+            ticket = o["ticket"]
+            if self.units.superseded(ticket):
+                # Another member took this unit over while this one was paused or cut off: its record stands.
+                if ticket not in self._dropped:
+                    self._dropped.add(ticket)
+                    self.log(f"svd-batch: unit {ticket.unit} was taken over by another process while this one "
+                             "was not heard from; its result here is dropped")
+            else:
+                self._write_row(o)
+            self._pending[ticket] -= 1
+            if self._pending[ticket] == 0:
+                del self._pending[ticket]
+                self.units.finished(ticket)
 
     def _write_row(self, o: dict[str, Any]) -> None:
         row, s = o["row"], self.settings
@@ -373,6 +429,7 @@ class RankWorker:
         else:
             self.stats.failed += 1
             self.log(f"svd-batch: {record['error']}")
+        self.units.recorded(self.parts.written, rows=self.stats.rows, ok=self.stats.ok, failed=self.stats.failed)
         self.progress.update(1)
 
     def _folder_refuses_writes(self) -> bool:

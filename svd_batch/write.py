@@ -87,10 +87,15 @@ def write_mp4(frames: np.ndarray, path: str, fps: int, *, crf: int = 18, codec: 
     # Hidden and ending in .mp4: ffmpeg picks the container from the name, and nobody mistakes it for a video.
     with atomic_path(path, hidden=True, keep_extension=True) as tmp:
         try:
-            proc = subprocess.run([*cmd, tmp], input=data, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            # A session of its own: a launcher stopping this rank signals the rank's process group (torchrun
+            # does), and the rank, not the signal, decides whether the video in hand is finished (StopFlag).
+            proc = subprocess.run([*cmd, tmp], input=data, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  start_new_session=True)
         except OSError as exc:  # ffmpeg missing or not executable; a broken pipe when it dies early
             raise VideoWriteError(f"ffmpeg could not run: {exc}") from None
         err = proc.stderr.decode(errors="replace").strip()
+        if proc.returncode < 0:  # killed by a signal (the machine going down, OOM killer): not the row's fault
+            raise KeyboardInterrupt(f"ffmpeg was killed by signal {-proc.returncode}")
         if proc.returncode != 0:
             last = err.splitlines()[-1] if err else "no message"
             raise VideoWriteError(f"ffmpeg exited with status {proc.returncode}: {last}",

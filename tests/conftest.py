@@ -93,9 +93,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_cli(*overrides: str, threads: int = 1, log=None) -> subprocess.Popen:
+def start_cli(*overrides: str, threads: int = 1, log=None, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, *cli_args(*overrides, threads=threads)], cwd=REPO,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log or subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, stdout=log or subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 

@@ -183,35 +183,38 @@ def test_a_slow_rank_claims_fewer_rows(manifest, reference, tmp_path):
     assert ranks.count(1) < ranks.count(0), ranks
 
 
-def test_a_lost_node_does_not_keep_the_survivor_waiting(manifest, reference, tmp_path):
+def test_a_lost_node_s_units_are_finished_by_the_survivor(manifest, reference, tmp_path):
+    """A whole node is killed (launcher and worker) while its rank holds a unit: the survivor sees the rank's lock
+    free at once, takes its units over and completes the run. (torchrun's agent on the surviving node then
+    waits in its exit barrier for the lost node's agent, up to 300 s; its worker has long exited 0.)"""
+    import json
     import time
 
     out = tmp_path / "out"
     nodes = two_nodes(f"manifest.path={manifest}", f"output.dir={out}", "report.enabled=false",
-                      env={"SVD_BATCH_INJECT_SLOW": "1:3"})  # node 1 is mid-row most of the time
+                      "runtime.lease_seconds=600", env={"SVD_BATCH_INJECT_SLOW": "1:3"})  # node 1 mostly mid-row
+
+    def member(rank):
+        for p in (out / ".svd-batch" / "members").glob("*.json"):
+            d = json.loads(p.read_text())
+            if d["rank"] == rank:
+                return d
+        return None
+
     deadline = time.time() + 300
-    while time.time() < deadline:
-        if (out / ".svd-batch" / "parts").is_dir() and any(
-                "rank00001" in p.name for p in (out / ".svd-batch" / "parts").iterdir()):
-            break
+    while not ((out / ".svd-batch" / "members").is_dir() and (m := member(1)) and m["rows"] >= 1 and m["holding"]):
+        assert time.time() < deadline, "rank 1 recorded nothing"
         time.sleep(0.1)
-    else:
-        raise AssertionError("rank 1 recorded nothing")
     kill_tree(nodes[1].pid)  # the whole node goes: launcher and worker (torchrun starts workers in sessions of their own)
     killed_at = time.time()
-    log = nodes[0].communicate(timeout=120)[0]
     nodes[1].wait()
-    assert time.time() - killed_at < 60, "the survivor waited on the lost rank"
-    # Incomplete (the lost rank's row in hand is not done): the rank exits 3; torchrun reports any failing
-    # worker with status 1 of its own.
-    assert nodes[0].returncode == 1 and "exitcode: 3" in log, log
-    assert "rank(s) 1 stopped without finishing" in log and "run the same command again" in log
-    partial = read_results(out)  # the survivor merged what was recorded
-    assert 0 < partial.num_rows < N_ROWS and set(partial["status"].to_pylist()) == {"ok"}
-    again = run_cli(f"manifest.path={manifest}", f"output.dir={out}", "report.enabled=false")
-    assert again.returncode == 0, again.stderr
-    assert hashes(out) == reference and not tmp_files(out)
-    assert not list((out / ".svd-batch" / "parts").iterdir())
+    while member(0)["exit_code"] is None:
+        assert time.time() - killed_at < 240, "the survivor did not finish the lost node's units"
+        time.sleep(0.2)
+    assert member(0)["exit_code"] == 0
+    kill_tree(nodes[0].pid)  # its launcher waits in torchrun's exit barrier for the lost node's agent
+    assert hashes(out) == reference and not tmp_files(out / "videos")
+    assert set(read_results(out)["status"].to_pylist()) == {"ok"}
 
 
 def test_a_node_with_another_model_revision_stops_the_run_before_work(manifest, tmp_path, tiny_cache):
@@ -230,35 +233,6 @@ def test_a_node_with_another_model_revision_stops_the_run_before_work(manifest, 
     assert [p.returncode for p in nodes] == [1, 1] and all("exitcode: 2" in x for x in logs), logs
     assert "rank 1 on host" in logs[0] and "another revision in this node's cache" in logs[0]
     assert not list((out / "videos").iterdir()) and not (out / "results.parquet").exists()
-
-
-def test_losing_the_coordinator_ends_the_ranks_cleanly(manifest, reference, tmp_path):
-    """The claim counter lives in the first node's launcher: when it goes, every rank finishes the row in hand,
-    keeps its records and stops; the next run does the rest."""
-    import time
-
-    out = tmp_path / "out"
-    nodes = two_nodes(f"manifest.path={manifest}", f"output.dir={out}", "report.enabled=false",
-                      env={"SVD_BATCH_INJECT_SLOW": "0:2,1:2"})
-    deadline = time.time() + 300
-    while not ((out / ".svd-batch" / "parts").is_dir() and part_records(out).num_rows >= 2):
-        assert time.time() < deadline, "no records"
-        time.sleep(0.1)
-    workers = descendants(nodes[0].pid) + descendants(nodes[1].pid)
-    os.kill(nodes[0].pid, signal.SIGKILL)  # the first node's launcher, host of the store, and only it
-    gone_at = time.time()
-    log1 = nodes[1].communicate(timeout=180)[0]
-    nodes[0].wait()
-    while any(os.path.exists(f"/proc/{p}") for p in workers) and time.time() - gone_at < 120:
-        time.sleep(0.2)
-    assert not any(os.path.exists(f"/proc/{p}") for p in workers), "a rank kept running without its coordinator"
-    assert "cannot reach the run's coordinator" in log1 and "Traceback (most recent call last)" not in \
-        log1.split("ChildFailedError")[0].split("torch/distributed/elastic")[0]
-    recorded = part_records(out)
-    assert 0 < recorded.num_rows < N_ROWS and set(recorded["status"].to_pylist()) == {"ok"}
-    again = run_cli(f"manifest.path={manifest}", f"output.dir={out}", "report.enabled=false")
-    assert again.returncode == 0, again.stderr
-    assert hashes(out) == reference
 
 
 def test_a_broken_device_stops_its_rank_and_leaves_its_rows_to_others(manifest, reference, tmp_path):

@@ -28,6 +28,16 @@ def test_a_retry_in_a_later_unmerged_run_wins(tmp_path):
         assert got == {"x": "ok", "y": "failed"}
 
 
+def finished_member(rd, writer, parts=None, state="done"):
+    """A member file as a finished member leaves it: its final state and how many rows each part holds."""
+    import json
+
+    os.makedirs(rd.members, exist_ok=True)
+    info = {"member": writer.member, "job": "j", "state": state, "parts": parts or dict(writer.written)}
+    with open(os.path.join(rd.members, f"{writer.member}.json"), "w") as f:
+        json.dump(info, f)
+
+
 def test_merge_deletes_only_parts_read_whole(tmp_path):
     rd = RunDir(str(tmp_path / "out"))
     rd.create()
@@ -35,20 +45,52 @@ def test_merge_deletes_only_parts_read_whole(tmp_path):
     for i in range(3):
         done.add({"id": f"a{i}", "status": "ok"})
     busy.add({"id": "b0", "status": "ok"})
-    rd.write_marker("s1", 0, {"parts": dict(done.written)})
-    # Rank 1's marker claims more rows than its part holds: the copy this merge reads is stale (an NFS cache)
+    finished_member(rd, done)
+    # Rank 1's file claims more rows than its part holds: the copy this merge reads is stale (an NFS cache)
     # or the rank is still writing. Its part must survive the merge.
-    rd.write_marker("s1", 1, {"parts": {name: n + 1 for name, n in busy.written.items()}})
+    finished_member(rd, busy, {name: n + 1 for name, n in busy.written.items()})
     merged = rd.merge()
     assert sorted(merged["id"].to_pylist()) == ["a0", "a1", "a2", "b0"]
     assert [os.path.basename(p) for p in rd.part_files()] == list(busy.written)
-    assert len(rd.markers()) == 1  # rank 0's marker went with its parts; rank 1's still vouches for its part
     busy.add({"id": "b1", "status": "ok"})  # the rank goes on writing into the part the merge left alone
     assert sorted(rd.read_records()["id"].to_pylist()) == ["a0", "a1", "a2", "b0", "b1"]
-    rd.write_marker("s1", 1, {"parts": dict(busy.written)})
+    finished_member(rd, busy, state="working")  # still working: its part is not sealed yet
     rd.merge()
-    assert rd.part_files() == [] and rd.markers() == []
+    assert [os.path.basename(p) for p in rd.part_files()] == list(busy.written)
+    finished_member(rd, busy)
+    rd.merge()
+    assert rd.part_files() == []
     assert sorted(rd.read_records()["id"].to_pylist()) == ["a0", "a1", "a2", "b0", "b1"]
+
+
+def test_a_merge_that_finds_the_records_replaced_meanwhile_writes_nothing(tmp_path, monkeypatch):
+    """Two merges at once (a merge lock lost, or output.lock=false): the one that read an older records.parquet
+    must not put it back over the newer one, nor delete any part."""
+    import pyarrow.parquet as pq
+
+    rd = RunDir(str(tmp_path / "out"))
+    rd.create()
+    w = PartWriter(rd, rank=0)
+    w.add({"id": "a", "status": "ok"})
+    rd.merge(all_parts=True)
+    assert rd.generation() == 1
+    w2 = PartWriter(rd, rank=1)
+    w2.add({"id": "b", "status": "ok"})
+    finished_member(rd, w2)
+    real_write = pq.write_table
+    other = RunDir(rd.root)
+
+    def write_then_lose_the_race(table, where, *a, **k):
+        real_write(table, where, *a, **k)
+        if where.startswith(rd.records_path + ".tmp-"):
+            monkeypatch.setattr(pq, "write_table", real_write)
+            PartWriter(other, rank=2).add({"id": "c", "status": "ok"})
+            assert other.merge() is not None  # the other merge completes first
+
+    monkeypatch.setattr(pq, "write_table", write_then_lose_the_race)
+    assert rd.merge() is None  # superseded: nothing written, nothing deleted by this one
+    assert sorted(rd.read_records()["id"].to_pylist()) == ["a", "b", "c"]
+    assert rd.generation() == 2
 
 
 @pytest.mark.parametrize("code,expect", [
@@ -67,27 +109,26 @@ def test_lock_errors_say_what_is_wrong(tmp_path, monkeypatch, code, expect):
 
     monkeypatch.setattr(fcntl, "flock", flock)
     with pytest.raises(RunDirError, match=expect) as info:
-        rd.acquire_lock()
+        rd.plan_lock.require()
     if code != errno.EWOULDBLOCK:
         assert "Another svd-batch run" not in str(info.value)
     if expect.startswith("does not"):
         assert "output.lock=false" in str(info.value) and "unsafe" in str(info.value)
 
 
-def test_a_held_lock_refuses_a_second_run_and_shared_holders_block_it_too(tmp_path):
+def test_a_held_lock_refuses_a_second_holder_and_shared_holders_block_exclusive(tmp_path):
     first, second = RunDir(str(tmp_path / "out")), RunDir(str(tmp_path / "out"))
     first.create()
-    first.acquire_lock()
+    first.plan_lock.require(describe=True)
     with pytest.raises(RunDirError, match=r"Another svd-batch run is using .* \(started by host"):
-        second.acquire_lock()
-    first.acquire_lock(shared=True)  # rank 0 after planning: every rank now holds it shared
-    other_rank = RunDir(first.root)
-    other_rank.acquire_lock(shared=True)
-    first.release_lock()
-    with pytest.raises(RunDirError, match="Another svd-batch run"):
-        second.acquire_lock()  # a rank of the first run still works there
-    other_rank.release_lock()
-    second.acquire_lock()
+        second.plan_lock.require()
+    first.active_lock.require(shared=True)  # a member of a launch
+    other_member = RunDir(first.root)
+    other_member.active_lock.require(shared=True)
+    first.release_locks()
+    assert not second.active_lock.acquire()  # a member still works there: not alone
+    other_member.release_locks()
+    assert second.active_lock.acquire()
 
 
 def test_the_video_rename_is_durable_before_its_record(tmp_path, monkeypatch):

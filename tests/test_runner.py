@@ -42,19 +42,28 @@ def test_resume_false_with_existing_results_stops(tmp_path):
     assert proc.returncode == 2 and "resume=false" in proc.stderr and "overwrite=true" in proc.stderr
 
 
-def test_second_launch_is_refused_and_a_killed_run_leaves_no_stale_lock(tmp_path):
+def test_a_second_launch_joins_and_a_killed_run_leaves_no_stale_lock(tmp_path):
     m, out = small_manifest(tmp_path, n=40), tmp_path / "out"  # long enough to still run when the second starts
     first = start_cli(f"manifest.path={m}", f"output.dir={out}")
     wait_for_records(out, 1, first)
-    second = run_cli(f"manifest.path={m}", f"output.dir={out}")
-    assert second.returncode == 2
-    assert "Another svd-batch run is using" in second.stderr and f"pid {first.pid}" in second.stderr
+    second = start_cli(f"manifest.path={m}", f"output.dir={out}")
+    wait_for_records(out, 4, second)
+    # Launches on one folder share its job; overwrite=true would delete their work and is refused meanwhile.
+    refused = run_cli(f"manifest.path={m}", f"output.dir={out}", "overwrite=true")
+    assert refused.returncode == 2 and "Another svd-batch run is using" in refused.stderr
     first.send_signal(signal.SIGKILL)
+    second.send_signal(signal.SIGKILL)
     first.wait()
-    resumed = run_cli(f"manifest.path={m}", f"output.dir={out}")
+    second.wait()
+    from svd_batch.rundir import RunDir
+
+    ranks = {r["rank"] for r in RunDir(str(out)).read_records().to_pylist()}
+    resumed = run_cli(f"manifest.path={m}", f"output.dir={out}")  # nobody alive: no lock left, nothing waits
     assert resumed.returncode == 0, resumed.stderr
+    assert "joined" not in resumed.stderr
     t = read_results(out)
     assert t.num_rows == 40 and set(t["status"].to_pylist()) == {"ok"} and not tmp_files(out)
+    assert ranks == {0}  # both launches were single-process launches
 
 
 def test_failed_rows_are_kept_until_retry_failed(tmp_path, images):

@@ -84,7 +84,9 @@ def test_images_in_flight_are_bounded(tmp_path, monkeypatch):
 
     rd = RunDir(str(tmp_path / "out"))
     rd.create()
-    stop = types.SimpleNamespace(signum=None)
+    from svd_batch.executor import StopFlag
+
+    stop = StopFlag()
     progress = types.SimpleNamespace(update=lambda k: None)
     worker = RankWorker(FakeGen(), rd, settings, rank=0, world=1, stop=stop, progress=progress, log=lambda m: None)
     lock, live, peak = threading.Lock(), [0], [0]
@@ -105,7 +107,8 @@ def test_images_in_flight_are_bounded(tmp_path, monkeypatch):
     monkeypatch.setattr(worker, "_load", load)
     monkeypatch.setattr(worker, "_generate", generate)
     plan = make_plan(pa.Table.from_pylist(rows), RESULT_SCHEMA.empty_table(), world_size=1)
-    units = iter(range(plan.num_units))
-    stats = worker.run(plan, lambda: next(units, None))
+    from svd_batch.worker import ListSource
+
+    stats = worker.run(plan, ListSource(range(plan.num_units)))
     assert stats.ok == n and rd.read_records().num_rows == n
     assert peak[0] <= (prefetch + 1) * batch_size

@@ -1,0 +1,389 @@
+"""The run folder's ledger: who works on a run, which units they hold, and the job they share.
+
+Everything here is a file, changed only by operations that are atomic on local disks, NFS and Lustre alike:
+exclusive creation (a hard link, or O_EXCL), rename, and flock. No decision reads a clock of another node: a
+member is judged by whether its heartbeat counter moves, measured on the observer's own monotonic clock, and by
+whether its lock is still held.
+
+Layout under ``.svd-batch/``::
+
+    job.json                    the current job: its id, state (active | complete) and plan summary
+    jobs/<job>/plan.npz         its units: manifest positions in claim order and unit boundaries
+    jobs/<job>/claims/<u>       unit u is claimed (a hard link to the claimer's token: its content names it)
+    jobs/<job>/claims/<u>.g<k>  unit u was taken over for the k-th time (its holder was lost or gave it back)
+    jobs/<job>/abort            the run stops (the output folder cannot take more files); says why
+    members/<member>.json       one rank of one launch: state, heartbeat counter, units held, parts written
+    members/<member>.lock       flock'ed by that member while its process lives
+    members/<member>.token*     the member's id; its claims are hard links to it
+
+A member is ``<launch>-r<rank>``; a launch is one ``svd-batch`` or ``accelerate launch`` command.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from .atomic import fsync_dir, write_text_atomic
+
+FINAL_STATES = ("done", "stopped", "device_failure", "aborted")
+
+
+def read_json(path: str) -> dict[str, Any] | None:
+    """A small JSON file written by rename; None when absent or not (yet) readable."""
+    try:
+        with open(path) as f:
+            return dict(json.load(f))
+    except (OSError, ValueError):
+        return None
+
+
+def _makedirs(*dirs: str) -> None:
+    for d in dirs:
+        os.makedirs(d, exist_ok=True)
+
+
+# -- the job ------------------------------------------------------------------------------------------------
+@dataclass
+class JobInfo:
+    """What job.json says: one plan of a run, shared by every launch that joins while it is active."""
+
+    job: str
+    state: str                 # active | complete
+    total: int                 # rows selected in the manifest when the job was planned
+    done: int                  # finished ok before the job
+    failed_skipped: int        # failed before the job, not retried
+    todo: int                  # rows the job runs
+    units: int
+    manifest: str              # digest of the manifest rows it was planned from
+    started_at: float          # wall clock, for people (status): never compared across nodes
+    retry_failed: bool = False
+
+    @classmethod
+    def read(cls, path: str) -> "JobInfo | None":
+        d = read_json(path)
+        if not d:
+            return None
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})  # type: ignore[attr-defined]
+
+    def write(self, path: str) -> None:
+        write_text_atomic(json.dumps(self.__dict__, indent=1), path)
+
+
+class JobDir:
+    """One job's folder: its plan, claims, cursor and abort flag."""
+
+    def __init__(self, state_dir: str, job: str):
+        self.job = job
+        self.root = os.path.join(state_dir, "jobs", job)
+        self.claims = os.path.join(self.root, "claims")
+        self.plan_path = os.path.join(self.root, "plan.npz")
+        self.abort_path = os.path.join(self.root, "abort")
+
+    def create(self, indices: np.ndarray, starts: np.ndarray) -> None:
+        _makedirs(self.claims)
+        tmp = f"{self.plan_path}.tmp-{os.getpid()}.npz"
+        np.savez(tmp, indices=np.asarray(indices, np.int64), starts=np.asarray(starts, np.int64))
+        os.replace(tmp, self.plan_path)
+        fsync_dir(self.root)
+
+    def read_plan(self) -> tuple[np.ndarray, np.ndarray]:
+        with np.load(self.plan_path) as z:
+            return z["indices"], z["starts"]
+
+    # abort: an error of the whole run (a full output disk); every member sees it at its next claim
+    def abort(self, reason: str) -> None:
+        try:
+            with open(self.abort_path, "x") as f:
+                f.write(reason)
+        except OSError:
+            pass  # already raised, or the disk refuses even this: the others then meet the error themselves
+
+    def aborted(self) -> bool:
+        return os.path.exists(self.abort_path)
+
+
+# -- claims -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ticket:
+    """A unit in a member's hands: generation 0 is a fresh claim, k > 0 the k-th takeover."""
+
+    unit: int
+    gen: int = 0
+
+
+class Claims:
+    """Exclusive claims on a job's units. A claim is a hard link to the claimer's token file, so it appears
+    complete, naming its holder, or not at all (link fails with EEXIST when the name exists, also on NFS);
+    where hard links are refused, an O_EXCL file with the holder's id written into it does the same."""
+
+    def __init__(self, jobdir: JobDir, member: str, tokens_dir: str):
+        self.jobdir, self.member = jobdir, member
+        self.tokens_dir = tokens_dir
+        self._token: str | None = None
+        self._token_n = 0
+        self._links = True
+
+    def path(self, t: Ticket) -> str:
+        name = str(t.unit) if t.gen == 0 else f"{t.unit}.g{t.gen}"
+        return os.path.join(self.jobdir.claims, name)
+
+    def _new_token(self) -> str:
+        self._token_n += 1
+        path = os.path.join(self.tokens_dir, f"{self.member}.token{self._token_n}")
+        write_text_atomic(self.member, path)
+        return path
+
+    def take(self, t: Ticket) -> bool:
+        """Claim ``t``; False when someone has it already."""
+        path = self.path(t)
+        if self._links:
+            if self._token is None:
+                self._token = self._new_token()
+            try:
+                os.link(self._token, path)
+                return True
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                if exc.errno == errno.EMLINK:  # the token has as many links as the filesystem allows
+                    self._token = self._new_token()
+                    return self.take(t)
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS):
+                    raise
+                self._links = False
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, self.member.encode())
+        finally:
+            os.close(fd)
+        return True
+
+    def holder(self, t: Ticket) -> str | None:
+        try:
+            with open(self.path(t)) as f:
+                return f.read().strip() or None
+        except OSError:
+            return None
+
+    def exists(self, t: Ticket) -> bool:
+        return os.path.exists(self.path(t))
+
+    def superseded(self, t: Ticket) -> bool:
+        """Whether ``t`` was taken over by another member since it was claimed (its holder was judged lost)."""
+        return self.exists(Ticket(t.unit, t.gen + 1))
+
+    def latest(self, unit: int, start_gen: int = 0) -> Ticket | None:
+        """The newest claim on ``unit`` (None: never claimed)."""
+        if not self.exists(Ticket(unit, start_gen)):
+            return None
+        gen = start_gen
+        while self.exists(Ticket(unit, gen + 1)):
+            gen += 1
+        return Ticket(unit, gen)
+
+
+# -- members ------------------------------------------------------------------------------------------------
+class Member:
+    """This process's entry in the ledger: a lock held for its whole life, and a small JSON file rewritten on
+    every change of state or held units and on every heartbeat (a thread, so a long GPU call or a compile
+    does not make the member look lost; a process that is paused, swapped out or hung does stop beating)."""
+
+    def __init__(self, members_dir: str, member: str, *, launch: str, job: str, rank: int, local_rank: int,
+                 world_size: int, heartbeat_seconds: float, log: Callable[[str], None] = lambda m: None):
+        self.dir, self.member = members_dir, member
+        self.json_path = os.path.join(members_dir, f"{member}.json")
+        self.lock_path = os.path.join(members_dir, f"{member}.lock")
+        self.heartbeat_seconds = heartbeat_seconds
+        self.log = log
+        self._mutex = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock_fd: int | None = None
+        self._failing = False
+        self.info: dict[str, Any] = {
+            "member": member, "launch": launch, "job": job, "rank": rank, "local_rank": local_rank,
+            "world_size": world_size, "host": socket.gethostname(), "pid": os.getpid(), "state": "working",
+            # the launcher's node (torchrun's GROUP_RANK): its workers are stopped together on a non-zero exit
+            "node": int(os.environ.get("GROUP_RANK", 0) or 0),
+            "beat": 0, "beat_at": time.time(), "started_at": time.time(), "holding": [], "released": [],
+            "cursor": 0, "parts": {}, "rows": 0, "ok": 0, "failed": 0, "exit_code": None, "stats": {},
+        }
+
+    def start(self) -> None:
+        _makedirs(self.dir)
+        self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)  # before the JSON exists: whoever sees the JSON can test it
+        self._write()
+        self._thread = threading.Thread(target=self._beat_loop, name="heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat_loop(self) -> None:
+        while not self._stop.wait(self.heartbeat_seconds):
+            self.update()
+
+    def update(self, **changes: Any) -> None:
+        """Change fields and rewrite the file (every call is a heartbeat). A failed write (a full disk, a
+        network blip) is retried at the next beat; it never ends the heartbeat."""
+        with self._mutex:
+            self.info.update(changes)
+            self.info["beat"] += 1
+            self.info["beat_at"] = time.time()
+            try:
+                self._write()
+                if self._failing:
+                    self.log("svd-batch: heartbeat file writable again")
+                self._failing = False
+            except OSError as exc:
+                if not self._failing:
+                    self.log(f"svd-batch: cannot write heartbeat {self.json_path} ({exc}); retrying")
+                self._failing = True
+
+    def set(self, **changes: Any) -> None:
+        """Change fields without a write: the next heartbeat carries them."""
+        with self._mutex:
+            self.info.update(changes)
+
+    def _write(self) -> None:
+        write_text_atomic(json.dumps(self.info), self.json_path, durable=False)
+
+    # Units in hand. A fresh claim is listed by the next heartbeat, with the cursor its next search starts from:
+    # a claim made just before dying is found by scanning the claims from the last cursor written (orphans). A
+    # takeover is written before it is tried (``write``). A unit is dropped once its records are durable; until
+    # the next heartbeat a lost member may still list it, and its rows are then made twice (the same frames,
+    # one record kept).
+    def hold(self, t: Ticket, write: bool = True, **changes: Any) -> None:
+        with self._mutex:
+            changes["holding"] = [*self.info["holding"], [t.unit, t.gen]]
+            self.update(**changes) if write else self.set(**changes)
+
+    def drop(self, t: Ticket, write: bool = True) -> None:
+        with self._mutex:
+            holding = [h for h in self.info["holding"] if h != [t.unit, t.gen]]
+            self.update(holding=holding) if write else self.set(holding=holding)
+
+    def holding(self) -> list[Ticket]:
+        with self._mutex:
+            return [Ticket(u, g) for u, g in self.info["holding"]]
+
+    def release_all(self, state: str) -> None:
+        """Give every unit in hand back (the others take them over at once) and enter a final state."""
+        with self._mutex:
+            self.update(state=state, released=[*self.info["released"], *self.info["holding"]], holding=[])
+
+    def close(self, exit_code: int | None = None) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if exit_code is not None:
+            self.update(exit_code=exit_code)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def member_gone(members_dir: str, member: str) -> bool:
+    """True when the member's process is certainly gone: nobody holds its lock. (A paused or hung process
+    still holds it; so does one whose node is lost, until the file server notices.)"""
+    path = os.path.join(members_dir, f"{member}.lock")
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing drops a lock this test may have taken
+
+
+def read_members(members_dir: str, job: str | None = None, prefix: str = "",
+                 skip: set[str] | frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """Every member file (of one job; whose name starts with ``prefix``, e.g. a launch), in member order, but
+    those named in ``skip``; unreadable files are skipped."""
+    try:
+        names = sorted(n for n in os.listdir(members_dir)
+                       if n.endswith(".json") and n.startswith(prefix) and n[:-5] not in skip)
+    except FileNotFoundError:
+        return []
+    out = []
+    for n in names:
+        d = read_json(os.path.join(members_dir, n))
+        if d and (job is None or d.get("job") == job):
+            out.append(d)
+    return out
+
+
+@dataclass
+class Peers:
+    """The other members of a job, as this process sees them. A member is *lost* when its lock is free (its
+    process is gone) or when its heartbeat counter has not moved for ``lease`` seconds of this process's own
+    monotonic clock: a paused member becomes lost after the lease, never before, and nothing depends on the
+    clocks of two nodes agreeing or on file times (which NFS caches)."""
+
+    members_dir: str
+    job: str
+    me: str
+    lease: float
+    _seen: dict[str, tuple[int, float]] = field(default_factory=dict)
+    _final: dict[str, dict[str, Any]] = field(default_factory=dict)  # final states do not change: read once
+
+    def poll(self) -> list[dict[str, Any]]:
+        """The other members, each with "lost": bool added."""
+        now = time.monotonic()
+        out = list(self._final.values())
+        for d in read_members(self.members_dir, self.job, skip={self.me, *self._final}):
+            m = d["member"]
+            if d.get("state") in FINAL_STATES:
+                self._final[m] = {**d, "lost": False}
+            beat = int(d.get("beat", 0))
+            seen = self._seen.get(m)
+            if seen is None or seen[0] != beat:
+                self._seen[m] = seen = (beat, now)
+            final = d.get("state") in FINAL_STATES
+            d["lost"] = (not final) and (now - seen[1] >= self.lease or member_gone(self.members_dir, m))
+            out.append(d)
+        return sorted(out, key=lambda d: d["member"])
+
+    def active(self) -> int:
+        """How many members were not final at the last poll (what a poll has to read)."""
+        return len(self._seen) - len(self._final)
+
+
+def takeover_candidates(peers: Iterable[dict[str, Any]], claims: Claims, num_units: int,
+                        orphans: dict[str, list[Ticket]] | None = None) -> list[tuple[Ticket, str, str]]:
+    """(ticket, its holder, why) for units whose holder gave them back or is lost: the units it listed, and a
+    fresh claim it made after its last listing (found by scanning from its cursor to the first unclaimed unit;
+    ``orphans`` caches that scan per member, since a lost member's claims do not change)."""
+    out = []
+    orphans = {} if orphans is None else orphans
+    for d in peers:
+        for u, g in d.get("released", []):
+            out.append((Ticket(u, g), d["member"], d.get("state", "stopped")))
+        if not d.get("lost"):
+            continue
+        listed = {(u, g) for u, g in d.get("holding", [])}
+        out += [(Ticket(u, g), d["member"], "lost") for u, g in sorted(listed)]
+        if d["member"] not in orphans:
+            found, u = [], int(d.get("cursor", 0))
+            while u < num_units and claims.exists(Ticket(u)):
+                if (u, 0) not in listed and claims.holder(Ticket(u)) == d["member"]:
+                    found.append(Ticket(u))
+                u += 1
+            orphans[d["member"]] = found
+        out += [(t, d["member"], "lost") for t in orphans[d["member"]]]
+    return out
