@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import ownership
 from .atomic import atomic_path, fsync_dir
 from .fields import RESULT_SCHEMA
 
@@ -93,7 +94,10 @@ class RunDir:
         self._lock_fd: int | None = None
 
     def create(self) -> None:
-        for d in (self.root, self.videos, self.state, self.parts, self.done):
+        ownership.claim(self.root)  # a folder svd-batch did not make is refused before any write
+        os.makedirs(self.state, exist_ok=True)
+        ownership.mark(self.root)
+        for d in (self.videos, self.parts, self.done):
             os.makedirs(d, exist_ok=True)
 
     def video_path(self, row_id: str) -> str:
@@ -143,16 +147,11 @@ class RunDir:
         )
 
     def clear(self) -> None:
-        """overwrite=true: remove every earlier record and video, keep the folder."""
+        """overwrite=true: remove every earlier record and the videos it recorded, keep the folder and any
+        file svd-batch did not write."""
+        ownership.remove_recorded(self.root, self.read_records(["id"])["id"].to_pylist())
         for path in self.part_files() + self.markers() + [self.records_path, self.results_path, self.run_json]:
-            if os.path.exists(path):
-                os.unlink(path)
-        for folder, suffix in ((self.videos, ".mp4"), (os.path.join(self.state, "thumbs"), ".png"),
-                               (os.path.join(self.root, "inputs"), ".jpg")):
-            if os.path.isdir(folder):
-                for entry in os.scandir(folder):
-                    if entry.name.endswith(suffix):
-                        os.unlink(entry.path)
+            ownership.remove_file(path)
 
     # -- records ------------------------------------------------------------------------------------------
     def part_files(self) -> list[str]:
@@ -256,15 +255,7 @@ class RunDir:
 
     def remove_temporaries(self) -> None:
         """Drop files that a killed process left half-written; they never counted as done."""
-        for d in (self.videos, self.parts, self.state, self.done, os.path.join(self.state, "thumbs"), self.root,
-                  os.path.join(self.root, "inputs"), os.path.join(self.root, "report")):
-            if os.path.isdir(d):
-                for entry in os.scandir(d):
-                    if ".tmp-" in entry.name:
-                        try:
-                            os.unlink(entry.path)
-                        except FileNotFoundError:
-                            pass
+        ownership.remove_temporaries(self.root)
 
 
 def latest_per_id(table: pa.Table) -> pa.Table:
