@@ -151,6 +151,7 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
         step = max(1, CHUNK_PIXELS // max(1, arr.shape[1]))
         for r in range(0, arr.shape[0], step):  # a whole float64 copy would be 4x a 16-bit image
             out[r:r + step] = np.clip(arr[r:r + step].astype(np.float64) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        del arr  # before the RGB copy is made
         image = PIL.Image.fromarray(out, "L")
     elif image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")

@@ -516,7 +516,7 @@ def _combination_problems(resolved: Mapping[str, pa.ChunkedArray], rows, ids, ma
                                 "on from max_guidance_scale alone): raise max_guidance_scale above 1 or lower this"))
     if max_row_bytes is None:
         return problems
-    h, w, f = (pc.fill_null(pc.cast(resolved[k], pa.float64()), 0.0).to_numpy() for k in ("height", "width", "num_frames"))
+    h, w, f = (pc.fill_null(resolved[k], 0).to_numpy().astype(np.float64) for k in ("height", "width", "num_frames"))
     need = row_memory_bytes(h, w, f)
     for i in np.flatnonzero(need > max_row_bytes):
         problems.append(Problem(
