@@ -212,8 +212,8 @@ def read_local(path: str, timeout: float, max_bytes: int) -> bytes:
         info = os.stat(path)
     except FileNotFoundError:
         raise ImageError(f"file not found: {path}") from None
-    except OSError as exc:
-        raise ImageError(f"could not read {path}: {exc.strerror or exc}") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL character in the path
+        raise ImageError(f"could not read {path!r}: {getattr(exc, 'strerror', None) or exc}") from None
     if stat.S_ISDIR(info.st_mode):
         raise ImageError(f"is a directory, not an image: {path}")
     if not stat.S_ISREG(info.st_mode):
