@@ -368,7 +368,9 @@ def load_manifest(
     bad_image = pc.or_kleene(pc.is_null(image), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(image)), 0))
 
     # 2. Ids: given ones are checked; missing ones are derived from the row's content (never its position).
-    cells = [theirs[f] for f in GENERATION_FIELDS if theirs[f] in raw.column_names]
+    # (A column that is not numbers is refused below, so ids are never derived from it.)
+    cells = [theirs[f] for f in GENERATION_FIELDS
+             if theirs[f] in raw.column_names and (_numeric(raw[theirs[f]].type) or pa.types.is_null(raw[theirs[f]].type))]
     if ids_raw is not None and ids_raw.null_count == 0:
         ids = ids_raw  # the common case at scale: no string work for derived ids
     elif ids_raw is not None:

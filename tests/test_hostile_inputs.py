@@ -273,6 +273,17 @@ def test_a_binary_id_column_is_decoded_not_ignored(tmp_path):
         load_manifest(str(m), GEN)
 
 
+@pytest.mark.parametrize("column,values", [("fps", [[1, 2]]), ("seed", [{"a": 1}]), ("fps", [b"\xff"])])
+def test_generation_columns_of_lists_structs_or_bytes_are_refused(tmp_path, column, values):
+    """Without an id column the ids are derived from the row's cells: such a column is refused, never cast."""
+    from svd_batch.manifest import ManifestError, load_manifest
+    from tests.test_manifest import GEN
+
+    pq.write_table(pa.table({"image": ["a.jpg"], column: values}), tmp_path / "m.parquet")
+    with pytest.raises(ManifestError, match=f"column '{column}' = '<.*column>'; allowed: an integer column"):
+        load_manifest(str(tmp_path / "m.parquet"), GEN)
+
+
 # -- extra columns of any type -------------------------------------------------------------------------------------
 class Array2D(pa.ExtensionType):
     """What Hugging Face `datasets` writes for an Array2D feature (same name and metadata)."""
