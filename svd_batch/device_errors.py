@@ -43,6 +43,23 @@ POISON_MARKERS = (
 )
 
 
+# Errors a row's own values give on any device: Python's value and type errors, and torch's shape checks.
+ROW_ERROR_TYPES = ("ValueError", "TypeError", "IndexError", "KeyError", "OverflowError", "ZeroDivisionError",
+                   "NotImplementedError")
+ROW_ERROR_MARKERS = (
+    "size of tensor",
+    "sizes of tensors",
+    "shape",
+    "must match",
+    "expected size",
+    "expected input",
+    "expected more than",
+    "dimension",
+    "mat1 and mat2",
+    "out of bounds",
+)
+
+
 class OutOfMemory(Exception):
     """A row ran out of memory in every mode of the fallback ladder."""
 
@@ -73,6 +90,30 @@ def is_oom(exc: BaseException) -> bool:
         return False
     return any(isinstance(e, torch.cuda.OutOfMemoryError) or any(m in str(e).lower() for m in OOM_MARKERS)
                for e in _chain(exc))
+
+
+def is_row_error(message: str) -> bool:
+    """A recorded row error (``... generate failed: <Type>: <message>``) that the same row would give on any
+    device: a shape or value the model cannot take. Memory and device errors never are."""
+    text = message.lower()
+    if any(m in text for m in OOM_MARKERS + POISON_MARKERS) or "out of memory in every mode" in text:
+        return False
+    return any(f"{t.lower()}: " in text for t in ROW_ERROR_TYPES) or any(m in text for m in ROW_ERROR_MARKERS)
+
+
+def device_answers(device) -> bool:
+    """Does the device still compute? A small matrix product with a known, exactly representable result (exact in
+    float32 and TF32 alike), and on CUDA a synchronize, so that a failed kernel shows here."""
+    try:
+        import torch
+
+        a = torch.arange(64, dtype=torch.float32, device=device).reshape(8, 8)
+        got = float((a @ a.T).sum().item())
+        if getattr(device, "type", "") == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception:  # noqa: BLE001 - a broken device fails in any way at all
+        return False
+    return got == float(sum((224 + 8 * k) ** 2 for k in range(8)))
 
 
 def device_failure(exc: BaseException, device, row_ids: list[str]) -> DeviceFailure:

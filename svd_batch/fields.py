@@ -3,6 +3,7 @@ pipeline arguments they become, what counts as a change of a finished row, and t
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 INT_FIELDS = (
@@ -34,20 +35,36 @@ CONDITIONING_FIELDS = (
 
 SEED_MAX = 2**63 - 1
 
-# column -> (lowest, highest, must be a multiple of, human description of what is allowed)
+# column -> (lowest, highest, must be a multiple of, human description of what is allowed). The bounds are what
+# the pipeline can do, not taste: one frame fails inside it (guidance is turned on for the image and off for the
+# frames), 8 px is a 1x1 latent that some models' group norms cannot take, steps past 1000 (the model's own
+# timesteps) only cost memory, and values like noise 1e30 give videos of NaN. Sizes and frame counts are further
+# bounded together by the row's memory (row_memory_bytes).
 RULES: dict[str, tuple[float | None, float | None, int | None, str]] = {
     "seed": (0, SEED_MAX, None, "an integer in 0..2**63-1"),
-    "fps": (1, None, None, "an integer >= 1"),
+    "fps": (1, 1000, None, "an integer in 1..1000"),
     "motion_bucket_id": (0, 255, None, "an integer in 0..255"),
-    "num_frames": (1, None, None, "an integer >= 1"),
-    "num_inference_steps": (1, None, None, "an integer >= 1"),
-    "height": (8, None, 8, "a positive multiple of 8"),
-    "width": (8, None, 8, "a positive multiple of 8"),
+    "num_frames": (2, None, None, "an integer >= 2"),
+    "num_inference_steps": (1, 1000, None, "an integer in 1..1000"),
+    "height": (16, None, 8, "a multiple of 8, at least 16"),
+    "width": (16, None, 8, "a multiple of 8, at least 16"),
     "decode_chunk_size": (1, None, None, "an integer >= 1"),
-    "noise_aug_strength": (0.0, None, None, "a number >= 0"),
-    "min_guidance_scale": (0.0, None, None, "a number >= 0"),
-    "max_guidance_scale": (0.0, None, None, "a number >= 0"),
+    "noise_aug_strength": (0.0, 10.0, None, "a number in 0..10"),
+    "min_guidance_scale": (0.0, 100.0, None, "a number in 0..100"),
+    "max_guidance_scale": (0.0, 100.0, None, "a number in 0..100"),
 }
+
+ROW_MEMORY_KEY = "runtime.max_row_bytes"
+
+
+def row_memory_bytes(height, width, num_frames):
+    """A lower bound on the memory one row needs, from its size alone (numbers or numpy arrays, as floats: the
+    product of absurd sizes must not wrap around): its video as float32, which the VAE decodes whole
+    (height x width x num_frames x 3 x 4 bytes), plus the temporal attention scores over its frames at every
+    latent position (height/8 x width/8 x num_frames^2 x 4 bytes), which grow with the square of the frames."""
+    pixels = np.asarray(height, np.float64) * np.asarray(width, np.float64)
+    frames = np.asarray(num_frames, np.float64)
+    return pixels * frames * 12.0 + pixels / 64.0 * frames**2 * 4.0
 
 
 def arrow_type(field: str) -> pa.DataType:

@@ -25,11 +25,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import ownership
 from .atomic import atomic_path
 from .fields import CONDITIONING_FIELDS
 from .report import epoch_seconds, float_values
 from .rundir import RunDir, write_text_atomic
 from .scores import INPUTS, SCORE_COLUMNS, input_image_path
+from .util import human_bytes
 from .write import read_mp4
 
 REPORT_DIR = "report"
@@ -158,16 +160,6 @@ readHash();
 if (!M.chunks) { document.body.dataset.loaded = '1'; render(); }
 for (let k = 0; k < M.chunks; k++) { const s = document.createElement('script'); s.src = `${M.dir}/data-${String(k).padStart(5, '0')}.js`; document.body.appendChild(s); }
 """
-
-
-def _human_bytes(n: float | None) -> str:
-    if n is None or (isinstance(n, float) and math.isnan(n)):
-        return "n/a"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def summarize(results: pa.Table) -> dict[str, Any]:
@@ -335,12 +327,11 @@ def write_data_chunks(root: str, results: pa.Table, hosts: list[str], chunk_rows
         cols["img"] = _js_values(_paths(root, ids, None, INPUTS, "jpg", inputs, part["image"].to_pylist()))
         text = f"SVD.chunk({k},{json.dumps(cols, separators=(',', ':'), allow_nan=True)});\n"
         write_text_atomic(text, os.path.join(folder, f"data-{k:05d}.js"))
-    for stale in glob.glob(os.path.join(folder, "data-*.js")):
-        try:
-            if int(os.path.basename(stale)[5:10]) >= chunks:
-                os.unlink(stale)
-        except ValueError:
-            pass
+    own = ownership.real_folder(root, REPORT_DIR)  # never delete through a link out of the folder
+    for stale in glob.glob(os.path.join(own, "data-*.js")) if own else []:  # chunks of an earlier, longer run
+        name = os.path.basename(stale)
+        if ownership.is_ours(REPORT_DIR, name) and int(name[5:10]) >= chunks:
+            ownership.remove_file(stale)
     return chunks
 
 
@@ -359,7 +350,7 @@ def write_gallery(root: str, page_size: int = 48, chunk_rows: int = CHUNK_ROWS) 
     scores = [c for c in SCORE_COLUMNS if c in results.column_names]
     fmt = lambda v, unit="s": "n/a" if v is None else f"{v:.2f} {unit}"  # noqa: E731
     vph = "n/a" if s["videos_per_hour"] is None else f"{s['videos_per_hour']:.1f}"
-    vram = "".join(f"<tr><td>{html.escape(k)}</td><td>{_human_bytes(v)}</td></tr>" for k, v in s["peak_vram"].items())
+    vram = "".join(f"<tr><td>{html.escape(k)}</td><td>{human_bytes(v)}</td></tr>" for k, v in s["peak_vram"].items())
     score_rows = ""
     ok = results.filter(pc.equal(results["status"], "ok")) if results.num_rows else results
     for c in scores:
@@ -416,7 +407,8 @@ def write_gallery(root: str, page_size: int = 48, chunk_rows: int = CHUNK_ROWS) 
     path = os.path.join(root, "index.html")
     write_text_atomic(page, path)
     for stale in glob.glob(os.path.join(root, "index-*.html")):  # the paginated pages of earlier versions
-        os.unlink(stale)
+        if ownership.OLD_PAGE.match(os.path.basename(stale)):
+            ownership.remove_file(stale)
     return [path]
 
 

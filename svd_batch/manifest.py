@@ -21,15 +21,17 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from .embedded import cell_uris, leaf_values, parquet_file, present
-from .fields import FLOAT_FIELDS, GENERATION_FIELDS, INT_FIELDS, RULES, arrow_type
+from .fields import FLOAT_FIELDS, GENERATION_FIELDS, INT_FIELDS, ROW_MEMORY_KEY, RULES, arrow_type, row_memory_bytes
 from .remote import RemoteError, filesystem, is_url
-from .util import occurrence
+from .util import human_bytes, occurrence
 
 # Ids become file names (videos/<id>.mp4), so they are restricted to characters that are safe on every
 # filesystem, cannot climb out of videos/ and cannot hide (no leading dot).
 ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._=+,@-]{0,199}$"
 ID_ALLOWED = "1-200 characters of letters, digits and . _ = + , @ -, not starting with '.' or '-'"
 MAX_LISTED_PROBLEMS = 50
+NOT_A_FILE = ("a Parquet file, directory or glob (this is a FIFO, device or socket: reading it could wait for ever "
+              "or never end)")
 IMAGE_TYPES = ("strings (paths or URLs), binary (encoded image bytes) or struct<bytes: binary, path: string> "
                "(a Hugging Face Image column)")
 
@@ -97,7 +99,7 @@ def _files(path: str) -> list[str]:
             os.path.join(root, f)
             for root, _, names in os.walk(path)
             for f in names
-            if f.endswith(".parquet") and not f.startswith((".", "_"))
+            if f.endswith(".parquet") and not f.startswith((".", "_")) and os.path.isfile(os.path.join(root, f))
         )
     else:
         files = [path]
@@ -115,10 +117,13 @@ def _remote_files(path: str, source: str) -> tuple[Any, list[str]]:
         if any(ch in inner for ch in "*?["):
             files = sorted(f for f in fs.glob(inner) if fs.isfile(f))
         elif fs.isdir(inner):
-            files = sorted(f for f in fs.find(inner) if f.endswith(".parquet")
-                           and not posixpath.basename(f).startswith((".", "_")))
-        elif fs.exists(inner):
+            files = sorted(f for f, info in fs.find(inner, detail=True).items() if f.endswith(".parquet")
+                           and info.get("type") == "file" and not posixpath.basename(f).startswith((".", "_")))
+        elif fs.isfile(inner):
             files = [inner]
+        elif fs.exists(inner):
+            raise ManifestError(source, [Problem(None, None, "manifest.path", path, NOT_A_FILE)],
+                                hint="It is not a file or directory:")
         else:
             raise ManifestError(
                 source, [Problem(None, None, "manifest.path", path, "an existing Parquet file, directory or glob")],
@@ -175,6 +180,9 @@ def read_table(path: str, columns: Mapping[str, str] | None = None) -> tuple[pa.
                 [Problem(None, None, "manifest.path", path, "an existing Parquet file, directory or glob")],
                 hint="Point manifest.path at your manifest:",
             )
+        if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):
+            raise ManifestError(source, [Problem(None, None, "manifest.path", path, NOT_A_FILE)],
+                                hint="It is not a file or directory:")
         files = _files(path)
     if not files:
         raise ManifestError(
@@ -185,8 +193,11 @@ def read_table(path: str, columns: Mapping[str, str] | None = None) -> tuple[pa.
     try:
         schema = _unified_schema(files, source, fs) if len(files) > 1 else pq.read_schema(files[0], filesystem=fs)
         image_col = (columns or {}).get("image", "image")
+        _no_repeated_names(schema, source)
         kind = _embedded_kind(schema.field(image_col).type) if image_col in schema.names else None
-        plain = [f.name for f in schema if not holds_bytes(f.type)]
+        # Byte columns are left unread, except ours: a binary id or fps must be checked, not silently dropped.
+        ours = {(columns or {}).get(c, c) for c in ("id", *GENERATION_FIELDS)}
+        plain = [f.name for f in schema if not holds_bytes(f.type) or f.name in ours]
         # Sorted file names, then row order within each file: the same directory read twice gives the same
         # order, which sharding and resume rely on.
         # Remote files are Python (fsspec) files, whose buffers Arrow's reader threads free under the GIL; one
@@ -205,6 +216,15 @@ def read_table(path: str, columns: Mapping[str, str] | None = None) -> tuple[pa.
             hint="It could not be read as Parquet:",
         ) from None
     return table, source
+
+
+def _no_repeated_names(schema: pa.Schema, source: str) -> None:
+    names = schema.names
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ManifestError(source, [Problem(None, None, n, f"<{names.count(n)} columns of this name>",
+                                             "one column of each name: rename or drop the copies") for n in repeated],
+                            hint="Column names repeat, so which one to use is unclear:")
 
 
 def _shard_base(path: str, files: list[str], fs) -> str:
@@ -283,6 +303,7 @@ def load_manifest(
     image_root: str | None = None,
     limit: int | None = None,
     where: Mapping[str, Any] | None = None,
+    max_row_bytes: int | None = None,
 ) -> Manifest:
     """Read and validate a manifest; raise ManifestError listing every problem.
 
@@ -294,6 +315,7 @@ def load_manifest(
         image_root: where relative image paths resolve; default the manifest's folder.
         limit: keep only the first ``limit`` selected rows.
         where: keep rows whose column equals the value (or is in the list of values).
+        max_row_bytes: refuse rows whose size and frames need more memory than this (fields.row_memory_bytes).
     """
     raw, source = read_table(path, columns)
     mapping = dict(columns or {})
@@ -330,7 +352,7 @@ def load_manifest(
         )
 
     rows = raw["__row"]
-    ids_raw = raw[theirs["id"]] if theirs["id"] in raw.column_names else None
+    ids_raw = _id_strings(raw[theirs["id"]], theirs["id"], source) if theirs["id"] in raw.column_names else None
 
     # 1. Image column.
     if theirs["image"] not in raw.column_names:
@@ -346,12 +368,13 @@ def load_manifest(
     bad_image = pc.or_kleene(pc.is_null(image), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(image)), 0))
 
     # 2. Ids: given ones are checked; missing ones are derived from the row's content (never its position).
-    cells = [theirs[f] for f in GENERATION_FIELDS if theirs[f] in raw.column_names]
+    # (A column that is not numbers is refused below, so ids are never derived from it.)
+    cells = [theirs[f] for f in GENERATION_FIELDS
+             if theirs[f] in raw.column_names and (_numeric(raw[theirs[f]].type) or pa.types.is_null(raw[theirs[f]].type))]
     if ids_raw is not None and ids_raw.null_count == 0:
-        ids = pc.cast(ids_raw, pa.string())  # the common case at scale: no string work for derived ids
+        ids = ids_raw  # the common case at scale: no string work for derived ids
     elif ids_raw is not None:
-        ids_given = pc.cast(ids_raw, pa.string())
-        ids = pc.if_else(pc.is_null(ids_given), _derived_ids(raw, image, cells), ids_given)
+        ids = pc.if_else(pc.is_null(ids_raw), _derived_ids(raw, image, cells), ids_raw)
     else:
         ids = _derived_ids(raw, image, cells)
 
@@ -371,6 +394,7 @@ def load_manifest(
         problems.append(Problem(int(rows[i].as_py()), ids[i].as_py(), theirs["image"], image[i].as_py(),
                                 "a non-empty path or URL, or image bytes"))
     problems += _range_problems(resolved, rows, ids)
+    problems += _combination_problems(resolved, rows, ids, max_row_bytes)
     problems += _id_problems(ids, rows, theirs["id"])
     if problems:
         problems.sort(key=lambda p: (-1 if p.row is None else p.row, p.column))
@@ -434,21 +458,22 @@ def _typed_column(raw: pa.Table, col: str, name: str, rows, ids) -> tuple[pa.Chu
     if pa.types.is_null(t):
         return pa.chunked_array([pa.nulls(raw.num_rows, want)]), []
     if not (pa.types.is_integer(t) or pa.types.is_floating(t)):
-        kind = "integer" if name in INT_FIELDS else "number"
+        kind = "an integer" if name in INT_FIELDS else "a number"
         return pa.chunked_array([pa.nulls(raw.num_rows, want)]), [
-            Problem(None, None, col, f"<{t} column>", f"a {kind} column (nulls allowed); convert the column to numbers")
+            Problem(None, None, col, f"<{t} column>", f"{kind} column (nulls allowed); convert the column to numbers")
         ]
     problems = []
     if pa.types.is_floating(t):
         values = pc.if_else(pc.is_nan(values), pa.scalar(None, t), values)  # pandas writes missing as NaN
         if name in INT_FIELDS:
-            # pandas stores an integer column with missing cells as floats: accept whole numbers.
-            frac = pc.not_equal(values, pc.floor(values))
-            for i in np.flatnonzero(pc.fill_null(frac, False).to_numpy(zero_copy_only=False)):
+            # pandas stores an integer column with missing cells as floats: accept whole numbers that fit, and
+            # refuse the rest (1.5, inf, 1e30) rather than let them fall back to a default.
+            whole = pc.and_(pc.is_finite(values), pc.equal(values, pc.floor(values)))
+            fits = pc.and_(pc.greater_equal(values, -(2.0**63)), pc.less(values, 2.0**63))
+            bad = pc.fill_null(pc.invert(pc.and_(whole, fits)), False)
+            for i in np.flatnonzero(bad.to_numpy(zero_copy_only=False)):
                 problems.append(Problem(int(rows[i].as_py()), ids[i].as_py(), col, values[i].as_py(), RULES[name][3]))
-            values = pc.if_else(pc.fill_null(frac, False), pa.scalar(None, t), values)
-            ok = pc.and_(pc.greater_equal(values, -(2.0**63)), pc.less(values, 2.0**63))
-            values = pc.if_else(pc.fill_null(ok, True), values, pa.scalar(None, t))
+            values = pc.if_else(bad, pa.scalar(None, t), values)
     elif pa.types.is_unsigned_integer(t) and name in INT_FIELDS:
         too_big = pc.greater(values, pa.scalar(2**63 - 1, t)) if t.bit_width == 64 else None
         if too_big is not None:
@@ -479,6 +504,41 @@ def _range_problems(resolved: Mapping[str, pa.ChunkedArray], rows, ids) -> list[
             problems.append(Problem(int(rows[i].as_py()), ids[i].as_py(), name,
                                     "<missing: no default configured>" if value is None else value, allowed))
     return problems
+
+
+def _combination_problems(resolved: Mapping[str, pa.ChunkedArray], rows, ids, max_row_bytes: int | None) -> list[Problem]:
+    """Values fine one by one that the pipeline cannot run together: guidance it turns on for the frames but not
+    for the image (min_guidance_scale > 1 >= max_guidance_scale), and sizes x frames that cannot fit in memory."""
+    problems = []
+    lo, hi = resolved["min_guidance_scale"], resolved["max_guidance_scale"]
+    mixed = pc.fill_null(pc.and_(pc.greater(lo, 1.0), pc.less_equal(hi, 1.0)), False)
+    for i in np.flatnonzero(mixed.to_numpy(zero_copy_only=False)):
+        problems.append(Problem(int(rows[i].as_py()), ids[i].as_py(), "min_guidance_scale", lo[i].as_py(),
+                                f"at most 1 while max_guidance_scale is {hi[i].as_py()} (the pipeline turns guidance "
+                                "on from max_guidance_scale alone): raise max_guidance_scale above 1 or lower this"))
+    if max_row_bytes is None:
+        return problems
+    h, w, f = (pc.fill_null(resolved[k], 0).to_numpy().astype(np.float64) for k in ("height", "width", "num_frames"))
+    need = row_memory_bytes(h, w, f)
+    for i in np.flatnonzero(need > max_row_bytes):
+        problems.append(Problem(
+            int(rows[i].as_py()), ids[i].as_py(), "height x width x num_frames",
+            f"{int(h[i])}x{int(w[i])}x{int(f[i])} (about {human_bytes(need[i])})",
+            f"rows that need at most {ROW_MEMORY_KEY}={max_row_bytes} ({human_bytes(max_row_bytes)}): the video as "
+            "float32 and the attention over its frames (README, Manifest schema); use a smaller size or fewer "
+            f"frames, or raise {ROW_MEMORY_KEY} if the machine has the memory"))
+    return problems
+
+
+def _id_strings(values: pa.ChunkedArray, column: str, source: str) -> pa.ChunkedArray:
+    """The id column as strings: text, numbers and bytes that are UTF-8 text; anything else is refused (a list or
+    struct of ids, or bytes that are not text, cannot name a file)."""
+    try:
+        return pc.cast(values, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        raise ManifestError(source, [Problem(None, None, column, f"<{values.type} column>",
+                                             "text ids (a string column), integers, or bytes that are UTF-8 text; "
+                                             "convert the column to strings, or drop it to derive ids")]) from None
 
 
 def _id_problems(ids: pa.ChunkedArray, rows, column: str) -> list[Problem]:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+from typing import Callable
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from .fields import RESULT_SCHEMA
 from .rundir import RunDir, write_parquet_atomic
@@ -20,20 +24,47 @@ def epoch_seconds(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return float_values(pc.divide(pc.cast(pc.cast(col, pa.int64()), pa.float64()), 1e6))
 
 
-def results_table(records: pa.Table, manifest: pa.Table, extra_columns: list[str]) -> pa.Table:
-    """One row per manifest row that has a record, in manifest order, with the manifest's extra columns."""
+def results_table(records: pa.Table, manifest: pa.Table, extra_columns: list[str],
+                  warn: Callable[[str], None] | None = None) -> pa.Table:
+    """One row per manifest row that has a record, in manifest order, with the manifest's extra columns.
+
+    The extras are taken by position, not joined: a join cannot carry list, map or struct columns (tags, boxes,
+    captions per frame in Hugging Face datasets), and ``take`` carries any type as it was. An extra column that
+    Parquet cannot store is left out with one warning; the results are never lost for it."""
     if records.num_rows == 0:
         return RESULT_SCHEMA.empty_table()
-    keep = manifest.select(["id", "row", *extra_columns]).rename_columns(["id", "__row", *extra_columns])
-    joined = records.join(keep, "id", join_type="inner", use_threads=False)
-    joined = joined.sort_by("__row")
-    row_idx = joined.schema.get_field_index("row")
-    joined = joined.set_column(row_idx, "row", joined["__row"]).drop_columns(["__row"])
+    pos = pc.index_in(records["id"], value_set=manifest["id"])
+    present = pc.is_valid(pos)
+    records, pos = records.filter(present), pos.filter(present)
+    order = pc.sort_indices(pos)  # the manifest table is in manifest order
+    records, pos = records.take(order), pos.take(order)
     for f in RESULT_SCHEMA:  # records made before a column existed (e.g. the scores) have it empty
-        if f.name not in joined.column_names:
-            joined = joined.append_column(f.name, pa.nulls(joined.num_rows, f.type))
-    ordered = [f.name for f in RESULT_SCHEMA] + extra_columns
-    return joined.select(ordered)
+        if f.name not in records.column_names:
+            records = records.append_column(f.name, pa.nulls(records.num_rows, f.type))
+    records = records.set_column(records.schema.get_field_index("row"), "row", manifest["row"].take(pos))
+    table = records.select([f.name for f in RESULT_SCHEMA])
+    dropped = []
+    for name in extra_columns:
+        try:
+            column = manifest[name].take(pos)
+            _storable(column)
+        except (pa.ArrowException, ValueError, TypeError) as exc:
+            dropped.append(f"{name} ({manifest[name].type}: {type(exc).__name__})")
+            continue
+        table = table.append_column(name, column)
+    if dropped:
+        (warn or _warn)(f"svd-batch: results.parquet leaves out {len(dropped)} manifest column(s) it cannot store: "
+                        + ", ".join(dropped) + "; they stay in the manifest")
+    return table
+
+
+def _storable(column: pa.ChunkedArray) -> None:
+    """Raise if Parquet cannot store this column's type (tried on one row)."""
+    pq.write_table(pa.table({"c": column.slice(0, 1)}), pa.BufferOutputStream())
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def write_results(rundir: RunDir, records: pa.Table, manifest: pa.Table, extra_columns: list[str]) -> pa.Table:

@@ -42,6 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import ownership
 from .atomic import atomic_path, fsync_dir, write_text_atomic  # noqa: F401 - write_text_atomic: re-exported
 from .fields import RESULT_SCHEMA
 from .ledger import FINAL_STATES, read_json, read_members
@@ -168,7 +169,10 @@ class RunDir:
         self.merge_lock = FolderLock(os.path.join(self.state, "merge.lock"), self.root, locks)
 
     def create(self) -> None:
-        for d in (self.root, self.videos, self.state, self.parts, self.members, self.jobs):
+        ownership.claim(self.root)  # a folder svd-batch did not make is refused before any write
+        os.makedirs(self.state, exist_ok=True)
+        ownership.mark(self.root)
+        for d in (self.videos, self.parts, self.members, self.jobs):
             os.makedirs(d, exist_ok=True)
 
     def video_path(self, row_id: str) -> str:
@@ -196,18 +200,13 @@ class RunDir:
         )
 
     def clear(self) -> None:
-        """overwrite=true (alone in the folder): remove every earlier record and video, keep the folder."""
+        """overwrite=true (alone in the folder): remove every earlier record and the videos it recorded, keep
+        the folder and any file svd-batch did not write."""
+        ownership.remove_recorded(self.root, self.read_records(["id"])["id"].to_pylist())
         for path in self.part_files() + [self.records_path, self.results_path, self.run_json, self.merged_path,
                                          self.job_json]:
-            if os.path.exists(path):
-                os.unlink(path)
+            ownership.remove_file(path)
         self.forget_finished_work()
-        for folder, suffix in ((self.videos, ".mp4"), (os.path.join(self.state, "thumbs"), ".png"),
-                               (os.path.join(self.root, "inputs"), ".jpg")):
-            if os.path.isdir(folder):
-                for entry in os.scandir(folder):
-                    if entry.name.endswith(suffix):
-                        os.unlink(entry.path)
 
     def forget_finished_work(self) -> None:
         """Alone in the folder: earlier jobs' claims and members' files describe processes that are gone."""
@@ -358,15 +357,7 @@ class RunDir:
 
     def remove_temporaries(self) -> None:
         """Drop files that a killed process left half-written (alone in the folder); they never counted."""
-        for d in (self.videos, self.parts, self.state, self.members, os.path.join(self.state, "thumbs"),
-                  self.root, os.path.join(self.root, "inputs"), os.path.join(self.root, "report")):
-            if os.path.isdir(d):
-                for entry in os.scandir(d):
-                    if ".tmp-" in entry.name:
-                        try:
-                            os.unlink(entry.path)
-                        except FileNotFoundError:
-                            pass
+        ownership.remove_temporaries(self.root)
 
 
 def pause_here(point: str) -> None:

@@ -54,6 +54,7 @@ def read_manifest(cfg: DictConfig) -> Manifest:
         image_root=m.get("image_root"),
         limit=m.get("limit"),
         where=plain(m.get("where")),
+        max_row_bytes=cfg.runtime.get("max_row_bytes"),
     )
 
 

@@ -90,6 +90,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "runtime.results_chunk_rows": _int(1),
     "runtime.schedule": _choice("claim", "static"),
     "runtime.max_same_failures": _int(0),
+    "runtime.max_row_bytes": _nullable(_int(1)),
     "runtime.attention": _nullable(_choice(*ATTENTION)),
     "runtime.compile_threads": (lambda v: v is None or v == "auto" or (type(v) is int and v >= 1),
                                 "auto or an integer >= 1"),
@@ -184,6 +185,7 @@ class WorkerSettings:
     image_timeout: float = 30.0
     image_max_bytes: int = 64 << 20
     image_max_pixels: int | None = None
+    max_row_bytes: int | None = None     # runtime.max_row_bytes: also bounds decoding one image
     video_crf: int = 18
     video_codec: str = "libx264"
     video_pix_fmt: str = "yuv420p"
@@ -206,6 +208,7 @@ class WorkerSettings:
             image_timeout=float(cfg.images.timeout),
             image_max_bytes=int(cfg.images.max_bytes),
             image_max_pixels=None if max_pixels is None else int(max_pixels),
+            max_row_bytes=None if rt.get("max_row_bytes") is None else int(rt.max_row_bytes),
             video_crf=int(cfg.video.crf),
             video_codec=str(cfg.video.codec),
             video_pix_fmt=str(cfg.video.pix_fmt),

@@ -6,6 +6,7 @@ Nothing here imports the pipeline modules, so tiny.py and generate.py can both u
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 from dataclasses import dataclass, field
@@ -20,6 +21,17 @@ def first_line(exc: BaseException, limit: int = 500) -> str:
     """An exception's message cut to one line, for one-line errors in results and messages."""
     text = str(exc)
     return text.splitlines()[0][:limit] if text else ""
+
+
+def human_bytes(n: float | None) -> str:
+    """A byte count as people read it (1.5 GiB); n/a for a missing figure."""
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
 
 
 def occurrence(keys: np.ndarray) -> np.ndarray:

@@ -29,6 +29,7 @@ import numpy as np
 
 from .fields import CONDITIONING_FIELDS
 from .gallery import save_thumbnails
+from .device_errors import device_answers, is_row_error
 from .generate import DeviceFailure, Generator
 from .images import ImageError, load_image_digest
 from .ledger import Ticket
@@ -297,6 +298,14 @@ class RankWorker:
             o["signature"] = sig
             held.append(o)
             if limit and len(held) >= limit:
+                # A shape or value error is the rows' own whenever the device still computes: record them (a rerun
+                # would only fail them again), do not stop a working device.
+                if is_row_error(sig) and device_answers(self.gen.device):
+                    self.log(f"svd-batch: {len(held)} rows in a row failed the same way ({sig}); the device computes "
+                             "correctly and the error comes from the rows' values, so they are recorded as failed")
+                    out += held
+                    held.clear()
+                    continue
                 raise DeviceFailure(
                     f"{self.stats.device} on host {self.stats.host}: {len(held)} rows in a row failed the same way "
                     f"({sig}), which points at the device or its environment rather than at "
@@ -317,10 +326,13 @@ class RankWorker:
         s = self.settings
         try:
             image, row["image_sha256"] = load_image_digest(row["image_uri"], timeout=s.image_timeout,
-                                                           max_bytes=s.image_max_bytes, max_pixels=s.image_max_pixels)
+                                                           max_bytes=s.image_max_bytes, max_pixels=s.image_max_pixels,
+                                                           max_decoded_bytes=s.max_row_bytes)
             return image, None, time.perf_counter() - t, started_at
-        except ImageError as exc:
-            return None, f"row {row['id']}: image {row['image']!r}: {exc}", time.perf_counter() - t, started_at
+        except Exception as exc:  # noqa: BLE001 - whatever one image raises fails its row, never the run
+            reason = str(exc) if isinstance(exc, ImageError) else f"{type(exc).__name__}: {exc}"
+            reason = reason.replace("\r", "\\r").replace("\n", "\\n")  # one line, whatever a name or server holds
+            return None, f"row {row['id']}: image {row['image']!r}: {reason}", time.perf_counter() - t, started_at
 
     def _generate(self, rows, loaded) -> list[dict[str, Any]]:
         """Frames for the rows whose image loaded; a record skeleton for every row."""

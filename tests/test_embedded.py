@@ -62,20 +62,21 @@ def test_hf_and_raw_shards_give_the_frames_of_the_files(tmp_path, images):
         # raw bytes under another name (column mapping), read through fsspec's file:// filesystem
         "raw": [f"manifest.path=file://{raw}", "+manifest.columns.image=png"],
     }.items():
-        proc = run_cli(*overrides, f"output.dir={tmp_path / name}")
+        # Beside the data, not in its folder: a folder holding files svd-batch did not make is refused (issue 20).
+        proc = run_cli(*overrides, f"output.dir={tmp_path / f'out-{name}'}")
         assert proc.returncode == 0, proc.stderr
-        runs[name] = hashes(tmp_path / name)
+        runs[name] = hashes(tmp_path / f"out-{name}")
     assert runs["hf"] == runs["files"] and runs["raw"] == runs["files"]
 
     # results.parquet keeps a readable reference, never bytes; the bytes' hash is recorded.
     for name, refs in {"hf": ["cat.jpg", "train-00000-of-00001.parquet#row=1"],
                        "raw": ["raw.parquet#row=0", "raw.parquet#row=1"]}.items():
-        t = read_results(tmp_path / name)
+        t = read_results(tmp_path / f"out-{name}")
         assert not any(pa.types.is_binary(f.type) or pa.types.is_struct(f.type) for f in t.schema)
         assert t.sort_by("row")["image"].to_pylist() == refs
         assert t.sort_by("row")["image_sha256"].to_pylist() == [hashlib.sha256(b).hexdigest() for b in blobs]
     # A second start finds everything done (ids derived from the references are stable).
-    again = run_cli(f"manifest.path={hf}", f"output.dir={tmp_path / 'hf'}", "dry_run=true")
+    again = run_cli(f"manifest.path={hf}", f"output.dir={tmp_path / 'out-hf'}", "dry_run=true")
     assert again.returncode == 0 and "0 to run" in again.stdout + again.stderr, again.stdout + again.stderr
 
 

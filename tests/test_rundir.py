@@ -135,11 +135,11 @@ def test_the_video_rename_is_durable_before_its_record(tmp_path, monkeypatch):
     import svd_batch.atomic as atomic
     from svd_batch.write import write_mp4
 
+    rd = RunDir(str(tmp_path / "out"))
+    rd.create()
     synced = []
     real = atomic.fsync_dir
     monkeypatch.setattr(atomic, "fsync_dir", lambda path: (synced.append(os.path.basename(path)), real(path)))
-    rd = RunDir(str(tmp_path / "out"))
-    rd.create()
     write_mp4(np.zeros((2, 16, 16, 3), np.uint8), rd.video_path("v"), fps=7)
     PartWriter(rd, rank=0).add({"id": "v", "status": "ok"})
     assert synced == ["videos", "parts"]
