@@ -371,12 +371,13 @@ def test_an_extra_column_parquet_cannot_store_is_dropped_with_one_warning():
 def test_a_streak_of_equal_shape_errors_fails_the_rows_and_the_rank_goes_on(tmp_path):
     import types
 
+    from svd_batch.executor import StopFlag
     from svd_batch.generate import DeviceFailure, RowOutcome
     from svd_batch.plan import make_plan
     from svd_batch.fields import RESULT_SCHEMA
     from svd_batch.rundir import RunDir
     from svd_batch.settings import WorkerSettings
-    from svd_batch.worker import RankWorker
+    from svd_batch.worker import ListSource, RankWorker
     from tests.test_worker import FakeGen
 
     class ShapeErrors(FakeGen):
@@ -403,16 +404,16 @@ def test_a_streak_of_equal_shape_errors_fails_the_rows_and_the_rank_goes_on(tmp_
         rd = RunDir(str(tmp_path / ("shape" if not stops else "oom")))
         rd.create()
         logged: list[str] = []
-        worker = RankWorker(ShapeErrors(message), rd, settings, rank=0, world=1, stop=types.SimpleNamespace(signum=None),
+        worker = RankWorker(ShapeErrors(message), rd, settings, rank=0, world=1, stop=StopFlag(),
                             progress=types.SimpleNamespace(update=lambda k: None), log=logged.append)
         plan = make_plan(pa.Table.from_pylist(rows), RESULT_SCHEMA.empty_table(), world_size=1)
-        units = iter(range(plan.num_units))
+        units = ListSource(range(plan.num_units))
         if stops:  # memory running out row after row still points at the device: stop, record none of them
             with pytest.raises(DeviceFailure, match="3 rows in a row failed the same way"):
-                worker.run(plan, lambda: next(units, None))
+                worker.run(plan, units)
             assert "failed" not in rd.read_records()["status"].to_pylist()
             continue
-        stats = worker.run(plan, lambda: next(units, None))
+        stats = worker.run(plan, units)
         got = {r["id"]: r["status"] for r in rd.read_records().to_pylist()}
         assert got == {f"r{i}": "failed" if 0 < i < 8 else "ok" for i in range(10)} and stats.failed == 7
         assert any("the device computes correctly" in line for line in logged)
