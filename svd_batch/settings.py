@@ -60,7 +60,7 @@ def _scalar(v: Any) -> bool:
 
 def _where_value() -> tuple[Callable[[Any], bool], str]:
     ok = lambda v: _scalar(v) or (isinstance(v, (list, tuple)) and len(v) > 0 and all(_scalar(x) for x in v))  # noqa: E731
-    return ok, "a value, or a non-empty list of values (strings or numbers), e.g. manifest.where.split=val or '+manifest.where.split=[a,b]'"
+    return ok, "a value, or a non-empty list of values (strings or numbers), e.g. manifest.where.split=val or 'manifest.where.split=[a,b]'"
 
 
 def _generation(name: str) -> tuple[Callable[[Any], bool], str]:
