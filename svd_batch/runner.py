@@ -52,6 +52,7 @@ def read_manifest(cfg: DictConfig) -> Manifest:
         image_root=m.get("image_root"),
         limit=m.get("limit"),
         where=plain(m.get("where")),
+        timeout=float(cfg.images.timeout),
     )
 
 
