@@ -177,7 +177,7 @@ def without_stall(fn: Callable[[Activity], Any], timeout: float, what: str) -> A
             return _outcome(box)
         if time.monotonic() - activity.at > timeout:
             raise RemoteError(f"{what}: nothing arrived for {timeout:g} s (images.timeout), so the read was "
-                              "abandoned: the server is unreachable, hung or refusing the connection slowly")
+                              "abandoned: the server is unreachable or hung")
 
 
 def read_bytes(url: str, timeout: float, max_bytes: int) -> bytes:
