@@ -392,6 +392,7 @@ def _run_rank(cfg: DictConfig, manifest: Manifest, rundir: RunDir, ex) -> int:
     import torch
 
     from .generate import DeviceFailure, Generator, ModelUnavailable
+    from .outage import EXIT_SOURCE, SourceOutage
     from .worker import RankWorker
     from .write import OutputFolderError
 
@@ -448,6 +449,10 @@ def _run_rank(cfg: DictConfig, manifest: Manifest, rundir: RunDir, ex) -> int:
         ex.abort()
         log(f"svd-batch: {exc}", rank)
         return EXIT_OUTPUT
+    except SourceOutage as exc:
+        ex.abort()
+        log(f"svd-batch: {exc}", rank)
+        return EXIT_SOURCE
 
     if stop.signum is not None or ex.aborted():
         _write_marker(rundir, session, rank, "stopped", parts)

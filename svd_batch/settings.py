@@ -99,6 +99,8 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "images.timeout": _number(positive=True),
     "images.max_bytes": _int(1),
     "images.max_pixels": _nullable(_int(1)),
+    "images.outage_failures": _int(0),
+    "images.outage_wait": _number(0),
     "report.enabled": _bool(), "report.page_size": _int(1), "report.contact_sheet_rows": _int(0),
     "report.scores": _bool(),
     "manifest.path": _str(),
@@ -181,6 +183,8 @@ class WorkerSettings:
     image_timeout: float = 30.0
     image_max_bytes: int = 64 << 20
     image_max_pixels: int | None = None
+    outage_failures: int = 5             # rows in a row failing for their source's sake before it is retried; 0: off
+    outage_wait: float = 120.0           # seconds of retrying a source that is down before the run stops
     video_crf: int = 18
     video_codec: str = "libx264"
     video_pix_fmt: str = "yuv420p"
@@ -203,6 +207,8 @@ class WorkerSettings:
             image_timeout=float(cfg.images.timeout),
             image_max_bytes=int(cfg.images.max_bytes),
             image_max_pixels=None if max_pixels is None else int(max_pixels),
+            outage_failures=int(cfg.images.get("outage_failures", 5)),
+            outage_wait=float(cfg.images.get("outage_wait", 120.0)),
             video_crf=int(cfg.video.crf),
             video_codec=str(cfg.video.codec),
             video_pix_fmt=str(cfg.video.pix_fmt),

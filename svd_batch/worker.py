@@ -31,12 +31,17 @@ from .fields import CONDITIONING_FIELDS
 from .gallery import save_thumbnails
 from .generate import DeviceFailure, Generator
 from .images import ImageError, load_image_digest
+from .outage import OutageGuard
 from .plan import Plan, row_cost, with_seed
 from .rundir import PartWriter, RunDir, write_text_atomic
 from .scores import pipeline_embedder, save_input_image, scores_for_record
 from .settings import WorkerSettings
 from .util import first_line, peak_host_memory_bytes
 from .write import frames_sha256, is_output_error, output_folder_error, write_mp4
+
+
+# The rank's last batch: rows the outage guard held back below its threshold are recorded after everything else.
+_END: list = []
 
 
 def _now() -> dt.datetime:
@@ -168,6 +173,10 @@ class RankWorker:
         self.thumb_max_row = thumb_max_row
         self.scores = settings.scores
         self.embed = pipeline_embedder(getattr(gen, "pipe", None)) if self.scores else None
+        self.outage = OutageGuard(
+            lambda uri: load_image_digest(uri, timeout=settings.image_timeout, max_bytes=settings.image_max_bytes,
+                                          max_pixels=settings.image_max_pixels),
+            failures=settings.outage_failures, wait_seconds=settings.outage_wait, log=log)
 
     # -- the loop -----------------------------------------------------------------------------------------
     def run(self, plan: Plan, next_unit: Callable[[], int | None]) -> RankStats:
@@ -205,6 +214,7 @@ class RankWorker:
             # The rank ends normally: rows held back in a streak of equal failures did fail.
             if held_back:
                 self._put(writes, held_back)
+            self._put(writes, _END)
         except DeviceFailure:
             raise  # the streak's rows and the unit in hand stay unrecorded: the other ranks or the next run do them
         except BaseException:
@@ -317,7 +327,11 @@ class RankWorker:
                     self._write_error = exc
 
     def _write_batch(self, done: list[dict[str, Any]]) -> None:
-        for o in done:
+        # A source that is down is the run's error, not the rows': their records are held back (outage.py), and
+        # SourceOutage stops the run if it does not come back.
+        rows = self.outage.release() if done is _END else self.outage.screen(
+            (o["row"]["image_uri"], None if o["loaded"] else o["error"], o) for o in done)
+        for o in rows:
             self._write_row(o)
 
     def _write_row(self, o: dict[str, Any]) -> None:
