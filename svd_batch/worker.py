@@ -361,7 +361,7 @@ class RankWorker:
                 if seen is not None:
                     save_input_image(self.rundir.root, row["id"], seen)
                 if self.scores:
-                    record.update(scores_for_record(o["frames"], seen, self.embed))
+                    record.update(scores_for_record(self.rundir.root, row, self.embed))  # from the files just written
                 record.update(status="ok", error=None, video_path=f"videos/{row['id']}.mp4")
             except Exception as exc:  # noqa: BLE001 - e.g. ffmpeg failing on this row
                 if is_output_error(exc) or self._folder_refuses_writes():
