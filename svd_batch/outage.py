@@ -77,13 +77,16 @@ class _Source:
 class OutageGuard:
     """Decides which rows are recorded now (see the module docstring).
 
-    ``probe(uri)`` reads one image again and raises on failure; ``failures`` 0 turns the rule off."""
+    ``probe(uri)`` reads one image again and raises on failure; ``failures`` 0 turns the rule off; ``stopped()``
+    true (SIGINT/SIGTERM) ends a wait at once, leaving the held rows for the next run."""
 
     def __init__(self, probe: Callable[[str], Any], *, failures: int = 5, wait_seconds: float = 120.0,
                  log: Callable[[str], None] = print, sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], float] = time.monotonic, max_delay: float = 30.0):
+                 clock: Callable[[], float] = time.monotonic, max_delay: float = 30.0,
+                 stopped: Callable[[], bool] = lambda: False):
         self.probe, self.failures, self.wait_seconds = probe, int(failures), float(wait_seconds)
         self.log, self.sleep, self.clock, self.max_delay = log, sleep, clock, max_delay
+        self.stopped = stopped
         self.sources: dict[str, _Source] = {}
         self.not_recorded = 0  # rows that failed while their source was down: the next run does them
 
@@ -112,6 +115,12 @@ class OutageGuard:
             out += self._release(src)
         return out
 
+    def _pause(self, seconds: float) -> None:
+        """Sleep, a second at a time, so that a stop of the run is noticed within a second."""
+        end = self.clock() + seconds
+        while not self.stopped() and self.clock() < end:
+            self.sleep(min(1.0, end - self.clock()))
+
     def _release(self, src: _Source) -> list[Any]:
         rows, src.held = src.held, []
         if src.suspect:  # they failed while the source was down or coming back
@@ -128,8 +137,12 @@ class OutageGuard:
         while True:
             left = self.wait_seconds - (self.clock() - started)
             if left > 0:
-                self.sleep(min(delay, left, self.max_delay))
+                self._pause(min(delay, left, self.max_delay))
                 delay *= 2
+            if self.stopped():  # the run is being stopped: it ends as interrupted, these rows left undone
+                src.suspect = True
+                self._release(src)
+                return
             try:
                 self.probe(uri)
                 error = None

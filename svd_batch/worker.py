@@ -176,7 +176,8 @@ class RankWorker:
         self.outage = OutageGuard(
             lambda uri: load_image_digest(uri, timeout=settings.image_timeout, max_bytes=settings.image_max_bytes,
                                           max_pixels=settings.image_max_pixels),
-            failures=settings.outage_failures, wait_seconds=settings.outage_wait, log=log)
+            failures=settings.outage_failures, wait_seconds=settings.outage_wait, log=log,
+            stopped=lambda: getattr(stop, "signum", None) is not None)
 
     # -- the loop -----------------------------------------------------------------------------------------
     def run(self, plan: Plan, next_unit: Callable[[], int | None]) -> RankStats:

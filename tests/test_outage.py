@@ -187,3 +187,12 @@ def test_a_source_that_comes_back_goes_on_and_its_outage_rows_are_not_recorded()
 def test_the_rule_can_be_turned_off():
     g, _, _ = guard(down, failures=0)
     assert g.screen([(A, REFUSED, i) for i in range(10)]) == list(range(10))
+
+
+def test_a_stop_of_the_run_ends_the_wait_and_leaves_the_rows_undone():
+    clock, said, stop = Clock(), [], []
+    g = OutageGuard(down, failures=2, wait_seconds=120, log=said.append, sleep=lambda s: (clock.sleep(s), stop.append(1)),
+                    clock=clock.now, stopped=lambda: len(stop) >= 3)
+    assert g.screen([(A, REFUSED, 1), (A, REFUSED, 2)]) == []  # no SourceOutage: the run is being stopped
+    assert clock.now() < 5  # noticed within a second of the signal, not after 120 s
+    assert g.release() == [] and g.not_recorded == 2  # not recorded failed: the next run does them
