@@ -3,6 +3,7 @@
     python scripts/bench_scores.py [--repeats 20] [--vit-h]
 
 - pixel scores (motion_score, flicker_score) on tiny frames (8 x 64 x 64) and SVD-XT frames (25 x 576 x 1024);
+- decoding the MP4 the scores are computed from (the run scores its files as written, as svd-batch-score does);
 - image_similarity with the tiny model's CLIP image encoder (1 conditioning image + 8 frames);
 - with --vit-h: SVD-XT's image encoder architecture (CLIP ViT-H/14, random weights: cost does not depend
   on them) on this machine, plus its FLOP count, from which the GPU estimate in BENCHMARKS.md is made.
@@ -43,14 +44,23 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
 
+    import tempfile
+
     from svd_batch.scores import clip_embedder, score_video
     from svd_batch.tiny import ensure_tiny_model
+    from svd_batch.write import read_mp4, write_mp4
 
     rng = np.random.default_rng(0)
     print(f"torch threads: {torch.get_num_threads()}")
     for name, shape in (("tiny 8x64x64", (8, 64, 64, 3)), ("SVD-XT 25x576x1024", (25, 576, 1024, 3))):
         frames = rng.integers(0, 255, shape, dtype=np.uint8)
         print(f"pixel scores, {name}: {1000 * timed(lambda: score_video(frames), args.repeats):.2f} ms median")
+        # A pan over noise: H.264 finds little to compress, so decoding costs what a busy video costs.
+        pan = np.stack([np.roll(frames[0], 4 * i, axis=1) for i in range(shape[0])])
+        with tempfile.TemporaryDirectory() as d:
+            write_mp4(pan, f"{d}/v.mp4", 7)
+            ms = 1000 * timed(lambda: read_mp4(f"{d}/v.mp4"), max(3, args.repeats // 4))
+        print(f"decode the MP4, {name}: {ms:.1f} ms median")
 
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 

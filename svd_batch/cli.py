@@ -9,6 +9,8 @@ from importlib import resources
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from . import conf  # noqa: F401  (declares the manifest's open mappings before Hydra composes)
+
 
 def _pkgdata(relpath: str) -> str:
     return str(resources.files("svd_batch").joinpath("data", relpath))
@@ -30,6 +32,18 @@ register_resolvers()
 
 _started = False
 
+# Libraries that log at INFO through the root logger Hydra sets up: botocore's "Found credentials in
+# environment variables." on every rank, connection pools' chatter. Their warnings still show.
+NOISY_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3fs", "gcsfs", "fsspec", "urllib3", "google", "httpx",
+                 "huggingface_hub", "filelock")
+
+
+def quiet_library_logs() -> None:
+    import logging
+
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def _main(cfg: DictConfig) -> None:
@@ -37,6 +51,7 @@ def _main(cfg: DictConfig) -> None:
     from .runner import run
 
     _started = True
+    quiet_library_logs()  # after Hydra configured logging, before any library is used
     code = run(cfg)
     sys.exit(code)
 
@@ -61,7 +76,50 @@ def multirun_flag(argv: list[str]) -> str | None:
     return None
 
 
+def _launcher_num_processes(cmdline: list[str]) -> int | None:
+    """--num_processes N (or =N) on an ``accelerate launch`` command line, if given there."""
+    for i, a in enumerate(cmdline):
+        value = a.split("=", 1)[1] if a.startswith("--num_processes=") else (
+            cmdline[i + 1] if a == "--num_processes" and i + 1 < len(cmdline) else None)
+        if value is not None:
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def _parent_cmdline() -> list[str]:
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def lone_process_warning(env: dict[str, str], parent: list[str]) -> str | None:
+    """The warning for ``accelerate launch --num_processes N`` (N > 1) that started one plain process.
+
+    Without --multi_gpu, accelerate runs its "simple" launcher on a machine with fewer than two GPUs: one
+    process, no WORLD_SIZE, only MASTER_ADDR/MASTER_PORT set for the processes it did not start. The run then
+    quietly does everything on one process ("to run on 1 process(es)")."""
+    if int(env.get("WORLD_SIZE", "1") or 1) > 1 or "ACCELERATE_MIXED_PRECISION" not in env:
+        return None  # a real world, or not started by accelerate
+    if not any(a.endswith("accelerate") or a == "launch" for a in parent[:3]):
+        return None
+    n = _launcher_num_processes(parent)
+    if n is None and "MASTER_ADDR" not in env:
+        return None  # accelerate sets MASTER_ADDR in its simple launcher only when asked for more than one process
+    if n is not None and n <= 1:
+        return None
+    asked = f"--num_processes {n}" if n else "more than one process (its config file)"
+    return (f"svd-batch: warning: accelerate launch was asked for {asked} but started this one process alone (a "
+            "world of 1): without --multi_gpu, accelerate runs a single process unless it sees several GPUs. "
+            "This run does every row on one process. For several processes, on GPUs or on CPU (gloo), add "
+            f"--multi_gpu: accelerate launch --multi_gpu --num_processes {n or 'N'} -m svd_batch ...")
+
+
 def main() -> None:
+    warning = lone_process_warning(dict(os.environ), _parent_cmdline())
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     # Refused before Hydra sees it: by then Hydra has already made its multirun/<date> folder.
     flag = multirun_flag(sys.argv[1:])
     if flag is not None:

@@ -261,9 +261,13 @@ class Executor:
         return self.jobdir is not None and self.jobdir.aborted()
 
     def abort(self, reason: str) -> None:
-        """An error of the whole run (the output disk): every member stops at its next claim."""
+        """An error of the whole run ("output: ..." a full disk, "source: ..." an image source that is down):
+        every member stops at its next claim."""
         if self.jobdir is not None:
             self.jobdir.abort(reason)
+
+    def abort_reason(self) -> str:
+        return self.jobdir.abort_reason() if self.jobdir is not None else ""
 
     def next_unit(self, wait: bool) -> Ticket | None:
         """The next unit for this member: a fresh claim, else a takeover. With ``wait`` (the model is idle) it

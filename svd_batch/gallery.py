@@ -17,6 +17,7 @@ import html
 import json
 import math
 import os
+import re
 import sys
 from typing import Any
 
@@ -45,13 +46,18 @@ NUMERIC = ("total_seconds", *SCORE_COLUMNS, *CONDITIONING_FIELDS, "rank")
 CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5rem;background:#111;color:#eee}
 a{color:#8cf} table{border-collapse:collapse} td,th{padding:.2rem .6rem;text-align:left;border-bottom:1px solid #333}
+header{display:flex;flex-wrap:wrap;align-items:baseline;gap:1.5rem} h1{margin:0 0 .8rem;font-size:1.5rem}
+.jump button{margin-right:.4rem}
+.summary{display:flex;flex-wrap:wrap;gap:1.5rem;align-items:flex-start} .figures{font-size:.9rem;max-width:380px}
+.figures details{margin:.4rem 0}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(340px,1fr));gap:1rem}
 .card{background:#1c1c1c;border-radius:6px;padding:.5rem}
 .pair{display:grid;grid-template-columns:1fr 1fr;gap:4px}
 .pair img,.pair video{width:100%;background:#000;border-radius:4px;aspect-ratio:var(--ar);object-fit:contain}
 .card .id{font-weight:600;word-break:break-all} .card .meta{font-size:.8rem;color:#aaa}
 .card .sc{font-size:.8rem;color:#cfc} .card.failed .err{color:#f99;font-size:.85rem;word-break:break-word}
-.failed td{color:#f99} nav{margin:1rem 0} details{margin:1rem 0} .charts{display:flex;flex-wrap:wrap;gap:2rem}
+.failed td{color:#f99} nav{margin:1rem 0} details{margin:1rem 0} .charts{display:flex;flex-wrap:wrap;gap:1.5rem}
+#failedrows .scroll{max-height:12rem;overflow:auto}
 .charts svg{background:#181818;border-radius:4px} .controls{display:flex;flex-wrap:wrap;gap:1rem;align-items:center;margin:1rem 0}
 .controls input[type=number]{width:6rem} #status{color:#aaa}
 """
@@ -114,13 +120,19 @@ function card(i) {
   const id = esc(val('id', i)), ok = val('st', i) === 0, img = path('img', M.inputs, 'jpg', i);
   const ar = `--ar:${val('width', i)}/${val('height', i)}`;
   const scores = M.scores.map(c => { const v = val(c, i); return `${c} ${v === null || isNaN(v) ? 'n/a' : v}`; }).join(' · ');
+  // The video gets its file only while on screen (see io), and shows its input image until it plays.
   const media = (img ? `<img class="in" src="${esc(img)}" alt="input of ${id}" data-id="${id}" loading="eager">` : '<div></div>') +
-    (ok ? `<video src="${esc(path('vid', 'videos', 'mp4', i))}" muted loop playsinline preload="metadata" data-id="${id}"></video>` : '<div></div>');
+    (ok ? `<video data-src="${esc(path('vid', 'videos', 'mp4', i))}"${img ? ` poster="${esc(img)}"` : ''} muted loop playsinline preload="none" data-id="${id}"></video>` : '<div></div>');
   return `<div class="card${ok ? '' : ' failed'}" data-id="${id}" data-row="${i}" style="${ar}"><div class="pair">${media}</div>` +
     `<div class="id">${id}</div><div class="meta">${esc(label(i))}</div>` +
-    (ok ? `<div class="sc">${esc(scores)} · ${val('total_seconds', i)} s</div>` : `<div class="err">${esc(val('err', i) || 'failed')}</div>`) + '</div>';
+    (ok ? `<div class="sc">${esc(scores)} · made in ${val('total_seconds', i)} s</div>` : `<div class="err">${esc(val('err', i) || 'failed')}</div>`) + '</div>';
 }
-const io = new IntersectionObserver(es => es.forEach(e => e.isIntersecting ? e.target.play().catch(() => {}) : e.target.pause()));
+// Chromium keeps only a few dozen media players per page: a video holds one only while it is on screen (or
+// near it); one that leaves, or whose page is turned, gives its player back (no src, then load()).
+function attach(el) { if (!el.getAttribute('src')) el.src = el.dataset.src; el.play().catch(() => {}); }
+function release(el) { el.pause(); el.removeAttribute('src'); el.load(); delete el.dataset.playing; }
+const io = new IntersectionObserver(es => es.forEach(e => e.isIntersecting ? attach(e.target) : release(e.target)),
+                                    {rootMargin: '50% 0px'});
 function render() {
   const v = compute();
   if (v === undefined) { $('status').textContent = `loading rows: ${loaded} of ${M.chunks} parts`; return; }
@@ -130,8 +142,9 @@ function render() {
   for (let j = lo; j < hi; j++) rows.push(v === null ? j : v[j]);
   if (v === null && rows.length && !D[Math.floor(rows[rows.length - 1] / M.chunkRows)]) { $('status').textContent = 'loading rows...'; return; }
   $('status').textContent = `${total} rows match · page ${S.page + 1} of ${pages}`;
-  $('pageno').value = S.page + 1; $('pageno').max = pages;
+  $('pageno').value = S.page + 1; $('pageno').max = pages; $('pageof').textContent = `page ${S.page + 1} of ${pages}`;
   io.disconnect();
+  $('grid').querySelectorAll('video').forEach(release);
   $('grid').innerHTML = rows.map(card).join('');
   $('grid').querySelectorAll('video').forEach(el => {
     el.addEventListener('loadedmetadata', () => { el.dataset.duration = el.duration; });
@@ -152,14 +165,22 @@ function update() {
 }
 window.SVD = {chunk(k, cols) { D[k] = cols; loaded++; if (loaded === M.chunks) document.body.dataset.loaded = '1'; render(); }};
 ['sort', 'order', 'failed', 'belowcol', 'belowval'].forEach(id => $(id).addEventListener('change', update));
-$('prev').onclick = () => { S.page = Math.max(0, S.page - 1); render(); };
-$('next').onclick = () => { S.page++; render(); };
+const turn = (by, scroll) => { S.page = Math.max(0, S.page + by); render(); if (scroll) $('videos').scrollIntoView(); };
+$('prev').onclick = () => turn(-1); $('next').onclick = () => turn(1);
+$('prev2').onclick = () => turn(-1, true); $('next2').onclick = () => turn(1, true);
+$('tovideos').onclick = () => $('videos').scrollIntoView();
+if ($('tofailed')) $('tofailed').onclick = () => $('failedrows').scrollIntoView();
 $('pageno').onchange = () => { S.page = Math.max(0, (parseInt($('pageno').value) || 1) - 1); render(); };
 window.addEventListener('hashchange', () => { readHash(); render(); });
 readHash();
 if (!M.chunks) { document.body.dataset.loaded = '1'; render(); }
 for (let k = 0; k < M.chunks; k++) { const s = document.createElement('script'); s.src = `${M.dir}/data-${String(k).padStart(5, '0')}.js`; document.body.appendChild(s); }
 """
+
+
+def natural_key(text: str) -> list:
+    """cuda:2 before cuda:10, node2 before node10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def summarize(results: pa.Table) -> dict[str, Any]:
@@ -173,7 +194,8 @@ def summarize(results: pa.Table) -> dict[str, Any]:
         "videos_per_hour": None, "peak_vram": {},
     }
     if ok.num_rows:
-        span = (pc.max(ok["finished_at"]).as_py() - pc.min(ok["started_at"]).as_py()).total_seconds()
+        first, last = pc.min(ok["started_at"]).as_py(), pc.max(ok["finished_at"]).as_py()
+        span = (last - first).total_seconds() if first is not None and last is not None else 0.0  # None: made elsewhere
         s["videos_per_hour"] = 3600.0 * ok.num_rows / span if span > 0 else None
         peaks = ok.group_by(["host", "device"], use_threads=False).aggregate([("peak_vram_bytes", "max")])
         for host, device, peak in zip(*(peaks[c].to_pylist() for c in ("host", "device", "peak_vram_bytes_max"))):
@@ -182,19 +204,73 @@ def summarize(results: pa.Table) -> dict[str, Any]:
 
 
 # -- charts (inline SVG: no scripts, no network) ---------------------------------------------------------
-W, H, PADL, PADB = 520, 220, 48, 28
+# The plot area sits inside the SVG with room for every label: tick labels left of and below it, the title
+# above, the legend in its own column right of it (never over the lines).
+W, H = 450, 240
+PLOT_L, PLOT_T, PLOT_B = 52, 28, 204  # the plot area's left, top and bottom
+PLOT_R, LEGEND_R = W - 16, W - 92     # its right edge: the legend's column takes the last 80 px when there is one
 
 
-def _axes(title: str, xlabel: str, xmax: float, ylabel: str, ymax: float) -> str:
-    ticks = "".join(
-        f'<text x="{PADL + (W - PADL - 10) * f:.0f}" y="{H - 8}" font-size="10" fill="#aaa" text-anchor="middle">'
-        f"{xmax * f:.3g}</text>" for f in (0, 0.5, 1))
-    return (f'<text x="{PADL}" y="14" font-size="12" fill="#eee">{html.escape(title)}</text>'
-            f'<text x="{W - 10}" y="{H - 8 - 12}" font-size="10" fill="#aaa" text-anchor="end">{html.escape(xlabel)}</text>'
-            f'<text x="4" y="30" font-size="10" fill="#aaa">{ymax:.3g}</text>'
-            f'<text x="4" y="44" font-size="10" fill="#aaa">{html.escape(ylabel)}</text>'
-            f'<line x1="{PADL}" y1="{H - PADB}" x2="{W - 10}" y2="{H - PADB}" stroke="#555"/>'
-            f'<line x1="{PADL}" y1="24" x2="{PADL}" y2="{H - PADB}" stroke="#555"/>{ticks}')
+def nice_ticks(top: float, n: int = 4) -> list[float]:
+    """0 and round steps (1, 2, 2.5, 5 x 10^k) up to at least ``top``."""
+    if not top > 0 or not math.isfinite(top):
+        return [0.0, 1.0]
+    raw = top / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    return [i * step for i in range(int(math.ceil(top / step - 1e-9)) + 1)]
+
+
+def human_number(v: float) -> str:
+    """12, 2.5, 25k, 1.2M: what a person reads on an axis (never 2.02e+05)."""
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= div:
+            return f"{v / div:.3g}{suffix}"
+    return f"{v:.3g}" if v != int(v) else str(int(v))
+
+
+def time_unit(span_seconds: float) -> tuple[str, float]:
+    """The unit a time axis of this span reads best in, and its length in seconds."""
+    for name, secs, limit in (("seconds", 1, 180), ("minutes", 60, 180 * 60), ("hours", 3600, 72 * 3600)):
+        if span_seconds < limit:
+            return name, secs
+    return "days", 86400
+
+
+def _x(v: float, hi: float, right: float = PLOT_R) -> float:
+    return PLOT_L + (right - PLOT_L) * (v / hi if hi else 0.0)
+
+
+def _y(v: float, hi: float) -> float:
+    return PLOT_B - (PLOT_B - PLOT_T) * (v / hi if hi else 0.0)
+
+
+def _axes(title: str, xlabel: str, xticks: list[float], xhi: float, ylabel: str, yticks: list[float],
+          right: float = PLOT_R) -> str:
+    """Axes, grid lines and labels, all inside the SVG; ``xhi`` is the value at the plot's right edge."""
+    text = 'font-size="10" fill="#aaa"'
+    parts = [f'<text x="{PLOT_L}" y="16" font-size="12" fill="#eee">{html.escape(title)}</text>',
+             f'<line x1="{PLOT_L}" y1="{PLOT_B}" x2="{right}" y2="{PLOT_B}" stroke="#555"/>',
+             f'<line x1="{PLOT_L}" y1="{PLOT_T}" x2="{PLOT_L}" y2="{PLOT_B}" stroke="#555"/>']
+    for v in yticks:
+        y = _y(v, yticks[-1])
+        parts.append(f'<line x1="{PLOT_L}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}" stroke="#2a2a2a"/>')
+        parts.append(f'<text x="{PLOT_L - 4}" y="{y + 3:.1f}" {text} text-anchor="end">{human_number(v)}</text>')
+    for i, v in enumerate(xticks):
+        x = _x(v, xhi, right)
+        anchor = "start" if i == 0 else "end" if x > right - 16 else "middle"
+        parts.append(f'<text x="{x:.1f}" y="{PLOT_B + 13}" {text} text-anchor="{anchor}">'
+                     f"{human_number(v)}</text>")
+    parts.append(f'<text x="{(PLOT_L + right) / 2:.0f}" y="{H - 8}" {text} text-anchor="middle">'
+                 f"{html.escape(xlabel)}</text>")
+    parts.append(f'<text x="12" y="{(PLOT_T + PLOT_B) / 2:.0f}" {text} text-anchor="middle" '
+                 f'transform="rotate(-90 12 {(PLOT_T + PLOT_B) / 2:.0f})">{html.escape(ylabel)}</text>')
+    return "".join(parts)
+
+
+def _svg(chart_id: str, label: str, body: str) -> str:
+    return (f'<svg id="{chart_id}" width="{W}" height="{H}" viewBox="0 0 {W} {H}" role="img" '
+            f'aria-label="{html.escape(label)}">{body}</svg>')
 
 
 def seconds_histogram(secs: np.ndarray, bins: int = 40) -> str:
@@ -202,43 +278,75 @@ def seconds_histogram(secs: np.ndarray, bins: int = 40) -> str:
     if not len(secs):
         return ""
     hi = float(np.percentile(secs, 99.5)) or float(secs.max()) or 1.0
-    counts, _ = np.histogram(np.clip(secs, 0, hi), bins=bins, range=(0, hi))
-    top = max(int(counts.max()), 1)
-    bw = (W - PADL - 10) / bins
+    xticks = nice_ticks(hi)
+    counts, _ = np.histogram(np.clip(secs, 0, xticks[-1]), bins=bins, range=(0, xticks[-1]))
+    yticks = nice_ticks(max(int(counts.max()), 1))
+    bw = (PLOT_R - PLOT_L) / bins
     bars = "".join(
-        f'<rect x="{PADL + i * bw:.1f}" y="{H - PADB - (H - PADB - 24) * c / top:.1f}" width="{max(bw - 1, 1):.1f}" '
-        f'height="{(H - PADB - 24) * c / top:.1f}" fill="#6af"/>' for i, c in enumerate(counts) if c)
-    return (f'<svg id="chart-seconds" width="{W}" height="{H}" role="img" aria-label="seconds per video">'
-            + _axes("Seconds per video (ok rows)", "seconds", hi, "videos", top) + bars + "</svg>")
+        f'<rect x="{PLOT_L + i * bw:.1f}" y="{_y(c, yticks[-1]):.1f}" width="{max(bw - 1, 1):.1f}" '
+        f'height="{PLOT_B - _y(c, yticks[-1]):.1f}" fill="#6af"/>' for i, c in enumerate(counts) if c)
+    return _svg("chart-seconds", "seconds per video",
+                _axes("Seconds per video (ok rows)", "seconds", xticks, xticks[-1], "videos", yticks) + bars)
 
 
-def throughput_chart(rank: np.ndarray, t: np.ndarray, bins: int = 60) -> str:
-    """Videos per minute per rank over the run: a rank that slows down or stops shows as its own line."""
-    good = ~np.isnan(t)
-    rank, t = rank[good], t[good]
-    if len(t) < 2 or t.max() <= t.min():
+def smoothed_rate(done: np.ndarray, t0: float, t1: float, width: float, points: int) -> tuple[np.ndarray, np.ndarray]:
+    """(times, videos per minute) over [t0, t1], smoothed over about ``width`` seconds around each time.
+
+    Finishes are counted in windows of half the width (over the part inside the run, at least a quarter of the
+    width: never a few seconds holding a row or two, a spike), and those counts are averaged over the other
+    half: a triangular kernel, so a row entering or leaving the window moves the line a little, not a step.
+    A width as long as the run gives one flat line at the run's own rate."""
+    done = np.sort(done)
+    if width >= t1 - t0:
+        return np.array([t0, t1]), np.full(2, 60.0 * len(done) / (t1 - t0))
+    at = np.linspace(t0, t1, points)
+    lo, hi = np.maximum(at - width / 4, t0), np.minimum(at + width / 4, t1)
+    n = np.searchsorted(done, hi, "right") - np.searchsorted(done, lo, "right")
+    rate = 60.0 * n / (hi - lo)
+    k = max(1, int(round((points - 1) * (width / 2) / (t1 - t0))))
+    kernel = np.ones(k)
+    return at, np.convolve(rate, kernel, "same") / np.convolve(np.ones(points), kernel, "same")
+
+
+RATE_POINTS = 240
+LEGEND_MAX = 12
+
+
+def throughput_chart(rank: np.ndarray, finished: np.ndarray, started: np.ndarray | None = None) -> str:
+    """Videos per minute per rank over the run, smoothed: a rank that slows down or stops shows as its own line.
+
+    Each line averages over a window of at least a 40th of the run and of about 20 of the rank's videos, so a
+    handful of rows reads as their real rate (8 rows at 4.5/min are not a spike of 43.8)."""
+    good = ~np.isnan(finished)
+    rank, t = rank[good], finished[good]
+    t0 = float(np.nanmin(started)) if started is not None and np.any(~np.isnan(started)) else float(t.min(initial=0))
+    if len(t) < 2 or t.max() <= t0:
         return ""
-    t0, span = float(t.min()), float(t.max() - t.min())
-    width = span / bins
+    t1 = float(t.max())
+    span = t1 - t0
     ranks = np.unique(rank)
-    lines, top = [], 1e-9
-    series = []
-    for r in ranks:
-        counts, _ = np.histogram(t[rank == r], bins=bins, range=(t0, t0 + span))
-        per_min = counts * 60.0 / width
-        series.append((r, per_min))
-        top = max(top, float(per_min.max()))
-    for j, (r, per_min) in enumerate(series):
-        hue = int(360 * j / max(len(series), 1))
-        pts = " ".join(f"{PADL + (W - PADL - 10) * (i + 0.5) / bins:.1f},{H - PADB - (H - PADB - 24) * v / top:.1f}"
-                       for i, v in enumerate(per_min))
-        lines.append(f'<polyline fill="none" stroke="hsl({hue},70%,60%)" stroke-width="1.5" points="{pts}">'
-                     f"<title>rank {int(r)}</title></polyline>")
-    legend = "".join(f'<text x="{W - 12}" y="{30 + 12 * j}" font-size="10" fill="hsl({int(360 * j / len(series))},70%,60%)" '
-                     f'text-anchor="end">rank {int(r)}</text>' for j, (r, _) in enumerate(series[:12]))
-    return (f'<svg id="chart-throughput" width="{W}" height="{H}" role="img" aria-label="throughput per rank">'
-            + _axes("Videos per minute, per rank, over the run", "minutes since start", span / 60, "videos/min", top)
-            + "".join(lines) + legend + "</svg>")
+    per_rank = len(t) / len(ranks)
+    width = min(span, max(span / 40, 20 * span / per_rank))
+    series = [(int(r), *smoothed_rate(t[rank == r], t0, t1, width, RATE_POINTS)) for r in ranks]
+    yticks = nice_ticks(max(float(v.max()) for _, _, v in series))
+    unit, secs = time_unit(span)
+    xticks = [v for v in nice_ticks(span / secs) if v <= span / secs]
+    xhi = span
+    lines, legend = [], []
+    for j, (r, at, v) in enumerate(series):
+        colour = f"hsl({int(360 * j / len(series))},70%,60%)"
+        pts = " ".join(f"{_x(a - t0, xhi, LEGEND_R):.1f},{_y(y, yticks[-1]):.1f}" for a, y in zip(at, v))
+        lines.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{pts}">'
+                     f"<title>rank {r}</title></polyline>")
+        if j < LEGEND_MAX:
+            legend.append(f'<text x="{LEGEND_R + 12}" y="{PLOT_T + 8 + 13 * j}" font-size="10" fill="{colour}">'
+                          f"rank {r}</text>")
+    if len(series) > LEGEND_MAX:
+        legend.append(f'<text x="{LEGEND_R + 12}" y="{PLOT_T + 8 + 13 * LEGEND_MAX}" font-size="10" fill="#aaa">'
+                      f"+{len(series) - LEGEND_MAX} more</text>")
+    return _svg("chart-throughput", "throughput per rank",
+                _axes("Videos per minute, per rank (smoothed)", f"{unit} since the start", xticks, span / secs,
+                      "videos/min", yticks, LEGEND_R) + "".join(lines) + "".join(legend))
 
 
 # -- row data ----------------------------------------------------------------------------------------------
@@ -350,7 +458,8 @@ def write_gallery(root: str, page_size: int = 48, chunk_rows: int = CHUNK_ROWS) 
     scores = [c for c in SCORE_COLUMNS if c in results.column_names]
     fmt = lambda v, unit="s": "n/a" if v is None else f"{v:.2f} {unit}"  # noqa: E731
     vph = "n/a" if s["videos_per_hour"] is None else f"{s['videos_per_hour']:.1f}"
-    vram = "".join(f"<tr><td>{html.escape(k)}</td><td>{human_bytes(v)}</td></tr>" for k, v in s["peak_vram"].items())
+    vram = "".join(f"<tr><td>{html.escape(k)}</td><td>{human_bytes(v)}</td></tr>"
+                   for k, v in sorted(s["peak_vram"].items(), key=lambda kv: natural_key(kv[0])))
     score_rows = ""
     ok = results.filter(pc.equal(results["status"], "ok")) if results.num_rows else results
     for c in scores:
@@ -361,8 +470,9 @@ def write_gallery(root: str, page_size: int = 48, chunk_rows: int = CHUNK_ROWS) 
             score_rows += f"<tr><th>{c}</th><td>median {med:.4f} · 5th percentile {p5:.4f} · min {lo:.4f}</td></tr>"
     charts = ""
     if ok.num_rows:
-        fin = epoch_seconds(ok["finished_at"])
-        charts = throughput_chart(float_values(ok["rank"]), fin) + seconds_histogram(float_values(ok["total_seconds"]))
+        charts = (throughput_chart(float_values(ok["rank"]), epoch_seconds(ok["finished_at"]),
+                                   epoch_seconds(ok["started_at"]))
+                  + seconds_histogram(float_values(ok["total_seconds"])))
     failed = results.filter(pc.equal(results["status"], "failed")) if results.num_rows else results
     fail_html = ""
     if failed.num_rows:
@@ -371,26 +481,35 @@ def write_gallery(root: str, page_size: int = 48, chunk_rows: int = CHUNK_ROWS) 
                             f"<td>{html.escape((r['error'] or '')[:300])}</td></tr>" for r in shown)
         more = (f"<p>... {failed.num_rows - 20} more: tick \"failed only\" below, or read results.parquet "
                 "(status == 'failed')</p>") if failed.num_rows > 20 else ""
-        fail_html = f'<h2>Failed rows ({failed.num_rows})</h2><table class="failed">{rows_html}</table>{more}'
+        fail_html = (f'<details open id="failedrows"><summary>Failed rows ({failed.num_rows})</summary>'
+                     f'<div class="scroll"><table class="failed">{rows_html}</table></div>{more}</details>')
     sort_opts = [("row", "manifest order"), ("id", "id"), ("status", "status"), ("seconds", "seconds per video"),
                  *[(c, c) for c in scores], *[(c, c) for c in CONDITIONING_FIELDS], ("rank", "rank")]
     options = "".join(f'<option value="{v}">{html.escape(t)}</option>' for v, t in sort_opts)
     score_opts = "".join(f'<option value="{c}">{c}</option>' for c in scores)
     meta = {"n": results.num_rows, "chunks": chunks, "chunkRows": chunk_rows, "pageSize": max(1, int(page_size)),
             "hosts": hosts, "scores": scores, "dir": REPORT_DIR, "inputs": INPUTS}
+    links = "".join(f' <a href="{f}">{t}</a>' for f, t in (("contact_sheet.png", "contact sheet"),
+                                                           ("results.parquet", "results.parquet"))
+                    if os.path.exists(os.path.join(root, f)))
+    devices = len(s["peak_vram"])
     body = (
-        f"<h1>svd-batch: {html.escape(os.path.basename(os.path.abspath(root)))}</h1>"
+        f"<header><h1>svd-batch: {html.escape(os.path.basename(os.path.abspath(root)))}</h1>"
+        f'<nav class="jump"><button id="tovideos">videos ({s["ok"]}) &darr;</button>'
+        + (f'<button id="tofailed">failed rows ({s["failed"]}) &darr;</button>' if s["failed"] else "")
+        + f"{links}</nav></header>"
+        '<div class="summary"><div class="figures">'
         f"<table><tr><th>rows ok</th><td>{s['ok']}</td></tr><tr><th>rows failed</th><td>{s['failed']}</td></tr>"
         f"<tr><th>videos per hour</th><td>{vph}</td></tr>"
         f"<tr><th>median per video</th><td>{fmt(s['median_seconds'])}</td></tr>"
         f"<tr><th>p95 per video</th><td>{fmt(s['p95_seconds'])}</td></tr>"
         f"<tr><th>model</th><td>{html.escape(str(model))}</td></tr>{score_rows}</table>"
-        f'<div class="charts">{charts}</div>'
-        f"<h3>Peak VRAM per device</h3><table>{vram}</table>"
-        f"<details><summary>config</summary><pre>{html.escape(config)}</pre></details>"
-        + ('<p><a href="contact_sheet.png">contact sheet</a></p>' if os.path.exists(os.path.join(root, "contact_sheet.png")) else "")
+        f"<details{' open' if devices <= 4 else ''}><summary>Peak VRAM per device ({devices})</summary>"
+        f"<table>{vram}</table></details>"
+        f"<details><summary>config</summary><pre>{html.escape(config)}</pre></details></div>"
+        f'<div class="charts">{charts}</div></div>'
         + fail_html
-        + f"<h2>Videos ({s['ok']} ok, {s['failed']} failed)</h2>"
+        + f"<h2 id=\"videos\">Videos ({s['ok']} ok, {s['failed']} failed)</h2>"
         '<div class="controls"><label>sort <select id="sort">' + options + '</select></label>'
         '<select id="order"><option value="asc">ascending</option><option value="desc">descending</option></select>'
         '<label><input type="checkbox" id="failed"> failed only</label>'
@@ -398,6 +517,7 @@ def write_gallery(root: str, page_size: int = 48, chunk_rows: int = CHUNK_ROWS) 
         '<span id="status">loading rows...</span></div>'
         '<nav><button id="prev">previous</button> page <input type="number" id="pageno" min="1" value="1" style="width:5rem">'
         ' <button id="next">next</button></nav><div class="grid" id="grid"></div>'
+        '<nav><button id="prev2">previous</button> <span id="pageof"></span> <button id="next2">next</button></nav>'
     )
     meta_json = json.dumps(meta).replace("</", "<\\/")  # a host name cannot end the script element
     page = (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>svd-batch report</title>"
@@ -453,15 +573,36 @@ def save_thumbnails(root: str, row_id: str, frames, image=None) -> None:
         _strip(list(frames), image).save(tmp, format="PNG", compress_level=PNG_LEVEL)
 
 
+CAPTION_HEIGHT = 18  # the row's column names above its pictures
+COLUMNS = ("input", "first frame", "middle frame", "last frame")
+LABEL_WIDTH = 300
+
+
+def _value(v: Any, spec: str = "") -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def _row_text(r: dict[str, Any]) -> list[str]:
+    text = [str(r["id"])[:40], f"seed {_value(r.get('seed'))}  fps {_value(r.get('fps'))}",
+            f"motion {_value(r.get('motion_bucket_id'))}  noise {_value(r.get('noise_aug_strength'), 'g')}",
+            f"{_value(r.get('num_frames'))} frames  {_value(r.get('width'))}x{_value(r.get('height'))}"]
+    if r.get("motion_score") is not None:
+        text.append(f"motion_score {r['motion_score']:.3f}  sim {_value(r.get('image_similarity'), '.3f')}")
+    if r["status"] != "ok":
+        # the reason, without the "row <id>: image '<path>': " that the row's own label already shows
+        text.append("FAILED: " + (r.get("error") or "").split("': ", 1)[-1][:44])
+    return text
+
+
 def write_contact_sheet(root: str, max_rows: int = 16) -> str | None:
-    """Input image, then first, middle and last frame of the first ``max_rows`` rows, each row labelled."""
+    """Input image, then first, middle and last frame of the first ``max_rows`` rows, each row labelled and each
+    picture named above it (rows of other sizes have other column widths)."""
     from PIL import Image, ImageDraw, ImageFont
 
     rows = _read_results(RunDir(root)).slice(0, max_rows).to_pylist()
     if not rows:
         return None
     font = ImageFont.load_default(size=14)
-    label_w = 300
     strips = []
     for r in rows:
         picture = None
@@ -473,19 +614,19 @@ def write_contact_sheet(root: str, max_rows: int = 16) -> str | None:
             else:
                 inp = input_image_path(root, r["id"])
                 picture = _strip(read_mp4(video), Image.open(inp) if os.path.exists(inp) else None)
-        width = label_w + (picture.width if picture else 4 * (THUMB_HEIGHT + PAD))
-        strip = Image.new("RGB", (width, THUMB_HEIGHT + 2 * PAD), (24, 24, 24))
+        width = LABEL_WIDTH + (picture.width if picture else 4 * (THUMB_HEIGHT + PAD))
+        strip = Image.new("RGB", (width, CAPTION_HEIGHT + THUMB_HEIGHT + 2 * PAD), (24, 24, 24))
         draw = ImageDraw.Draw(strip)
-        text = [r["id"][:40], f"seed {r['seed']}  fps {r['fps']}", f"motion {r['motion_bucket_id']}  noise {r['noise_aug_strength']:g}",
-                f"{r['num_frames']} frames  {r['width']}x{r['height']}"]
-        if r.get("motion_score") is not None:
-            text += [f"motion_score {r['motion_score']:.3f}  sim {r.get('image_similarity') or float('nan'):.3f}"]
-        if r["status"] != "ok":
-            text += ["FAILED: " + (r["error"] or "")[:40]]
-        for i, line in enumerate(text):
+        for i, line in enumerate(_row_text(r)):
             draw.text((PAD, PAD + i * 18), line, fill=(235, 235, 235) if i == 0 else (170, 170, 170), font=font)
         if picture:
-            strip.paste(picture, (label_w, PAD))
+            strip.paste(picture, (LABEL_WIDTH, PAD + CAPTION_HEIGHT))
+            # Every picture of a strip has the row's shape; without an input image the strip starts at the first frame.
+            w = max(1, round(int(r["width"] or 1) * THUMB_HEIGHT / int(r["height"] or 1)))
+            n = min(len(COLUMNS), max(1, round(picture.width / (w + PAD))))
+            step = picture.width / n
+            for k, name in enumerate(COLUMNS[4 - n:]):
+                draw.text((LABEL_WIDTH + k * step, PAD), name, fill=(150, 190, 255), font=font)
         strips.append(strip)
     sheet = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips)), (24, 24, 24))
     y = 0

@@ -111,6 +111,13 @@ class JobDir:
     def aborted(self) -> bool:
         return os.path.exists(self.abort_path)
 
+    def abort_reason(self) -> str:
+        try:
+            with open(self.abort_path) as f:
+                return f.read()
+        except OSError:
+            return ""
+
 
 # -- claims -------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)

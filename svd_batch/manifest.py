@@ -8,6 +8,7 @@ Every problem is collected before reporting, so a user fixes a bad manifest in o
 from __future__ import annotations
 
 import glob
+import json
 import os
 import posixpath
 import re
@@ -22,7 +23,7 @@ import pyarrow.parquet as pq
 
 from .embedded import cell_uris, leaf_values, parquet_file, present
 from .fields import FLOAT_FIELDS, GENERATION_FIELDS, INT_FIELDS, ROW_MEMORY_KEY, RULES, arrow_type, row_memory_bytes
-from .remote import RemoteError, filesystem, is_url
+from .remote import RemoteError, WatchedFileSystem, filesystem, is_url, without_stall
 from .util import human_bytes, occurrence
 
 # Ids become file names (videos/<id>.mp4), so they are restricted to characters that are safe on every
@@ -32,6 +33,7 @@ ID_ALLOWED = "1-200 characters of letters, digits and . _ = + , @ -, not startin
 MAX_LISTED_PROBLEMS = 50
 NOT_A_FILE = ("a Parquet file, directory or glob (this is a FIFO, device or socket: reading it could wait for ever "
               "or never end)")
+DEFAULT_TIMEOUT = 30.0  # seconds without progress before a remote manifest read is abandoned (images.timeout)
 IMAGE_TYPES = ("strings (paths or URLs), binary (encoded image bytes) or struct<bytes: binary, path: string> "
                "(a Hugging Face Image column)")
 
@@ -91,34 +93,23 @@ class Manifest:
         return self.table.num_rows
 
 
-def _files(path: str) -> list[str]:
+def _files(path: str, source: str) -> list[str]:
     if any(ch in path for ch in "*?["):
         files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
     elif os.path.isdir(path):
-        files = sorted(
-            os.path.join(root, f)
-            for root, _, names in os.walk(path)
-            for f in names
-            if f.endswith(".parquet") and not f.startswith((".", "_")) and os.path.isfile(os.path.join(root, f))
-        )
+        files = _folder_files(path, None, path, source)
     else:
         files = [path]
     return files
 
 
-def _remote_files(path: str, source: str) -> tuple[Any, list[str]]:
-    """(fsspec filesystem, files in it) for a manifest URL: one file, a folder of .parquet files, or a glob."""
-    try:
-        fs, inner = filesystem(path)
-    except RemoteError as exc:
-        raise ManifestError(source, [Problem(None, None, "manifest.path", path, str(exc))],
-                            hint="It cannot be read here:") from None
+def _remote_files(fs: Any, inner: str, path: str, source: str) -> list[str]:
+    """The files of a manifest URL inside its filesystem: one file, a folder of .parquet files, or a glob."""
     try:
         if any(ch in inner for ch in "*?["):
             files = sorted(f for f in fs.glob(inner) if fs.isfile(f))
         elif fs.isdir(inner):
-            files = sorted(f for f, info in fs.find(inner, detail=True).items() if f.endswith(".parquet")
-                           and info.get("type") == "file" and not posixpath.basename(f).startswith((".", "_")))
+            files = _folder_files(inner, fs, path, source)
         elif fs.isfile(inner):
             files = [inner]
         elif fs.exists(inner):
@@ -135,7 +126,87 @@ def _remote_files(path: str, source: str) -> tuple[Any, list[str]]:
         raise ManifestError(source, [Problem(None, None, "manifest.path", path,
                                              f"a readable location ({type(exc).__name__}: {exc})")],
                             hint="It could not be listed:") from None
-    return fs, files
+    return files
+
+
+def _folder_files(folder: str, fs: Any, path: str, source: str) -> list[str]:
+    """A folder's .parquet files (recursively), else the Arrow files of a ``datasets`` ``save_to_disk`` folder."""
+    if fs is None:
+        found = (p for p in (os.path.join(root, f) for root, _, names in os.walk(folder) for f in names)
+                 if os.path.isfile(p))  # a FIFO or device named *.parquet would hang the read
+    else:
+        found = (f for f, info in fs.find(folder, detail=True).items() if info.get("type") == "file")
+    parquet = sorted(f for f in found if f.endswith(".parquet") and not posixpath.basename(f).startswith((".", "_")))
+    return parquet or _saved_dataset_files(folder, fs, path, source)
+
+
+def _saved_dataset_files(folder: str, fs: Any, path: str, source: str) -> list[str]:
+    """The data files of a folder written by ``datasets``' ``save_to_disk`` (state.json lists them in order), or
+    the folder's .arrow files; a DatasetDict (one folder per split) asks for one split."""
+    join = posixpath.join if fs is not None else os.path.join
+
+    def read_json(name: str) -> dict[str, Any] | None:
+        p = join(folder, name)
+        if not (fs.exists(p) if fs is not None else os.path.exists(p)):
+            return None
+        with (fs.open(p, "rb") if fs is not None else open(p, "rb")) as f:
+            return json.loads(f.read())
+
+    splits = read_json("dataset_dict.json")
+    if splits is not None:
+        names = list(splits.get("splits") or [])
+        raise ManifestError(source, [Problem(None, None, "manifest.path", path,
+                                             "one split's folder: " + ", ".join(join(path, n) for n in names))],
+                            hint="It is a DatasetDict saved with datasets' save_to_disk (one folder per split); "
+                                 "point manifest.path at the split to run:")
+    state = read_json("state.json")
+    if state is not None and state.get("_data_files"):
+        return [join(folder, d["filename"]) for d in state["_data_files"]]
+    listing = fs.ls(folder, detail=False) if fs is not None else [join(folder, n) for n in os.listdir(folder)]
+    return sorted(f for f in listing if f.endswith(ARROW_SUFFIX) and not posixpath.basename(f).startswith((".", "_")))
+
+
+ARROW_SUFFIX = ".arrow"
+# Arrow IPC: the file format starts with "ARROW1", the stream format (what save_to_disk writes) with a
+# continuation marker.
+ARROW_MAGIC = (b"ARROW1", b"\xff\xff\xff\xff")
+
+
+def _is_arrow(file: str, fs: Any) -> bool:
+    with (fs.open(file, "rb") if fs is not None else open(file, "rb")) as f:
+        return f.read(6).startswith(ARROW_MAGIC)
+
+
+def _open_arrow(file: str, fs: Any):
+    """A record batch reader over an Arrow IPC stream or file (memory-mapped when local: nothing is copied)."""
+    src = fs.open(file, "rb") if fs is not None else pa.memory_map(file)
+    try:
+        return pa.ipc.open_stream(src)
+    except pa.ArrowInvalid:
+        src.seek(0)
+        return pa.ipc.open_file(src)
+
+
+def _read_arrow(files: list[str], fs: Any, image_col: str, path: str, source: str) -> pa.Table:
+    """Arrow files (``datasets``' ``save_to_disk``), without their byte columns. Images embedded in them are not
+    read (only Parquet cells are read one by one as rows run): that case says how to write Parquet instead."""
+    tables = []
+    for f in files:
+        reader = _open_arrow(f, fs)
+        schema = reader.schema
+        if image_col in schema.names and _embedded_kind(schema.field(image_col).type) is not None:
+            stem = path.rstrip("/").rsplit("/", 1)[-1] or "manifest"
+            raise ManifestError(source, [Problem(
+                None, None, image_col, str(schema.field(image_col).type),
+                "image paths or URLs in Arrow files; for images stored inside the dataset, Parquet: run "
+                f"python -c \"from datasets import load_from_disk; load_from_disk('{path}').to_parquet('{stem}.parquet')\" "
+                f"and set manifest.path={stem}.parquet (embedded images are then read cell by cell as rows run, "
+                "never loaded whole)")],
+                hint="It holds its images inside Arrow files (datasets' save_to_disk), which svd-batch does not read "
+                     "image by image:")
+        table = reader.read_all()
+        tables.append(table.select([fld.name for fld in schema if not holds_bytes(fld.type)]))
+    return pa.concat_tables(tables, promote_options="permissive")
 
 
 def holds_bytes(t: pa.DataType) -> bool:
@@ -159,21 +230,20 @@ def _embedded_kind(t: pa.DataType) -> str | None:
     return None
 
 
-def read_table(path: str, columns: Mapping[str, str] | None = None) -> tuple[pa.Table, str]:
+def read_table(path: str, columns: Mapping[str, str] | None = None,
+               timeout: float = DEFAULT_TIMEOUT) -> tuple[pa.Table, str]:
     """Read a Parquet file, directory of Parquet files or glob (local or any fsspec URL), in a deterministic
-    row order.
+    row order; also the Arrow files of a ``datasets`` ``save_to_disk`` folder.
 
     An image column of embedded bytes (raw binary, or the Hugging Face struct<bytes, path>) is not read:
     it becomes a string column of readable references (the struct's path, else ``<shard>#row=<n>``) plus a
     ``__image_uri`` column naming each row's cell (see embedded.py); other byte columns are left out, so the
-    table stays small at any number of rows.
+    table stays small at any number of rows. A remote read is abandoned once ``timeout`` seconds pass with
+    nothing arriving (a hung server), whatever the filesystem library's own retries.
     """
     remote = is_url(path)
     source = path if remote else os.path.abspath(path)
-    fs = None
-    if remote:
-        fs, files = _remote_files(path, source)
-    else:
+    if not remote:
         if not any(ch in path for ch in "*?[") and not os.path.exists(path):
             raise ManifestError(
                 source,
@@ -183,16 +253,37 @@ def read_table(path: str, columns: Mapping[str, str] | None = None) -> tuple[pa.
         if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):
             raise ManifestError(source, [Problem(None, None, "manifest.path", path, NOT_A_FILE)],
                                 hint="It is not a file or directory:")
-        files = _files(path)
+        return _read_files(path, source, columns, None, None), source
+    try:
+        fs, inner = filesystem(path)
+    except RemoteError as exc:
+        raise ManifestError(source, [Problem(None, None, "manifest.path", path, str(exc))],
+                            hint="It cannot be read here:") from None
+    try:
+        table = without_stall(lambda activity: _read_files(path, source, columns, WatchedFileSystem(fs, activity),
+                                                           inner), timeout, f"reading the manifest {path}")
+    except RemoteError as exc:
+        raise ManifestError(source, [Problem(None, None, "manifest.path", path, f"a location that answers ({exc})")],
+                            hint="It could not be read:") from None
+    return table, source
+
+
+def _read_files(path: str, source: str, columns: Mapping[str, str] | None, fs: Any, inner: str | None) -> pa.Table:
+    """The rows of the manifest's files; ``fs`` is None for local paths."""
+    files = _remote_files(fs, inner, path, source) if fs is not None else _files(path, source)
     if not files:
         raise ManifestError(
             source,
-            [Problem(None, None, "manifest.path", path, "a directory or glob that holds .parquet files")],
+            [Problem(None, None, "manifest.path", path, "a directory or glob that holds .parquet files (or the "
+                     "Arrow files of a datasets save_to_disk folder)")],
             hint="No Parquet files were found:",
         )
+    image_col = (columns or {}).get("image", "image")
+    afs = fs.arrow() if fs is not None else None
     try:
-        schema = _unified_schema(files, source, fs) if len(files) > 1 else pq.read_schema(files[0], filesystem=fs)
-        image_col = (columns or {}).get("image", "image")
+        if _is_arrow(files[0], fs):
+            return _read_arrow(files, fs, image_col, path, source)
+        schema = _unified_schema(files, source, afs) if len(files) > 1 else pq.read_schema(files[0], filesystem=afs)
         _no_repeated_names(schema, source)
         kind = _embedded_kind(schema.field(image_col).type) if image_col in schema.names else None
         # Byte columns are left unread, except ours: a binary id or fps must be checked, not silently dropped.
@@ -202,8 +293,8 @@ def read_table(path: str, columns: Mapping[str, str] | None = None) -> tuple[pa.
         # order, which sharding and resume rely on.
         # Remote files are Python (fsspec) files, whose buffers Arrow's reader threads free under the GIL; one
         # still doing so as the interpreter exits (a manifest error ends the run at once) aborts the process.
-        table = pads.dataset(files, schema=schema, format="parquet", filesystem=fs).to_table(
-            columns=plain, use_threads=not remote)
+        table = pads.dataset(files, schema=schema, format="parquet", filesystem=afs).to_table(
+            columns=plain, use_threads=fs is None)
         if kind is not None:
             refs, uris = _embedded_refs(files, fs, image_col, kind, _shard_base(path, files, fs))
             table = table.append_column(image_col, refs).append_column("__image_uri", uris)
@@ -215,7 +306,7 @@ def read_table(path: str, columns: Mapping[str, str] | None = None) -> tuple[pa.
             [Problem(None, None, "manifest.path", path, f"readable Parquet with one schema ({exc})")],
             hint="It could not be read as Parquet:",
         ) from None
-    return table, source
+    return table
 
 
 def _no_repeated_names(schema: pa.Schema, source: str) -> None:
@@ -304,6 +395,7 @@ def load_manifest(
     limit: int | None = None,
     where: Mapping[str, Any] | None = None,
     max_row_bytes: int | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> Manifest:
     """Read and validate a manifest; raise ManifestError listing every problem.
 
@@ -316,8 +408,9 @@ def load_manifest(
         limit: keep only the first ``limit`` selected rows.
         where: keep rows whose column equals the value (or is in the list of values).
         max_row_bytes: refuse rows whose size and frames need more memory than this (fields.row_memory_bytes).
+        timeout: seconds without progress before a remote read is abandoned (images.timeout).
     """
-    raw, source = read_table(path, columns)
+    raw, source = read_table(path, columns, timeout)
     mapping = dict(columns or {})
     problems: list[Problem] = []
 

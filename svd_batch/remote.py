@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from typing import Any, Callable
 
 from .util import first_line
@@ -56,9 +57,7 @@ def filesystem(url: str) -> tuple[Any, str]:
                           "fsspec knows such as s3://, gs://, hf://)") from None
 
 
-def with_deadline(fn: Callable[[], Any], timeout: float, what: str) -> Any:
-    """``fn()`` or RemoteError after ``timeout`` seconds: filesystem libraries have their own (often long)
-    retry loops, so a stuck read is abandoned in a daemon thread rather than waited for."""
+def _in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
     box: dict[str, Any] = {}
 
     def run() -> None:
@@ -69,12 +68,116 @@ def with_deadline(fn: Callable[[], Any], timeout: float, what: str) -> Any:
 
     t = threading.Thread(target=run, daemon=True, name="remote-read")
     t.start()
-    t.join(timeout)
-    if t.is_alive():
-        raise RemoteError(f"{what} did not finish within images.timeout={timeout:g} s")
+    return t, box
+
+
+def _outcome(box: dict[str, Any]) -> Any:
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+def with_deadline(fn: Callable[[], Any], timeout: float, what: str) -> Any:
+    """``fn()`` or RemoteError after ``timeout`` seconds: filesystem libraries have their own (often long)
+    retry loops, so a stuck read is abandoned in a daemon thread rather than waited for."""
+    t, box = _in_thread(fn)
+    t.join(timeout)
+    if t.is_alive():
+        raise RemoteError(f"{what} did not finish within images.timeout={timeout:g} s")
+    return _outcome(box)
+
+
+# -- reads of unknown length (a manifest): bounded by silence, not by their total time -----------------------
+READ_BLOCK = 4 << 20  # a read larger than this is made in blocks, so a slow but moving transfer shows progress
+
+
+class Activity:
+    """When a remote read last made progress: a filesystem call returned, or a block of bytes arrived."""
+
+    def __init__(self) -> None:
+        self.at = time.monotonic()
+
+    def touch(self) -> None:
+        self.at = time.monotonic()
+
+
+class _WatchedFile:
+    """A file of a watched filesystem: every block read counts as progress."""
+
+    def __init__(self, f: Any, activity: Activity):
+        self._f, self._activity = f, activity
+
+    def read(self, n: int | None = -1) -> bytes:
+        parts, left = [], (None if n is None or n < 0 else n)
+        while left is None or left > 0:
+            block = self._f.read(READ_BLOCK if left is None else min(left, READ_BLOCK))
+            self._activity.touch()
+            if not block:
+                break
+            parts.append(block)
+            if left is not None:
+                left -= len(block)
+        return b"".join(parts)
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        memoryview(buffer).cast("B")[:len(data)] = data
+        return len(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+    def __enter__(self) -> "_WatchedFile":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._f.close()
+
+
+class WatchedFileSystem:
+    """An fsspec filesystem whose calls and file reads mark progress on an Activity (the filesystem itself is
+    not changed: fsspec shares cached instances between users)."""
+
+    def __init__(self, fs: Any, activity: Activity):
+        self._fs, self._activity = fs, activity
+
+    def open(self, path: str, mode: str = "rb", **kwargs: Any) -> _WatchedFile:
+        f = self._fs.open(path, mode, **kwargs)
+        self._activity.touch()
+        return _WatchedFile(f, self._activity)
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._fs, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            out = attr(*args, **kwargs)
+            self._activity.touch()
+            return out
+
+        return call
+
+    def arrow(self):
+        """The same, as a pyarrow filesystem (for pyarrow's readers)."""
+        import pyarrow.fs as pafs
+
+        return pafs.PyFileSystem(pafs.FSSpecHandler(self))
+
+
+def without_stall(fn: Callable[[Activity], Any], timeout: float, what: str) -> Any:
+    """``fn(activity)``, abandoned with RemoteError once ``timeout`` seconds pass without progress on
+    ``activity``: a manifest of any size may take minutes to arrive, but a hung or unreachable server (a
+    library retrying for minutes inside one call) must not hold the run for longer than the timeout."""
+    activity = Activity()
+    t, box = _in_thread(lambda: fn(activity))
+    while True:
+        t.join(min(1.0, timeout))
+        if not t.is_alive():
+            return _outcome(box)
+        if time.monotonic() - activity.at > timeout:
+            raise RemoteError(f"{what}: nothing arrived for {timeout:g} s (images.timeout), so the read was "
+                              "abandoned: the server is unreachable or hung")
 
 
 def read_bytes(url: str, timeout: float, max_bytes: int) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -73,26 +74,60 @@ def write_results(rundir: RunDir, records: pa.Table, manifest: pa.Table, extra_c
     return table
 
 
+RANK_FIGURES = ("rank", "host", "rows", "ok", "failed", "model_load_seconds", "warmup_seconds", "pipeline_seconds",
+                "wall_seconds")
+
+
+def rank_figures(stats) -> dict:
+    """One rank's figures for ``summary`` from its RankStats (or anything with those attributes)."""
+    return {k: getattr(stats, k, None) for k in RANK_FIGURES}
+
+
+def _rank_line(r: dict) -> str:
+    where = f"rank {r['rank']}" + (f" ({r['host']})" if r.get("host") else "")
+    rows = f"{r.get('rows') or 0} rows" + (f" ({r.get('ok') or 0} ok, {r['failed']} failed)" if r.get("failed") else "")
+    warmup = f", compile warm-up {r['warmup_seconds']:.1f} s" if r.get("warmup_seconds") else ""
+    busy = (f", pipeline busy {r.get('pipeline_seconds') or 0.0:.1f} s of {r['wall_seconds']:.1f} s"
+            if r.get("wall_seconds") is not None else "")
+    return f"  {where}: {rows}, model load {r.get('model_load_seconds') or 0.0:.1f} s{warmup}{busy}"
+
+
+# What a run leaves for people to open, in the order the summary names them.
+OUTPUTS = (("videos", "videos/"), ("results.parquet", "results.parquet"), ("index.html", "index.html (the report)"),
+           ("contact_sheet.png", "contact_sheet.png"))
+
+
 def summary(results: pa.Table, *, total: int, ran: list[float], wall_seconds: float, output_dir: str,
-            stats=None) -> str:
+            stats=None, ranks: list[dict] | None = None) -> str:
+    """The closing lines of a run.
+
+    ``ran``: seconds per video of the rows this run finished ok. ``ranks``: per rank of this run, a dict with
+    rank, host, rows, ok, failed, model_load_seconds, warmup_seconds, pipeline_seconds, wall_seconds (one line
+    each, in rank order); ``stats`` (one rank's RankStats) stands in for it when only that rank is known."""
+    if ranks is None and stats is not None:
+        ranks = [rank_figures(stats)]
+    ranks = sorted(ranks or [], key=lambda r: r["rank"])
     ok = pc.sum(pc.equal(results["status"], "ok")).as_py() or 0 if results.num_rows else 0
     failed = pc.sum(pc.equal(results["status"], "failed")).as_py() or 0 if results.num_rows else 0
     pending = total - ok - failed
     lines = [f"svd-batch: {ok} ok, {failed} failed" + (f", {pending} not done" if pending else "") + f" of {total} rows"]
-    if ran:
+    attempted = sum(r.get("rows") or 0 for r in ranks) if ranks else len(ran)
+    if attempted:
+        run_failed = sum(r.get("failed") or 0 for r in ranks)
         per_min = 60.0 * len(ran) / wall_seconds if wall_seconds > 0 else float("nan")
-        lines.append(
-            f"  this run: {len(ran)} rows in {wall_seconds:.1f} s, {per_min:.1f} videos/min, "
-            f"median {float(np.median(ran)):.2f} s per video"
-        )
-        if stats is not None:
-            warmup = f", compile warm-up {stats.warmup_seconds:.1f} s" if stats.warmup_seconds else ""
-            lines.append(f"  rank 0: model load {stats.model_load_seconds:.1f} s{warmup}, pipeline busy "
-                         f"{stats.pipeline_seconds:.1f} s of {stats.wall_seconds:.1f} s")
+        if ran:
+            lines.append(f"  this run: {attempted} rows in {wall_seconds:.1f} s"
+                         + (f" ({run_failed} failed)" if run_failed else "")
+                         + f", {per_min:.1f} videos/min, median {float(np.median(ran)):.2f} s per video")
+        else:
+            lines.append(f"  this run: {attempted} rows in {wall_seconds:.1f} s, every one failed")
+        lines += [_rank_line(r) for r in ranks]
     else:
         lines.append("  this run: nothing left to do")
-    lines.append(f"  output: {output_dir}  (videos/, results.parquet)")
+    present = [text for name, text in OUTPUTS if os.path.exists(os.path.join(output_dir, name))]
+    lines.append(f"  output: {output_dir}" + (f"  ({', '.join(present)})" if present else ""))
     if failed:
-        lines.append("  failed rows are listed with their errors in results.parquet (status == 'failed'); "
-                     "fix them and rerun with retry_failed=true")
+        lines.append("  failed rows are listed with their errors in results.parquet (status == 'failed')"
+                     + (" and in index.html" if os.path.exists(os.path.join(output_dir, "index.html")) else "")
+                     + "; fix them and rerun with retry_failed=true")
     return "\n".join(lines)

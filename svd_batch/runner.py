@@ -55,6 +55,7 @@ def read_manifest(cfg: DictConfig) -> Manifest:
         limit=m.get("limit"),
         where=plain(m.get("where")),
         max_row_bytes=cfg.runtime.get("max_row_bytes"),
+        timeout=float(cfg.images.timeout),
     )
 
 
@@ -387,6 +388,7 @@ def _run_member(cfg: DictConfig, manifest: Manifest, rundir: RunDir, ex: Executo
     import torch
 
     from .generate import DeviceFailure, Generator, ModelUnavailable
+    from .outage import EXIT_SOURCE, SourceOutage
     from .worker import RankWorker
     from .write import OutputFolderError
 
@@ -446,10 +448,15 @@ def _run_member(cfg: DictConfig, manifest: Manifest, rundir: RunDir, ex: Executo
         state = "device_failure"
         say(f"svd-batch: rank {rank} stopped: {exc}")
     except OutputFolderError as exc:
-        ex.abort(str(exc))
+        ex.abort(f"output: {exc}")
         ex.leave("aborted", parts, _stats_dict(worker))
         say(f"svd-batch: {exc}")
         return ex.exit_code(EXIT_OUTPUT)
+    except SourceOutage as exc:
+        ex.abort(f"source: {exc}")
+        ex.leave("aborted", parts, _stats_dict(worker))
+        say(f"svd-batch: {exc}")
+        return ex.exit_code(EXIT_SOURCE)
 
     # 4. Leave: a final state (units still held are given back), then the end of the job.
     if stop.signum is not None:
@@ -467,9 +474,11 @@ def _run_member(cfg: DictConfig, manifest: Manifest, rundir: RunDir, ex: Executo
         return 128 + stop.signum
     if ex.aborted():
         ex.leave("aborted", parts, _stats_dict(worker))
-        say("svd-batch: stopped: another process stopped the run (its message says why: the output folder could not "
-            "take more files); every finished row is recorded.")
-        return ex.exit_code(EXIT_OUTPUT)
+        source = ex.abort_reason().startswith("source:")
+        say("svd-batch: stopped: another process stopped the run (its message says why: "
+            + ("a source of images is down" if source else "the output folder could not take more files")
+            + "); every finished row is recorded.")
+        return ex.exit_code(EXIT_SOURCE if source else EXIT_OUTPUT)
     if state == "device_failure":
         ex.leave(state, parts, _stats_dict(worker), early=True)
         if ex.others_alive():

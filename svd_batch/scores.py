@@ -10,8 +10,13 @@
   /255. Texture moving through a region barely changes its mean; a region pumping brighter and darker
   from frame to frame (the flicker users report) gives a large second difference.
 
-The pixel scores take a few milliseconds per video on one core (BENCHMARKS.md); the embedding runs where
-the encoder lives (the GPU in a real run), from the writer thread, so the model never waits for scores.
+Scores describe the files a run leaves: the MP4 as decoded and the input as saved (``inputs/<id>.jpg``), in
+the run (from the writer thread, right after writing them) and in ``svd-batch-score`` alike, so both give the
+same values for the same video. Scoring the frames in memory instead gave other values than any later
+rescoring could (H.264 is lossy, the saved input is a JPEG): image_similarity 0.9518 in the run, 0.9563 from
+the files. The decode costs the writer thread tens to hundreds of milliseconds per video, beside the model
+(BENCHMARKS.md); the embedding runs where the encoder lives (the GPU in a real run), so the model never waits
+for scores. Across device types (a GPU run rescored on CPU) the encoder's float rounding differs slightly.
 """
 
 from __future__ import annotations
@@ -163,12 +168,21 @@ class _Offloaded(Exception):
     pass
 
 
-def scores_for_record(frames: np.ndarray, image, embed: Embed | None) -> dict[str, float | None]:
-    """For the writer: scores never fail a row (a video that exists is worth more than its score)."""
+def score_files(root: str, row: dict[str, Any], embed: Embed | None) -> dict[str, float | None]:
+    """The scores of a row's video as written (videos/<id>.mp4, or its recorded video_path) and its input as
+    saved: what the run records and what svd-batch-score recomputes, read the same way."""
+    video = os.path.join(root, row.get("video_path") or os.path.join("videos", f"{row['id']}.mp4"))
+    image = conditioning_image(root, row) if embed is not None else None
+    return score_video(read_mp4(video), image, embed)
+
+
+def scores_for_record(root: str, row: dict[str, Any], embed: Embed | None) -> dict[str, float | None]:
+    """For the writer, once the row's video and input image are in place: scores never fail a row (a video that
+    exists is worth more than its score)."""
     try:
-        return score_video(frames, image, embed)
+        return score_files(root, row, embed)
     except _Offloaded:
-        return score_video(frames, image, None)
+        return score_files(root, row, None)
     except Exception:  # noqa: BLE001 - a broken scorer leaves the columns empty; svd-batch-score can redo them
         return {c: None for c in SCORE_COLUMNS}
 
@@ -177,6 +191,10 @@ def scores_for_record(frames: np.ndarray, image, embed: Embed | None) -> dict[st
 def load_embedder(model_path: str, device: str | None = None) -> Embed:
     """Only the pipeline's image encoder and feature extractor, from the run's model folder."""
     import torch
+
+    from .util import quiet_hf_logging
+
+    quiet_hf_logging()  # no weight-loading bar, no warning about torchvision's image processor backend
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -219,13 +237,14 @@ def rescore(root: str, embed: Embed | None, log: Callable[[str], None] = print) 
     table = pq.read_table(rd.results_path)
     cols = {c: [None] * table.num_rows for c in SCORE_COLUMNS}
     keep = ["id", "status", "video_path", "image", "width", "height"]
-    started, missing = time.perf_counter(), 0
+    started, missing, scored = time.perf_counter(), 0, 0
     for i, row in enumerate(table.select(keep).to_pylist()):
         video = os.path.join(root, row["video_path"]) if row["status"] == "ok" and row["video_path"] else None
         if not video or not os.path.exists(video):
             missing += row["status"] == "ok"
             continue
-        s = score_video(read_mp4(video), conditioning_image(root, row), embed)
+        s = score_files(root, row, embed)
+        scored += 1
         for c in SCORE_COLUMNS:
             cols[c][i] = s[c]
     for c in SCORE_COLUMNS:
@@ -235,20 +254,66 @@ def rescore(root: str, embed: Embed | None, log: Callable[[str], None] = print) 
         else:
             table = table.append_column(c, arr)
     write_parquet_atomic(table, rd.results_path)
-    log(f"svd-batch-score: scored {table.num_rows - missing} rows in {time.perf_counter() - started:.1f} s"
+    log(f"svd-batch-score: scored {scored} rows in {time.perf_counter() - started:.1f} s"
         + (f"; {missing} ok rows have no video file (scores left empty)" if missing else ""))
     return table
 
 
+LOWEST = 10
+
+
+def score_summary(table: "pa.Table", lowest: int = LOWEST) -> str:
+    """Per score: its distribution, and the rows with the lowest values (the first duds to look at)."""
+    import pyarrow.compute as pc
+
+    lines = []
+    for c in SCORE_COLUMNS:
+        if c not in table.column_names:
+            continue
+        scored = table.filter(pc.is_valid(table[c])).select(["id", c])
+        if not scored.num_rows:
+            lines.append(f"{c}: no values")
+            continue
+        v = scored[c].to_numpy()
+        q = np.percentile(v, [0, 5, 25, 50, 75, 95, 100])
+        lines.append(f"{c} ({scored.num_rows} rows): min {q[0]:.4f} · 5% {q[1]:.4f} · 25% {q[2]:.4f} · median "
+                     f"{q[3]:.4f} · 75% {q[4]:.4f} · 95% {q[5]:.4f} · max {q[6]:.4f}")
+        low = scored.sort_by([(c, "ascending"), ("id", "ascending")]).slice(0, lowest).to_pylist()
+        lines.append(f"  lowest {len(low)}: " + ", ".join(f"{r['id']} {r[c]:.4f}" for r in low))
+    return "\n".join(lines)
+
+
+def rebuild_report(root: str, log: Callable[[str], None] = print) -> None:
+    """The report shows the scores: write it again from the new results (with the run's report settings)."""
+    from .gallery import write_report
+    from .runner import saved_config
+
+    cfg = saved_config(root)
+    report = cfg.get("report") if cfg is not None else None
+    page_size = int(report.get("page_size", 48)) if report is not None else 48
+    contact_rows = int(report.get("contact_sheet_rows", 16)) if report is not None else 16
+    try:
+        paths = write_report(root, page_size, contact_rows)
+    except Exception as exc:  # noqa: BLE001 - the scores are saved; the report is for people
+        log(f"svd-batch-score: the scores are saved, but the report could not be rewritten ({type(exc).__name__}: "
+            f"{first_line(exc)}); run svd-batch-report {root}")
+        return
+    log("svd-batch-score: report rewritten with the new scores: " + ", ".join(os.path.relpath(p, root) for p in paths))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="svd-batch-score", description="Recompute motion_score, image_similarity "
-                                 "and flicker_score of a finished run from its MP4s and input images, and "
-                                 "rewrite results.parquet (atomically).")
+                                 "and flicker_score of a finished run from its MP4s and input images (the same "
+                                 "reading the run does: the same values on the same device type), rewrite "
+                                 "results.parquet (atomically), print each score's distribution and lowest rows, "
+                                 "and rewrite the report.")
     ap.add_argument("output_dir")
     ap.add_argument("--model", help="diffusers folder whose image_encoder/ embeds images (default: the run's "
                     "model, from its config.yaml)")
     ap.add_argument("--no-embed", action="store_true", help="skip image_similarity (no encoder is loaded)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--no-report", action="store_true", help="leave index.html and contact_sheet.png as they are "
+                    "(by default they are rewritten, since they show the scores)")
     args = ap.parse_args(argv)
     root = args.output_dir
     if not os.path.exists(os.path.join(root, "results.parquet")):
@@ -269,7 +334,10 @@ def main(argv: list[str] | None = None) -> None:
                   "image_encoder/ and feature_extractor/>, or --no-embed to compute only the pixel scores.",
                   file=sys.stderr)
             sys.exit(2)
-    rescore(root, embed)
+    table = rescore(root, embed)
+    print(score_summary(table))
+    if not args.no_report:
+        rebuild_report(root)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def _scalar(v: Any) -> bool:
 
 def _where_value() -> tuple[Callable[[Any], bool], str]:
     ok = lambda v: _scalar(v) or (isinstance(v, (list, tuple)) and len(v) > 0 and all(_scalar(x) for x in v))  # noqa: E731
-    return ok, "a value, or a non-empty list of values (strings or numbers), e.g. manifest.where.split=val or '+manifest.where.split=[a,b]'"
+    return ok, "a value, or a non-empty list of values (strings or numbers), e.g. manifest.where.split=val or 'manifest.where.split=[a,b]'"
 
 
 def _generation(name: str) -> tuple[Callable[[Any], bool], str]:
@@ -103,6 +103,8 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "images.timeout": _number(positive=True),
     "images.max_bytes": _int(1),
     "images.max_pixels": _nullable(_int(1)),
+    "images.outage_failures": _int(0),
+    "images.outage_wait": _number(0),
     "report.enabled": _bool(), "report.page_size": _int(1), "report.contact_sheet_rows": _int(0),
     "report.scores": _bool(),
     "manifest.path": _str(),
@@ -186,6 +188,8 @@ class WorkerSettings:
     image_max_bytes: int = 64 << 20
     image_max_pixels: int | None = None
     max_row_bytes: int | None = None     # runtime.max_row_bytes: also bounds decoding one image
+    outage_failures: int = 5             # rows in a row failing for their source's sake before it is retried; 0: off
+    outage_wait: float = 120.0           # seconds of retrying a source that is down before the run stops
     video_crf: int = 18
     video_codec: str = "libx264"
     video_pix_fmt: str = "yuv420p"
@@ -209,6 +213,8 @@ class WorkerSettings:
             image_max_bytes=int(cfg.images.max_bytes),
             image_max_pixels=None if max_pixels is None else int(max_pixels),
             max_row_bytes=None if rt.get("max_row_bytes") is None else int(rt.max_row_bytes),
+            outage_failures=int(cfg.images.get("outage_failures", 5)),
+            outage_wait=float(cfg.images.get("outage_wait", 120.0)),
             video_crf=int(cfg.video.crf),
             video_codec=str(cfg.video.codec),
             video_pix_fmt=str(cfg.video.pix_fmt),

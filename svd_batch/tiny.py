@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 # Bump when the architecture or seeding changes: the cache folder is keyed on it, so old folders are
@@ -112,9 +114,14 @@ def ensure_tiny_model(cache_dir: str | os.PathLike | None = None) -> Path:
     if (target / "model_index.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    # Said before the build: otherwise the first run shows a "model load 0.1 s" that hides the build's seconds.
+    print(f"svd-batch: building the tiny model (random weights, the real SVD architecture: its videos are noise, "
+          f"by design) in {target}; first use only", file=sys.stderr, flush=True)
+    started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         build_tiny_pipeline().save_pretrained(tmp)
+        print(f"svd-batch: tiny model built in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
         try:
             os.rename(tmp, target)
         except OSError:

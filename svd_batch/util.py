@@ -17,8 +17,8 @@ import numpy as np
 STAGES = ("call", "clip", "vae_encode", "unet", "vae_decode")
 
 
-def first_line(exc: BaseException, limit: int = 500) -> str:
-    """An exception's message cut to one line, for one-line errors in results and messages."""
+def first_line(exc: BaseException | str, limit: int = 500) -> str:
+    """An exception's message (or a message) cut to one line, for one-line errors in results and messages."""
     text = str(exc)
     return text.splitlines()[0][:limit] if text else ""
 

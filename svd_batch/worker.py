@@ -33,12 +33,17 @@ from .device_errors import device_answers, is_row_error
 from .generate import DeviceFailure, Generator
 from .images import ImageError, load_image_digest
 from .ledger import Ticket
+from .outage import OutageGuard
 from .plan import Plan, row_cost, with_seed
 from .rundir import PartWriter, RunDir, write_text_atomic
 from .scores import pipeline_embedder, save_input_image, scores_for_record
 from .settings import WorkerSettings
 from .util import first_line, peak_host_memory_bytes
 from .write import frames_sha256, is_output_error, output_folder_error, write_mp4
+
+
+# The rank's last batch: rows the outage guard held back below its threshold are recorded after everything else.
+_END: list = []
 
 
 def _now() -> dt.datetime:
@@ -203,6 +208,11 @@ class RankWorker:
         self.thumb_max_row = thumb_max_row
         self.scores = settings.scores
         self.embed = pipeline_embedder(getattr(gen, "pipe", None)) if self.scores else None
+        self.outage = OutageGuard(
+            lambda uri: load_image_digest(uri, timeout=settings.image_timeout, max_bytes=settings.image_max_bytes,
+                                          max_pixels=settings.image_max_pixels),
+            failures=settings.outage_failures, wait_seconds=settings.outage_wait, log=log,
+            stopped=lambda: getattr(stop, "signum", None) is not None)
 
     # -- the loop -----------------------------------------------------------------------------------------
     def run(self, plan: Plan, units: UnitSource) -> RankStats:
@@ -250,6 +260,7 @@ class RankWorker:
             # The rank ends normally: rows held back in a streak of equal failures did fail.
             if held_back:
                 self._put(writes, held_back)
+            self._put(writes, _END)
         except DeviceFailure:
             raise  # the streak's rows and the unit in hand stay unrecorded: their units are given back
         except BaseException:
@@ -373,7 +384,11 @@ class RankWorker:
                     self._write_error = exc
 
     def _write_batch(self, done: list[dict[str, Any]]) -> None:
-        for o in done:
+        # A source that is down is the run's error, not the rows': their records are held back (outage.py), and
+        # SourceOutage stops the run if it does not come back. Held rows keep their units in hand.
+        rows = self.outage.release() if done is _END else self.outage.screen(
+            (o["row"]["image_uri"], None if o["loaded"] else o["error"], o) for o in done)
+        for o in rows:
             ticket = o["ticket"]
             if self.units.superseded(ticket):
                 # Another member took this unit over while this one was paused or cut off: its record stands.
@@ -415,7 +430,7 @@ class RankWorker:
                 if seen is not None:
                     save_input_image(self.rundir.root, row["id"], seen)
                 if self.scores:
-                    record.update(scores_for_record(o["frames"], seen, self.embed))
+                    record.update(scores_for_record(self.rundir.root, row, self.embed))  # from the files just written
                 record.update(status="ok", error=None, video_path=f"videos/{row['id']}.mp4")
             except Exception as exc:  # noqa: BLE001 - e.g. ffmpeg failing on this row
                 if is_output_error(exc) or self._folder_refuses_writes():

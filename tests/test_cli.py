@@ -180,3 +180,71 @@ def test_manifest_where_of_the_wrong_type_is_a_manifest_error(tmp_path):
         assert part in proc.stderr and "Traceback" not in proc.stderr and "Arrow" not in proc.stderr, proc.stderr
     proc = run_cli(f"manifest.path={m}", "+manifest.where.fps=7", "dry_run=true")
     assert proc.returncode == 0 and "1 selected" in proc.stdout, proc.stderr
+
+
+def test_the_image_column_hint_works_as_printed(tmp_path):
+    """The tool's own hint (`manifest.columns.image=<your column>`) is a plain override that Hydra accepts."""
+    m = write_manifest(tmp_path / "m.parquet", [{"id": "a", "frame": "a.jpg"}])
+    proc = run_cli(f"manifest.path={m}", "dry_run=true")
+    assert proc.returncode == 2
+    hint = "manifest.columns.image=<your column>"
+    assert hint in proc.stderr, proc.stderr
+    proc = run_cli(f"manifest.path={m}", "dry_run=true", hint.replace("<your column>", "frame"))
+    assert proc.returncode == 0 and "1 selected" in proc.stdout, proc.stderr
+
+
+def test_num_processes_without_multi_gpu_warns_that_the_world_is_one(tmp_path):
+    from pathlib import Path
+
+    from tests.conftest import free_port
+
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    proc = subprocess.run([accelerate, "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+                           "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "svd_batch",
+                           "dry_run=true", f"output.dir={tmp_path / 'out'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "to run on 1 process(es)" in proc.stdout  # what happened: one process
+    assert "--num_processes 2 but started this one process alone" in proc.stderr  # and now it says so
+    assert "accelerate launch --multi_gpu --num_processes 2 -m svd_batch" in proc.stderr
+
+
+def test_lone_process_warning_only_for_a_world_of_one_that_asked_for_more():
+    from svd_batch.cli import lone_process_warning
+
+    simple = {"ACCELERATE_MIXED_PRECISION": "no", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    parent = ["/venv/bin/python", "/venv/bin/accelerate", "launch", "--num_processes=4", "-m", "svd_batch"]
+    assert "--num_processes 4" in lone_process_warning(simple, parent)
+    assert lone_process_warning({**simple, "WORLD_SIZE": "4", "RANK": "1"}, parent) is None  # a real world
+    one = ["/venv/bin/accelerate", "launch", "--num_processes", "1", "-m", "svd_batch"]
+    assert lone_process_warning({"ACCELERATE_MIXED_PRECISION": "no"}, one) is None  # asked for one
+    assert lone_process_warning({}, ["bash"]) is None  # plain svd-batch
+
+
+def test_library_info_lines_are_hidden_and_their_warnings_kept(tmp_path):
+    """botocore logs "Found credentials in environment variables." at INFO through Hydra's root logger."""
+    code = ("import logging, sys\n"
+            "import svd_batch.runner as runner\n"
+            "def fake_run(cfg):\n"
+            "    log = logging.getLogger('botocore.credentials')\n"
+            "    log.info('Found credentials in environment variables.')\n"
+            "    log.warning('a botocore warning')\n"
+            "    return 0\n"
+            "runner.run = fake_run\n"
+            "sys.argv = ['svd-batch']\n"
+            "from svd_batch.cli import main\n"
+            "main()\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "a botocore warning" in proc.stdout + proc.stderr  # Hydra's handler is live: warnings show
+    assert "Found credentials" not in proc.stdout + proc.stderr
+
+
+def test_building_the_tiny_model_says_so(tmp_path, capfd):
+    from svd_batch.tiny import ensure_tiny_model
+
+    ensure_tiny_model(tmp_path / "tiny")
+    err = capfd.readouterr().err
+    assert "building the tiny model" in err and "tiny model built in" in err
+    ensure_tiny_model(tmp_path / "tiny")  # built once: nothing to say the second time
+    assert "tiny model" not in capfd.readouterr().err

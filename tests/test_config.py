@@ -80,3 +80,15 @@ def test_the_row_definition_matches_the_pipeline_and_the_record():
     row = {f: "3" for f in GENERATION_FIELDS}
     kw = pipeline_kwargs(row)
     assert type(kw["fps"]) is int and type(kw["noise_aug_strength"]) is float and kw["num_frames"] == 3
+
+
+def test_manifest_mappings_take_plain_overrides_as_the_hints_print_them():
+    c = cfg("manifest.columns.image=frame", "manifest.defaults.fps=3", "manifest.where.split=[a,b]")
+    assert c.manifest.columns.image == "frame" and c.manifest.defaults.fps == 3
+    assert list(c.manifest.where.split) == ["a", "b"]
+    assert cfg("+manifest.columns.image=frame").manifest.columns.image == "frame"  # the + form still works
+    # Only those three mappings are open: a typo anywhere else is still refused by Hydra.
+    for typo in ("manifest.colums.image=frame", "manifest.nmae=x", "generation.fsp=3"):
+        with pytest.raises(Exception, match="Could not override"):
+            cfg(typo)
+

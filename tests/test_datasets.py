@@ -149,3 +149,61 @@ def test_entry_for_hugging_face_shards(tmp_path):
     dry = run_cli(f"--config-dir={tmp_path / 'myconf'}", "manifest=hub", "dry_run=true",
                   f"output.dir={tmp_path / 'o'}")
     assert dry.returncode == 0 and "manifest: 'hub'" in dry.stdout, dry.stderr
+
+
+def test_plain_overrides_add_to_an_entry_s_own_mapping(dataset):
+    """`manifest.columns.X=...` (no `+`) on top of an entry that maps columns itself, as the hints write it."""
+    proc = run_cli(f"--config-dir={dataset / 'myconf'}", "manifest=mydata", "dry_run=true",
+                   "manifest.columns.seed=motion", "manifest.where.split=[val,train]",
+                   "manifest.defaults.num_inference_steps=3")
+    assert proc.returncode == 0, proc.stderr
+    assert "9 selected" in proc.stdout and "num_inference_steps 3" in proc.stdout
+
+
+def save_to_disk(folder, table: pa.Table, shards: int = 2):
+    """The layout `datasets`' Dataset.save_to_disk writes: Arrow IPC streams listed in state.json."""
+    import json
+
+    folder.mkdir(parents=True)
+    names, per = [], -(-table.num_rows // shards)
+    for k in range(shards):
+        name = f"data-{k:05d}-of-{shards:05d}.arrow"
+        with pa.OSFile(str(folder / name), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table.slice(k * per, per))
+        names.append({"filename": name})
+    (folder / "state.json").write_text(json.dumps({"_data_files": names, "_fingerprint": "0", "_split": None}))
+    (folder / "dataset_info.json").write_text("{}")
+    return folder
+
+
+def test_a_datasets_save_to_disk_folder_runs_or_says_what_to_do(tmp_path):
+    meta = {b"huggingface": b'{"info": {"features": {"image": {"_type": "Image"}}}}'}
+    rows = pa.table({"image": [str(SAMPLE / "cat.jpg"), str(SAMPLE / "rocket.jpg"), str(SAMPLE / "coffee.jpg")],
+                     "id": ["c", "r", "k"], "motion": [10, 20, 30]})
+    saved = save_to_disk(tmp_path / "saved", rows)
+    out = tmp_path / "out"
+    proc = run_cli(f"manifest.path={saved}", f"output.dir={out}", "manifest.columns.motion_bucket_id=motion")
+    assert proc.returncode == 0, proc.stderr
+    t = read_results(out)
+    assert t["id"].to_pylist() == ["c", "r", "k"] and t["motion_bucket_id"].to_pylist() == [10, 20, 30]
+    assert set(t["status"].to_pylist()) == {"ok"}
+    one, _ = read_table(str(saved / "data-00001-of-00002.arrow"))  # one Arrow file by itself
+    assert one["id"].to_pylist() == ["k"]
+
+    # Images stored inside the Arrow files: not read there; the message gives the to_parquet line to run.
+    png = (SAMPLE / "cat.jpg").read_bytes()
+    embedded = pa.table({"image": pa.array([{"bytes": png, "path": "cat.jpg"}],
+                                           pa.struct([("bytes", pa.binary()), ("path", pa.string())]))}
+                        ).replace_schema_metadata(meta)
+    inside = save_to_disk(tmp_path / "inside", embedded, shards=1)
+    proc = run_cli(f"manifest.path={inside}", "dry_run=true")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"load_from_disk('{inside}').to_parquet('inside.parquet')" in proc.stderr, proc.stderr
+    assert "No Parquet files" not in proc.stderr and "magic bytes" not in proc.stderr
+
+    # A DatasetDict: one folder per split; the message names them.
+    (tmp_path / "dict").mkdir()
+    (tmp_path / "dict" / "dataset_dict.json").write_text('{"splits": ["train", "test"]}')
+    save_to_disk(tmp_path / "dict" / "train", rows)
+    with pytest.raises(ManifestError, match=r"(?s)DatasetDict.*/dict/train, .*/dict/test"):
+        read_table(str(tmp_path / "dict"))

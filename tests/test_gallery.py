@@ -185,16 +185,30 @@ def test_real_run_report(run_dir, tmp_path):
 
 
 def test_contact_sheet_shows_input_then_first_middle_last_frames(run_dir, tmp_path):
+    from PIL import ImageDraw, ImageFont
+
+    from svd_batch.gallery import CAPTION_HEIGHT, COLUMNS, LABEL_WIDTH, PAD
+
     # Thumbnails were kept while the frames were in memory, so the sheet decodes nothing.
     assert sorted(p.name for p in (run_dir / ".svd-batch" / "thumbs").iterdir()) == ["cat.png", "coffee.png", "rocket.png"]
     sheet = Image.open(run_dir / "contact_sheet.png")
     assert sheet.mode == "RGB" and sheet.height >= 4 * 128  # four rows, the failed one labelled
+    top = PAD + CAPTION_HEIGHT  # the pictures sit under their column names
     # First column: the conditioning image as the model saw it.
     inp = np.asarray(Image.open(run_dir / "inputs" / "cat.jpg").convert("RGB").resize((128, 128)), dtype=float)
-    first = np.asarray(sheet.crop((300, 6, 428, 134)), dtype=float)
+    first = np.asarray(sheet.crop((LABEL_WIDTH, top, LABEL_WIDTH + 128, top + 128)), dtype=float)
     assert np.abs(first - inp).mean() < 12
-    strip = sheet.crop((434, 0, sheet.width, 140)).convert("L")
+    strip = sheet.crop((LABEL_WIDTH + 128 + PAD, top, sheet.width, top + 128)).convert("L")
     assert strip.getextrema()[1] - strip.getextrema()[0] > 50  # real frames after it
+    # Each picture is named above it: input, first, middle, last (drawn here the same way to compare pixels).
+    font = ImageFont.load_default(size=14)
+    step = 128 + PAD
+    for k, name in enumerate(COLUMNS):
+        x0, y0, x1, y1 = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), name, font=font)
+        expected = Image.new("RGB", (x1, y1), (24, 24, 24))
+        ImageDraw.Draw(expected).text((0, 0), name, fill=(150, 190, 255), font=font)
+        got = sheet.crop((LABEL_WIDTH + k * step, PAD, LABEL_WIDTH + k * step + x1, PAD + y1))
+        assert np.abs(np.asarray(got, dtype=float) - np.asarray(expected, dtype=float)).mean() < 1, name
     # Without thumbnails (a run made before them, or deleted) the sheet decodes the videos: same picture.
     from svd_batch.gallery import write_contact_sheet
 
@@ -220,3 +234,130 @@ def test_report_command_on_an_interrupted_run(run_dir, tmp_path):
     assert (copy / "index.html").exists() and (copy / "contact_sheet.png").exists()
     assert (copy / "report" / "data-00000.js").exists()
     assert not (copy / "index-2.html").exists()
+
+
+# -- charts people can read -------------------------------------------------------------------------------------
+def svg_labels(svg: str) -> list[str]:
+    return re.findall(r"<text[^>]*>([^<]*)</text>", svg)
+
+
+def test_a_few_rows_read_at_their_real_rate():
+    from svd_batch.gallery import smoothed_rate, throughput_chart
+
+    # 8 rows on one rank, 4.5 per minute (the sample run): one flat line at 4.5, not spikes of 43.8.
+    start = np.array([13.3 * k for k in range(8)])
+    done = start + 13.3
+    at, rate = smoothed_rate(done, 0.0, float(done[-1]), float(done[-1]), 120)
+    assert np.allclose(rate, 8 / (done[-1] / 60))
+    svg = throughput_chart(np.zeros(8), done, start)
+    assert svg_labels(svg)[1:5] == ["0", "2", "4", "6"]  # the y axis tops at 6 videos/min
+    # A rank that stops half-way reads as stopped; its steady part reads at its rate.
+    finishes = np.arange(1, 401) * 6.0  # 10 a minute for 40 minutes
+    at, rate = smoothed_rate(finishes[:200], 0.0, 2400.0, 240.0, 240)
+    assert np.all(np.abs(rate[(at > 120) & (at < 1000)] - 10) < 0.6) and np.all(rate[at > 1200 + 240] == 0)
+
+
+def test_a_million_rows_read_in_human_units():
+    from svd_batch.gallery import human_number, seconds_histogram, throughput_chart
+
+    assert [human_number(v) for v in (0, 2.5, 25_000, 202_000, 1_200_000)] == ["0", "2.5", "25k", "202k", "1.2M"]
+    t = synthetic_results(1_000_000)
+    ok = t.filter(pc.equal(t["status"], "ok"))
+    from svd_batch.report import epoch_seconds, float_values
+
+    rate = throughput_chart(float_values(ok["rank"]), epoch_seconds(ok["finished_at"]), epoch_seconds(ok["started_at"]))
+    hist = seconds_histogram(float_values(ok["total_seconds"]))
+    labels = svg_labels(rate) + svg_labels(hist)
+    assert not [x for x in labels if "e+" in x or "e-" in x]  # never 2.51e+04 or 2.02e+05
+    assert "days since the start" in labels  # a 36-day run (8 ranks, 125k rows each at ~25 s a row)
+    assert any(x.endswith("k") for x in svg_labels(hist))  # tens of thousands of videos per bin, in k
+
+
+def test_peak_vram_is_listed_in_device_order(tmp_path):
+    from svd_batch.gallery import write_gallery
+
+    t = synthetic_results(64)
+    devices = [f"cuda:{i}" for i in (10, 2, 1, 0, 11, 3, 9, 8)]
+    t = t.set_column(t.schema.get_field_index("device"), "device",
+                     pa.array([devices[r] for r in t["rank"].to_pylist()]))
+    t = t.set_column(t.schema.get_field_index("host"), "host", pa.array(["node10" if r % 2 else "node2"
+                                                                          for r in t["rank"].to_pylist()]))
+    (tmp_path / ".svd-batch").mkdir()
+    pq.write_table(t, tmp_path / "results.parquet")
+    write_gallery(str(tmp_path))
+    page = (tmp_path / "index.html").read_text()
+    table = page.split("Peak VRAM per device")[1].split("</table>")[0]
+    listed = re.findall(r"<tr><td>([^<]+)</td>", table)
+    assert listed == ["node2 cuda:1", "node2 cuda:9", "node2 cuda:10", "node2 cuda:11",
+                      "node10 cuda:0", "node10 cuda:2", "node10 cuda:3", "node10 cuda:8"]
+
+
+# -- the page in a browser that is driven: paging, jumping, layout ------------------------------------------------
+VISIBLE = """[...document.querySelectorAll('#grid video')].filter(e => { const r = e.getBoundingClientRect();
+             return r.bottom > 0 && r.top < innerHeight; })"""
+LIVE = "document.querySelectorAll('video[src]').length"
+PLAYER_LIMIT = 30  # Chromium's players per page, lowered from its default: far more pages than it holds
+
+
+@pytest.fixture()
+def browser(tmp_path):
+    from tests.browser import Browser
+
+    b = Browser(tmp_path / "profile", 1400, 900, extra=(f"--max-web-media-player-count={PLAYER_LIMIT}",))
+    yield b
+    b.close()
+
+
+def test_paging_through_a_big_report_keeps_every_visible_video_playing(big_report, browser):
+    """A page holds a media player only for the videos on screen (or near it) and gives it back when they leave
+    or the page turns: with 24 videos a page and room for 30 players, the second page would be black otherwise."""
+    root, t = big_report
+    browser.open((root / "index.html").resolve().as_uri())
+    browser.js("document.getElementById('tovideos').click()")
+    assert abs(browser.js("document.getElementById('videos').getBoundingClientRect().top")) < 2  # jumped to the grid
+    seen = set()
+    for turn in range(12):
+        ids = browser.wait(f"(() => {{ const v = {VISIBLE}; return v.length && v.every(e => e.dataset.playing === '1')"
+                           " && v.map(e => e.dataset.id); })()", timeout=90, what=f"the videos on screen of page {turn + 1}")
+        assert not seen & set(ids)  # a new page each time
+        seen |= set(ids)
+        assert browser.js(LIVE) <= PAGE  # players only for this page's videos near the screen
+        if turn == 5:  # down to the end of the page: those videos play too, the ones far above gave theirs back
+            browser.js("document.getElementById('next2').scrollIntoView({block: 'end'})")
+            browser.wait(f"(() => {{ const v = {VISIBLE}; return v.length && v.every(e => e.dataset.playing === '1'); }})()",
+                         timeout=90, what="the videos at the end of the page")
+            assert browser.js("document.querySelectorAll('#grid video:not([src])').length") > 0
+            browser.js("document.getElementById('next2').click()")  # the bottom buttons turn and go back up
+            assert abs(browser.js("document.getElementById('videos').getBoundingClientRect().top")) < 2
+        else:
+            browser.js("document.getElementById('next').click()")
+    assert browser.js("location.hash") == "#page=13"
+    assert not [line for line in browser.logged() if "WebMediaPlayer" in line]
+    # A video not on screen yet shows its input image, not a black box.
+    browser.js("window.scrollTo(0, 0)")
+    off = browser.js("[...document.querySelectorAll('#grid video:not([src])')].map(e => e.getAttribute('poster'))")
+    assert off and all(p and p.startswith("inputs/") for p in off)
+
+
+def test_the_first_screen_reaches_the_videos_and_the_charts_fit(big_report, browser):
+    root, _ = big_report
+    browser.open((root / "index.html").resolve().as_uri())
+    # 1400 x 900: the summary, both charts and the failed rows leave the grid's heading on the first screen.
+    assert browser.js("document.getElementById('videos').getBoundingClientRect().top") < 900 - 60
+    # Every label inside its chart; the legend right of every line.
+    fit = browser.js("""[...document.querySelectorAll('svg')].map(svg => {
+        const w = svg.width.baseVal.value, h = svg.height.baseVal.value;
+        const out = [...svg.querySelectorAll('text')].filter(t => { const b = t.getBBox();
+            const m = t.getCTM(); const x = b.x * m.a + b.y * m.c + m.e, y = b.x * m.b + b.y * m.d + m.f;
+            const x2 = x + b.width * Math.abs(m.a) + b.height * Math.abs(m.c), y2 = y + b.width * Math.abs(m.b) + b.height * Math.abs(m.d);
+            return Math.min(x, x2) < 0 || Math.max(x, x2) > w || Math.min(y, y2) < 0 || Math.max(y, y2) > h; })
+          .map(t => t.textContent);
+        const right = Math.max(0, ...[...svg.querySelectorAll('polyline')].flatMap(p => [...p.points].map(q => q.x)));
+        const legend = [...svg.querySelectorAll('text')].filter(t => t.textContent.startsWith('rank '))
+          .map(t => t.getBBox().x);
+        return {id: svg.id, out, legendClear: legend.every(x => x > right)}; })""")
+    assert {c["id"] for c in fit} == {"chart-throughput", "chart-seconds"}
+    for c in fit:
+        assert c["out"] == [] and c["legendClear"], c
+    # Each card names what its seconds figure is.
+    assert browser.wait("document.querySelector('#grid .card:not(.failed) .sc')?.textContent.includes(' · made in ')")

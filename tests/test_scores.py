@@ -1,5 +1,6 @@
 """Quality scores: they rank a static clip and a moving one the right way, from a run's files alone."""
 
+import os
 import subprocess
 import sys
 
@@ -68,7 +69,14 @@ def test_svd_batch_score_ranks_static_below_moving(scored_folder):
     proc = subprocess.run([sys.executable, "-m", "svd_batch.scores", str(scored_folder)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "scored" in proc.stdout
+    assert "scored 2 rows" in proc.stdout
+    # A summary per score: its distribution, then the lowest rows (the static clip first for motion).
+    assert "motion_score (2 rows): min " in proc.stdout and "median" in proc.stdout
+    assert "lowest 2: static " in proc.stdout.split("motion_score (2 rows)")[1].splitlines()[1]
+    # The report shows the scores, so it is written again from the new results.
+    assert "report rewritten with the new scores: contact_sheet.png, index.html" in proc.stdout
+    assert (scored_folder / "index.html").exists()
+    assert "torchvision" not in proc.stderr and "Loading weights" not in proc.stderr  # library noise is hidden
     t = {r["id"]: r for r in read_results(scored_folder).to_pylist()}
     assert (scored_folder / "results.parquet").stat().st_ino != before  # replaced whole, by rename
     static, moving, broken = t["static"], t["moving"], t["broken"]
@@ -94,6 +102,28 @@ def test_svd_batch_score_without_results_or_encoder_is_a_usage_error(scored_fold
     assert proc.returncode == 0, proc.stderr
     t = {r["id"]: r for r in read_results(scored_folder).to_pylist()}
     assert t["static"]["image_similarity"] is None and t["moving"]["motion_score"] > 0.02
+
+
+def test_svd_batch_score_gives_the_run_s_own_values(tmp_path):
+    """The run scores its files as written (MP4 decoded, input as saved), exactly as svd-batch-score reads them."""
+    rows = [{"id": "cat", "image": str(SAMPLE / "cat.jpg")}, {"id": "rocket", "image": str(SAMPLE / "rocket.jpg")}]
+    m = write_manifest(tmp_path / "m.parquet", rows)
+    out = tmp_path / "out"
+    proc = run_cli(f"manifest.path={m}", f"output.dir={out}", "report.page_size=7")
+    assert proc.returncode == 0, proc.stderr
+    ran = {r["id"]: r for r in read_results(out).to_pylist()}
+    page = (out / "index.html").read_text()
+    os.unlink(out / "index.html")
+    proc = subprocess.run([sys.executable, "-m", "svd_batch.scores", str(out)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    again = {r["id"]: r for r in read_results(out).to_pylist()}
+    for rid in ran:
+        assert again[rid]["motion_score"] == ran[rid]["motion_score"]
+        assert again[rid]["flicker_score"] == ran[rid]["flicker_score"]
+        # the same encoder on the same device; only CPU thread counts may round differently
+        assert abs(again[rid]["image_similarity"] - ran[rid]["image_similarity"]) < 1e-5
+    assert '"pageSize": 7' in (out / "index.html").read_text() and '"pageSize": 7' in page  # the run's settings
 
 
 def test_a_run_records_scores_and_report_scores_false_turns_them_off(tmp_path):
