@@ -6,8 +6,9 @@
 
 Random weights built from SVD-XT's configs on the GPU in fp16 (the real model's cost, nothing to download);
 576x1024, 25 frames, 25 steps, decode chunk 8. Every figure is written to DIR/gpu_check.json (one entry per
-part) and DIR/summary.txt the moment it is measured, and printed: a part cut short keeps what it measured. `all` runs the parts in this order,
-most important first; --budget-s skips a part whose estimate (seconds on one H200, below) no longer fits:
+part) and DIR/summary.txt the moment it is measured, and printed: a part cut short keeps what it measured.
+`all` runs the parts in this order, most important first; --budget-s skips a part whose estimate (seconds on
+one H200, in brackets) no longer fits:
 
   versions   [~5]   python, torch, CUDA, cuDNN, driver, GPU, diffusers, transformers, SDPA's default order
   eager      [~80]  model build, UNet FLOPs (torch's counter, one step), seconds per video through
@@ -34,6 +35,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, Callable
 
@@ -167,7 +169,9 @@ class Timeline:
         self.begin()
 
     def _mark(self, stage, edge):
-        self.marks.append((stage, edge, self.clock.mark()))
+        # Only the pass's own thread: svd-batch's writer thread runs the CLIP encoder too, for quality scores.
+        if threading.get_ident() == self.thread:
+            self.marks.append((stage, edge, self.clock.mark()))
 
     def _timed(self, stage, fn):
         def timed(*a, **k):
@@ -179,7 +183,7 @@ class Timeline:
         return timed
 
     def begin(self):
-        self.marks, self.t0 = [], self.clock.mark()
+        self.marks, self.t0, self.thread = [], self.clock.mark(), threading.get_ident()
 
     def read(self) -> dict[str, Any]:
         """Per stage: its intervals (start, end) in seconds from ``begin``; and the pass's end."""
