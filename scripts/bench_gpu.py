@@ -23,6 +23,7 @@ one H200, in brackets) no longer fits:
   levers     [~420] runtime.compile_vae=true, then compile mode max-autotune-no-cudagraphs: each timed, its
                     frames compared
   frames     [~15]  finishing one video's frames: diffusers' PIL path against svd-batch's device uint8
+  memory     [~60]  memory=offload and memory=low_vram (eager): seconds per video, timeline, peak VRAM
 """
 
 from __future__ import annotations
@@ -49,8 +50,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 H200_DENSE_FP16_FLOPS = 790e12  # measured dense fp16/bf16 matrix rate on this workplace's H200
-PARTS = {"versions": 5, "eager": 80, "attention": 70, "e2e": 70, "compiled": 240, "levers": 420, "frames": 15}
+PARTS = {"versions": 5, "eager": 80, "attention": 70, "e2e": 70, "compiled": 240, "levers": 420, "frames": 15,
+         "memory": 60}
 LEVERS = {"compile_vae": 150, "max-autotune-no-cudagraphs": 270}  # estimated seconds each, on one H200
+# memory mode -> (model CPU offload, forward chunking, decode chunk cap), as conf/memory/*.yaml
+MEMORY_MODES = {"offload": (True, False, None), "low_vram": (True, True, 2)}
 ATTENTION_SETTINGS = ("auto", "cudnn", "flash", "efficient", "math")
 STAGES = ("clip", "vae_encode", "unet", "vae_decode", "uint8", "copy")
 
@@ -350,7 +354,7 @@ class Bench:
     def generator(self, **kw):
         from svd_batch.generate import Generator
 
-        return Generator(pipe=self.pipe, device=self.device, memory_mode="full", **kw)
+        return Generator(pipe=self.pipe, device=self.device, **{"memory_mode": "full", **kw})
 
     def passes(self, gen, part: str, key: str, label: str, repeats: int, reference: dict | None = None):
         """``repeats`` production passes with the timeline on; the figures of their median pass."""
@@ -687,9 +691,23 @@ def part_frames(b: Bench, repeats: int = 5) -> None:
                  f"finish one video: PIL path {value['pil_path_s']:.3f} s, device uint8 {value['device_uint8_s']:.3f} s")
 
 
+def part_memory(b: Bench) -> None:
+    """The cheaper memory modes, eager: the pipeline as built is put in each mode, then back."""
+    for mode, (offload, chunking, cap) in MEMORY_MODES.items():
+        gen = b.generator(memory_mode=mode, max_decode_chunk_size=cap, cpu_offload=offload, forward_chunking=chunking)
+        gen._chunking_now = gen._offload_now = False  # as built: everything on the device, no chunking
+        gen._apply(chunking, offload)
+        try:
+            if b.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            b.passes(gen, "memory", mode, f"memory={mode}", 1, reference=b.reference)
+        finally:
+            gen._apply(False, False)
+
+
 RUNNERS: dict[str, Callable[[Bench], None]] = {
     "versions": part_versions, "eager": part_eager, "attention": part_attention, "e2e": part_e2e,
-    "compiled": part_compiled, "levers": part_levers, "frames": part_frames}
+    "compiled": part_compiled, "levers": part_levers, "frames": part_frames, "memory": part_memory}
 
 
 def main() -> int:

@@ -11,11 +11,11 @@
 # lands in $OUT/gpu_check.json and $OUT/summary.txt as soon as it is measured; $OUT/log.txt has the whole output.
 #
 # Parts (estimated seconds on one H200; 'all' runs them in this order, most important first):
-#   versions ~5, eager ~80, attention ~70, e2e ~70, compiled ~240, levers ~420, frames ~15
+#   versions ~5, eager ~80, attention ~70, e2e ~70, compiled ~240, levers ~420, frames ~15, memory ~60
 #   plus about 30 s before the first part: kit install ~10, imports ~10, model build ~10.
 # The first window:  bash scripts/gpu_check.sh all       (budget 540 s: about 9 minutes in all;
-#                    versions..compiled fit, levers run what is left, then frames)
-# A second window:   bash scripts/gpu_check.sh levers frames
+#                    versions..compiled fit, levers run what is left, then frames and memory)
+# A second window:   bash scripts/gpu_check.sh levers frames memory
 #
 # Options: --budget-s S (default 540: seconds for the whole command, this script's set-up included),
 #          --kit DIR (default gpu-kit), --dry-run, -h.

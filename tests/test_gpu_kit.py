@@ -33,7 +33,7 @@ def test_make_gpu_kit_then_the_device_steps_rehearsed_on_cpu(tmp_path):
     assert "transformers 5.17.0; accelerate 1.15.0; huggingface_hub 1.33.0; hydra-core 1.3.8" in log
     assert "gpu-kit installed offline" in log and "differs from this tree" not in log
     report = json.loads((out / "gpu_check.json").read_text())
-    assert list(report) == ["versions", "eager", "attention", "e2e", "compiled", "levers", "frames"]
+    assert list(report) == ["versions", "eager", "attention", "e2e", "compiled", "levers", "frames", "memory"]
     assert not [p for p, v in report.items() if "error" in v or "skipped" in v]
     assert report["versions"]["versions"]["svd_batch_from"].endswith("/site/svd_batch")  # the kit's, not the tree
 
@@ -59,6 +59,8 @@ def test_make_gpu_kit_then_the_device_steps_rehearsed_on_cpu(tmp_path):
     assert report["levers"]["compile_vae"]["seconds_per_video"] > 0 and report["levers"]["compile_vae_compile_s"] > 0
     assert report["levers"]["compile_vae_frames_vs_compiled_unet_only"]["identical"]
     assert report["frames"]["frames_finish"]["same_bytes"]
+    assert report["memory"]["offload"]["frames_vs_eager"]["identical"]  # offload only moves models (none on CPU)
+    assert report["memory"]["low_vram"]["seconds_per_video"] > 0
     summary = (out / "summary.txt").read_text()
     assert "eager fp16:" in summary and "GPU idle" in summary and len(summary.splitlines()) < 80
 
