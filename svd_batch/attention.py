@@ -108,10 +108,10 @@ class UNetAttention:
     def __init__(self, called: Any, name: str = "auto") -> None:
         self.called = called
         self.eager = getattr(called, "_orig_mod", called)
+        self.by_shape: dict[tuple, dict[str, set[str]]] = {}  # compiled: kernels of one eager call per shape
         self.set(name)
         self.watching = False
         self.seen: dict[str, set[str]] = {}
-        self.by_shape: dict[tuple, dict[str, set[str]]] = {}  # compiled: kernels of one eager call per shape
         self._shapes: set[tuple] = set()
         self._contexts: list[Any] = []
         self.eager.set_attn_processor({key: _Watched(getattr(p, "inner", p), self)
@@ -139,6 +139,8 @@ class UNetAttention:
         return router
 
     def set(self, name: str) -> None:
+        if getattr(self, "name", name) != name:
+            self.by_shape = {}  # what a compiled graph ran depends on the order it was traced under
         self.name, self.order = name, priority(name)
 
     def detach(self) -> None:
