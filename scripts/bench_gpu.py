@@ -385,7 +385,12 @@ class Bench:
                    + (f"; frames vs eager: {value['frames_vs_eager']}" if "frames_vs_eager" in value else ""))
         value["timeline_table"] = lines
         self.report.put(part, key, value, summary)
-        self.report.note(part, ["    " + line for line in lines])
+        if part == "eager":  # the one table on the summary screen; the others in a line each
+            self.report.note(part, ["    " + line for line in lines])
+        else:
+            self.report.note(part, ["    " + " | ".join(
+                f"{stage} {table[stage]['seconds']:.2f}" for stage in STAGES if stage in table)
+                + f" | between {table['idle_between_stages']['seconds']:.2f} | mp4 {mid['mp4_s']:.2f} s"])
         return value, mid["frames"]
 
 

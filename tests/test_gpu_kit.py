@@ -62,7 +62,7 @@ def test_make_gpu_kit_then_the_device_steps_rehearsed_on_cpu(tmp_path):
     assert report["memory"]["offload"]["frames_vs_eager"]["identical"]  # offload only moves models (none on CPU)
     assert report["memory"]["low_vram"]["seconds_per_video"] > 0
     summary = (out / "summary.txt").read_text()
-    assert "eager fp16:" in summary and "GPU idle" in summary and len(summary.splitlines()) < 80
+    assert "eager fp16:" in summary and "GPU idle" in summary and len(summary.splitlines()) < 60  # one screen
 
 
 def test_gpu_check_needs_out_and_a_kit(tmp_path):
