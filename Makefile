@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # where nvidia-smi works, pip's default (CUDA) build is used. Override with TORCH_SPEC=...
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: setup run test browser clean
+.PHONY: setup run test browser clean gpu-kit
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,11 @@ browser:
 	  echo "installing chromium for the gallery test"; \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+# Wheels for the GPU machine (scripts/gpu-kit.txt and svd-batch's own) in gpu-kit/, carried there with the tree;
+# scripts/gpu_check.sh installs them offline (README, "On the GPU machine").
+gpu-kit:
+	bash scripts/gpu_kit.sh $(or $(GPU_KIT),gpu-kit)
 
 clean:
 	rm -rf $(VENV) outputs/* build *.egg-info

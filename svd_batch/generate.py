@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from . import batch as batching
+from .attention import ATTENTION, CUDA_ONLY_ATTENTION, UNetAttention, supports_priority
 from .device_errors import DeviceFailure, OutOfMemory, device_failure, is_device_poisoned, is_oom
 from .fields import pipeline_kwargs
 from .util import (Injection, first_line, peak_host_memory_bytes, peak_vram_bytes, quiet_hf_logging,
@@ -27,12 +28,6 @@ from .util import (Injection, first_line, peak_host_memory_bytes, peak_vram_byte
 __all__ = ["ATTENTION", "DeviceFailure", "Generator", "ModelUnavailable", "OutOfMemory", "RowOutcome",
            "SettingRefused", "first_line", "is_device_poisoned", "is_oom",
            "peak_host_memory_bytes", "quiet_hf_logging"]
-
-# runtime.attention -> the torch SDPA backends allowed around the pipeline (auto: torch's own choice).
-ATTENTION = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
-             "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
-CUDA_ONLY_ATTENTION = ("cudnn", "efficient")  # torch has no CPU kernel for these
-
 
 def set_forward_chunking(unet, on: bool) -> None:
     """The SVD UNet has enable_forward_chunking() but no disable: undo what enable does, module by module."""
@@ -134,6 +129,13 @@ def check_attention(name: str, device_type: str) -> None:
     if name in CUDA_ONLY_ATTENTION and device_type != "cuda":
         raise SettingRefused(f"runtime.attention={name} runs only on CUDA devices and this run is on "
                              f"{device_type}. Use runtime.attention=auto, flash or math there. Nothing was run.")
+    if name not in ("auto", "math") and not supports_priority():
+        import torch
+
+        raise SettingRefused(f"runtime.attention={name} needs torch >= 2.6, which can put a backend first and "
+                             f"fall back where it cannot take a shape; this is torch {torch.__version__}, where "
+                             f"{name} alone would fail the VAE's or the UNet's cross-attention. Use "
+                             "runtime.attention=auto or math, or upgrade torch. Nothing was run.")
 
 
 def check_compile_with_memory(compile: Mapping[str, Any] | None, memory: Mapping[str, Any]) -> None:
@@ -146,6 +148,17 @@ def check_compile_with_memory(compile: Mapping[str, Any] | None, memory: Mapping
             "compile cannot trace, and the hooks are replaced after every video, which would put the eager "
             "forward back: rows would say compiled but run eager. Use memory=full (or memory.cpu_offload=false) "
             f"with runtime.compile=true, or keep memory={mode} with runtime.compile=false. Nothing was run."
+        )
+
+
+def check_compile_vae(compile: Mapping[str, Any] | None, runtime: Mapping[str, Any] | None) -> None:
+    """runtime.compile_vae compiles the VAE decoder beside the UNet, with the UNet's compile settings and
+    warm-up; alone it would compile in the first timed row."""
+    if (runtime or {}).get("compile_vae") and not compile:
+        raise SettingRefused(
+            "runtime.compile_vae=true compiles the VAE decoder together with the UNet and needs "
+            "runtime.compile=true (which also warms both up before any row is timed). Add runtime.compile=true, "
+            "or drop runtime.compile_vae. Nothing was run."
         )
 
 
@@ -191,15 +204,15 @@ class Generator:
         self._dtypes: dict[str, Any] = {}  # each model's configured dtype, restored after a failed pass
         self._armed: dict[str, BaseException] = {}
         self._graphs_after_warmup = 0
+        self._unet_attention = UNetAttention.attach(self.pipe, self.attention)
 
     @classmethod
     def load(cls, local_path: str, *, device, dtype_name: str = "auto", variant: str | None = None,
              memory: Mapping[str, Any] | None = None, compile: Mapping[str, Any] | None = None,
              runtime: Mapping[str, Any] | None = None) -> "Generator":
-        import torch
-
         memory = dict(memory or {})
         check_compile_with_memory(compile, memory)
+        check_compile_vae(compile, runtime)
         if runtime:
             check_attention(str(runtime.get("attention") or "auto"), device.type)
         quiet_hf_logging()  # before the pipeline import, which is where transformers warns
@@ -229,12 +242,7 @@ class Generator:
             pipe.unet.enable_forward_chunking()
         dtypes = {name: getattr(pipe, name).dtype for name in ("image_encoder", "unet", "vae")}
         if compile:
-            # As the diffusers guide: the UNet, fullgraph, on inductor. Static shapes: every shape a rank runs
-            # is compiled in the warm-up, and CUDA graphs are per shape anyway.
-            backend = compile.get("backend", "inductor")
-            mode = compile.get("mode") if backend == "inductor" else None
-            pipe.unet = torch.compile(pipe.unet, mode=mode, backend=backend, dynamic=False,
-                                      fullgraph=bool(compile.get("fullgraph", True)))
+            compile_models(pipe, compile, runtime)
         gen = cls(pipe=pipe, device=device, memory_mode=str(memory.get("mode", "full")),
                   max_decode_chunk_size=memory.get("max_decode_chunk_size"),
                   cpu_offload=bool(memory.get("cpu_offload")), forward_chunking=bool(memory.get("forward_chunking")),
@@ -253,6 +261,8 @@ class Generator:
         attention = str(runtime.get("attention") or "auto")
         check_attention(attention, self.device.type)
         self.attention = attention
+        if self._unet_attention is not None:
+            self._unet_attention.set(attention)
         if self.compiled:
             _configure_compile(runtime)
 
@@ -291,7 +301,7 @@ class Generator:
         peak = peak_vram_bytes(self.device)
         return [RowOutcome(frames=f, error=None, memory_mode=self.memory_mode,
                            decode_chunk_size=int(r["decode_chunk_size"]), batch_size=len(rows),
-                           generate_seconds=each, peak_vram_bytes=peak, attention=self.attention)
+                           generate_seconds=each, peak_vram_bytes=peak, attention=self.attention_ran())
                 for f, r in zip(frames, rows)]
 
     def _run_single(self, row, image) -> RowOutcome:
@@ -308,7 +318,7 @@ class Generator:
             error = f"row {row.get('id')}: generate failed: {type(exc).__name__}: {first_line(exc)}"
         return RowOutcome(frames=frames, error=error, memory_mode=mode, decode_chunk_size=chunk, batch_size=1,
                           generate_seconds=time.perf_counter() - t, peak_vram_bytes=peak_vram_bytes(self.device),
-                          attention=self.attention)
+                          attention=self.attention_ran())
 
     # -- compile: every shape before timing ----------------------------------------------------------------
     def warmup(self, shapes: Sequence[tuple[Mapping[str, Any], int]],
@@ -431,7 +441,7 @@ class Generator:
             )
             return batching.to_host(batching.quantize_on_device(out.frames))[0]
 
-    # -- per pass: attention backend and injected failures ---------------------------------------------------
+    # -- per pass: attention kernels and injected failures ----------------------------------------------------
     @contextlib.contextmanager
     def _pass(self, rows: Sequence[Mapping[str, Any]]):
         self._armed = self.injection.arm([str(r.get("id")) for r in rows]) if self.injection else {}
@@ -439,18 +449,16 @@ class Generator:
             early = self._armed.pop("call", None)
             if early is not None:
                 raise early
-            with self._attention_context():
+            with self._unet_attention.watch() if self._unet_attention else contextlib.nullcontext():
                 yield
         finally:
             self._armed = {}
 
-    def _attention_context(self):
-        backend = ATTENTION[self.attention]
-        if backend is None:
-            return contextlib.nullcontext()
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel([getattr(SDPBackend, backend)])
+    def attention_ran(self) -> str:
+        """The kernels the UNet's attention ran in the last pass (see attention.py); the setting where torch
+        cannot say (a stand-in pipeline, a torch without ``_fused_sdp_choice``)."""
+        ran = self._unet_attention.ran() if self._unet_attention else None
+        return ran if ran and ran != "unknown" else self.attention
 
     def _install_injection_hooks(self) -> None:
         """Pre-hooks that raise an armed failure as a model is entered, so a failure can hit any stage of a
@@ -466,6 +474,21 @@ class Generator:
             if exc is not None:
                 raise exc
         return hook
+
+
+def compile_models(pipe, compile: Mapping[str, Any], runtime: Mapping[str, Any] | None = None) -> None:
+    """As the diffusers guide: the UNet, fullgraph, on inductor; with runtime.compile_vae the VAE decoder too.
+    Static shapes: every shape a rank runs is compiled in the warm-up, and CUDA graphs are per shape anyway."""
+    import torch
+
+    backend = compile.get("backend", "inductor")
+    mode = compile.get("mode") if backend == "inductor" else None
+    fullgraph = bool(compile.get("fullgraph", True))
+    pipe.unet = torch.compile(pipe.unet, mode=mode, backend=backend, dynamic=False, fullgraph=fullgraph)
+    if (runtime or {}).get("compile_vae"):
+        # One graph per decode chunk length (e.g. 8 and the remainder), each compiled in the warm-up.
+        pipe.vae.decoder = torch.compile(pipe.vae.decoder, mode=mode, backend=backend, dynamic=False,
+                                         fullgraph=fullgraph)
 
 
 def _configure_compile(runtime: Mapping[str, Any]) -> None:

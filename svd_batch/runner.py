@@ -78,6 +78,7 @@ def fingerprint(cfg: DictConfig, identity: str, device_type: str = "cpu") -> dic
     }
     if cfg.runtime.get("attention") is not None:
         fp["runtime.attention"] = str(cfg.runtime.attention)
+    fp["runtime.compile_vae"] = bool(cfg.runtime.get("compile_vae", False)) and bool(cfg.runtime.compile)
     for k in GENERATION_FIELDS:
         fp[f"generation.{k}"] = cfg.generation.get(k)
     for k, v in (plain(cfg.manifest.get("defaults")) or {}).items():
@@ -344,10 +345,11 @@ def run(cfg: DictConfig) -> int:
 
     import torch
 
-    from .generate import SettingRefused, check_attention, check_compile_with_memory
+    from .generate import SettingRefused, check_attention, check_compile_vae, check_compile_with_memory
 
     try:  # settings that cannot work are refused before anything is written
         check_compile_with_memory(compile_options(cfg), plain(cfg.memory))
+        check_compile_vae(compile_options(cfg), plain(cfg.runtime))
         check_attention(str(cfg.runtime.get("attention") or "auto"), device_type(cfg))
     except SettingRefused as exc:
         if rank == 0:

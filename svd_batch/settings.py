@@ -83,6 +83,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "runtime.overlap": _nullable(_choice("auto", True, False)),
     "runtime.prefetch_batches": _int(1),
     "runtime.compile": _bool(),
+    "runtime.compile_vae": _bool(),
     "runtime.compile_mode": _nullable(_str()),
     "runtime.compile_backend": _str(),
     "runtime.threads": _nullable(_int(1)),
