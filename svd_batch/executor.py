@@ -164,6 +164,10 @@ class Start:
     facts: dict[str, Any] = field(default_factory=dict)  # what every rank checks it sees alike (model, ...)
 
 
+class _Refused(Exception):
+    """Rank 0's reason to stop before the folder is touched."""
+
+
 class Executor:
     """One member's handle on the protocol (see the module docstring)."""
 
@@ -184,15 +188,20 @@ class Executor:
         self.stopped: Callable[[], bool] = lambda: False
 
     # 1. Agreement ------------------------------------------------------------------------------------------
-    def agree(self, propose: Callable[[bool], Start], check: Callable[[Start], str | None]) -> Start | None:
-        """Rank 0 runs ``propose(alone)`` under the planning lock (``alone``: no member of any launch lives, so
-        the folder may be cleaned and re-planned); every rank runs ``check`` on the proposal. Returns the
-        agreed start (every rank holding the ``active`` lock shared), or None when the launch must stop (the
-        message is logged by rank 0)."""
+    def agree(self, propose: Callable[[bool], Start], check: Callable[[Start], str | None],
+              before: Callable[[], str | None] = lambda: None) -> Start | None:
+        """Rank 0 runs ``before()`` (an error message stops the launch before the folder is touched), then
+        ``propose(alone)`` under the planning lock (``alone``: no member of any launch lives, so the folder may
+        be cleaned and re-planned); every rank runs ``check`` on the proposal. Returns the agreed start (every
+        rank holding the ``active`` lock shared), or None when the launch must stop (the message is logged by
+        rank 0)."""
         rd = self.rundir
         start: Start | None = None
         if self.rank == 0:
             try:
+                error = before()
+                if error is not None:
+                    raise _Refused(error)
                 rd.create()
                 rd.plan_lock.require(wait=self.timing.plan_wait, describe=True)
                 try:
@@ -202,6 +211,8 @@ class Executor:
                 finally:
                     rd.plan_lock.release()
                 start.launch = new_session()
+            except _Refused as exc:
+                start = Start(error=str(exc))
             except RunDirError as exc:
                 start = Start(error=f"svd-batch: {exc}")
             except OSError as exc:

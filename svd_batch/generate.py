@@ -486,8 +486,12 @@ def compile_models(pipe, compile: Mapping[str, Any], runtime: Mapping[str, Any] 
     fullgraph = bool(compile.get("fullgraph", True))
     pipe.unet = torch.compile(pipe.unet, mode=mode, backend=backend, dynamic=False, fullgraph=fullgraph)
     if (runtime or {}).get("compile_vae"):
-        # One graph per decode chunk length (e.g. 8 and the remainder), each compiled in the warm-up.
-        pipe.vae.decoder = torch.compile(pipe.vae.decoder, mode=mode, backend=backend, dynamic=False,
+        # One graph per decode chunk length (e.g. 8 and the remainder), each compiled in the warm-up. Never with
+        # CUDA graphs: the pipeline calls the decoder once per chunk and concatenates the chunks afterwards, and a
+        # graph's replay overwrites the output of the call before it (seen on the H200 with reduce-overhead:
+        # "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run").
+        vae_mode = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
+        pipe.vae.decoder = torch.compile(pipe.vae.decoder, mode=vae_mode, backend=backend, dynamic=False,
                                          fullgraph=fullgraph)
 
 

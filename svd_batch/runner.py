@@ -224,13 +224,9 @@ def compile_options(cfg: DictConfig) -> dict[str, Any] | None:
 def propose(cfg: DictConfig, manifest: Manifest, rundir: RunDir, device_type_: str, world: int, alone: bool) -> Start:
     """Rank 0, under the folder's planning lock: join the job in progress, or (no other launch alive, or none
     active) check the folder may take this start and plan a new job from one snapshot of the records."""
-    from .generate import ModelUnavailable, model_identity
+    from .generate import model_identity
 
-    try:
-        local = model_path(cfg)
-        identity = model_identity(local)
-    except ModelUnavailable as exc:
-        return Start(error=f"svd-batch: {exc}")
+    identity = model_identity(model_path(cfg))  # resolved (downloaded) before the folder was touched
     facts = {"identity": identity, "manifest": manifest_digest(manifest), "device_type": device_type_}
     if alone:
         # No member of any launch is alive: every part can be merged and deleted, and half-written files swept.
@@ -282,6 +278,17 @@ def propose(cfg: DictConfig, manifest: Manifest, rundir: RunDir, device_type_: s
     rundir.write_fingerprint(fp)
     write_text_atomic(OmegaConf.to_yaml(cfg, resolve=True), rundir.config_path)
     return Start(job=job, joined=False, facts={**facts, "plan": plan.spec()})
+
+
+def model_problem(cfg: DictConfig) -> str | None:
+    """Why the model cannot be used (missing, not downloadable here), or None; rank 0 downloads it here."""
+    from .generate import ModelUnavailable, model_identity
+
+    try:
+        model_identity(model_path(cfg))
+        return None
+    except ModelUnavailable as exc:
+        return f"svd-batch: {exc}"
 
 
 def check_facts(cfg: DictConfig, manifest: Manifest, device_type_: str, start: Start) -> str | None:
@@ -402,7 +409,8 @@ def _run_member(cfg: DictConfig, manifest: Manifest, rundir: RunDir, ex: Executo
 
     # 2. Agree on the job: join the one in progress in this folder, or plan a new one.
     start = ex.agree(lambda alone: propose(cfg, manifest, rundir, device.type, world, alone),
-                     lambda proposal: check_facts(cfg, manifest, device.type, proposal))
+                     lambda proposal: check_facts(cfg, manifest, device.type, proposal),
+                     before=lambda: model_problem(cfg))
     if start is None:
         return EXIT_USAGE
     plan = start.facts["plan"].build(manifest.table)
