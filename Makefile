@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make run    set up, then generate the sample videos with the tiny model (outputs/sample-tiny)
-#   make test   set up, then run the test suite
+#   make test   set up, then run the test suite (everything: what CI runs)
+#   make test-fast  the logic of every module in under two minutes: no model runs, no processes, no browser
 # ARGS passes Hydra overrides to `make run`, e.g. make run ARGS="model=svd_xt manifest.path=m.parquet"
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +10,7 @@ BIN := $(VENV)/bin
 # where nvidia-smi works, pip's default (CUDA) build is used. Override with TORCH_SPEC=...
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: setup run test browser clean gpu-kit
+.PHONY: setup run test test-fast browser clean gpu-kit
 
 setup: $(VENV)/.installed
 
@@ -24,6 +25,9 @@ run: setup
 
 test: setup browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow and not distributed and not browser" $(PYTEST_ARGS)
 
 # The gallery test loads the page in headless Chromium (Debian package `chromium`).
 browser:

@@ -241,15 +241,18 @@ def timeline_table(tl: dict[str, Any], mp4_s: float) -> tuple[dict[str, Any], li
 
 
 def bench_row(args, i=0, **over):
-    row = {"id": f"bench-{i}", "seed": i, "height": args.height, "width": args.width, "num_frames": args.frames,
-           "num_inference_steps": args.steps, "fps": 7, "motion_bucket_id": 127, "noise_aug_strength": 0.02,
-           "min_guidance_scale": 1.0, "max_guidance_scale": 3.0, "decode_chunk_size": 8}
-    return {**row, **over}
+    from svd_batch.fields import Row
+
+    row = {"id": f"bench-{i}", "image": "bench.jpg", "image_uri": "bench.jpg", "row": i, "seed": i,
+           "height": args.height, "width": args.width, "num_frames": args.frames, "num_inference_steps": args.steps,
+           "fps": 7, "motion_bucket_id": 127, "noise_aug_strength": 0.02, "min_guidance_scale": 1.0,
+           "max_guidance_scale": 3.0, "decode_chunk_size": 8}
+    return Row(**{**row, **over})
 
 
 def production_pass(gen, row, image, mp4_dir, timeline=None):
     """What a row costs in svd-batch: Generator.run (to uint8 on the host), then the runner's MP4 writer."""
-    from svd_batch.write import write_mp4
+    from svd_batch.video import write_mp4
 
     sync(gen.device)
     if timeline:
@@ -261,7 +264,7 @@ def production_pass(gen, row, image, mp4_dir, timeline=None):
         raise RuntimeError(out.error)
     tl = timeline.read() if timeline else None
     t = time.perf_counter()
-    write_mp4(out.frames, os.path.join(mp4_dir, f"{row['id']}.mp4"), fps=7)
+    write_mp4(out.frames, os.path.join(mp4_dir, f"{row.id}.mp4"), fps=7)
     return {"generate_s": generate, "mp4_s": time.perf_counter() - t, "frames": out.frames, "timeline": tl,
             "attention": out.attention}
 
@@ -438,7 +441,7 @@ def part_eager(b: Bench) -> None:
 
 def part_attention(b: Bench) -> None:
     """Each runtime.attention setting on every module: which kernel ran where, and what it costs the UNet."""
-    from svd_batch.generate import SettingRefused, check_attention
+    from svd_batch.model import SettingRefused, check_attention
 
     gen = b.generator()
     short = bench_row(b.args, 2, num_inference_steps=2)
@@ -447,7 +450,7 @@ def part_attention(b: Bench) -> None:
         value: dict[str, Any] = {}
         try:
             check_attention(name, b.device.type)
-            gen.configure({"attention": name})
+            gen.set_attention(name)
             spy = ModuleKernels(b.pipe)
             with spy:
                 [out] = gen.run([short], [b.image])
@@ -475,7 +478,7 @@ def part_attention(b: Bench) -> None:
             if b.device.type == "cuda":
                 torch.cuda.empty_cache()
         b.report.put("attention", name, value, line)
-    gen.configure({"attention": "auto"})
+    gen.set_attention("auto")
 
 
 class ModuleKernels:
@@ -535,11 +538,9 @@ def part_e2e(b: Bench) -> None:
     from unittest import mock
 
     from diffusers import StableVideoDiffusionPipeline
-    from hydra import compose, initialize_config_module
-
-    import svd_batch.cli  # noqa: F401 - registers the config's resolvers
     from svd_batch import runner
     from svd_batch.generate import Generator
+    from svd_batch.settings import compose_config
 
     rows, pipe = b.args.e2e_rows, b.pipe
     calls: list[dict[str, float]] = []
@@ -569,8 +570,7 @@ def part_e2e(b: Bench) -> None:
                      f"generation.num_frames={b.args.frames}", f"generation.num_inference_steps={b.args.steps}",
                      f"model.dtype={'float32' if b.args.tiny else 'float16'}", "runtime.progress=false",
                      "report.enabled=false"]
-        with initialize_config_module(config_module="svd_batch.conf", version_base="1.3"):
-            cfg = compose(config_name="config", overrides=overrides)
+        cfg = compose_config(*overrides)
         t = time.perf_counter()
         try:
             with mock.patch.object(StableVideoDiffusionPipeline, "from_pretrained", lambda *a, **k: pipe), \
@@ -606,17 +606,16 @@ def part_e2e(b: Bench) -> None:
 
 
 def compiled_generator(b: Bench, mode: str | None, compile_vae: bool = False):
-    """The pipeline with svd-batch's own compile (generate.compile_models) and warm-up, cold for this mode."""
+    """The pipeline with svd-batch's own compile (model.compile_models) and warm-up, cold for this mode."""
     import torch._dynamo
 
-    from svd_batch.generate import _configure_compile, compile_models
+    from svd_batch.model import compile_models, configure_compile
 
     torch._dynamo.reset()
     backend = "eager" if b.args.tiny else "inductor"
-    runtime = {"compile_vae": compile_vae, "compile_threads": "auto"}
-    _configure_compile(runtime)
+    configure_compile("auto")
     eager = (b.pipe.unet, b.pipe.vae.decoder)
-    compile_models(b.pipe, {"backend": backend, "mode": mode, "fullgraph": True}, runtime)
+    compile_models(b.pipe, backend, mode, compile_vae)
     gen = b.generator(compiled=True)
     t = time.perf_counter()
     gen.warmup([(bench_row(b.args, 0), 1)])

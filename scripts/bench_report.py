@@ -4,7 +4,7 @@
 
 Synthetic results.parquet (no model, no videos): 2% failed rows, 8 ranks on 2 hosts, random seconds and
 scores, conditioning values constant per run as in a typical one (plus one varied column, seed). The
-report runs in a fresh process (`python -m svd_batch.gallery`) so its peak RSS is its own; targets: <= 120 s,
+report runs in a fresh process (`python -m svd_batch.commands.report`) so its peak RSS is its own; targets: <= 120 s,
 <= 2 GiB peak RSS, <= 1 GiB written.
 """
 
@@ -123,7 +123,7 @@ def main() -> None:
     for rep in range(args.repeats):
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         t = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "svd_batch.gallery", root], env=env, capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "svd_batch.commands.report", root], env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t
         assert proc.returncode == 0, proc.stderr
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux; max over children so far

@@ -48,7 +48,7 @@ def main() -> None:
 
     from svd_batch.scores import clip_embedder, score_video
     from svd_batch.tiny import ensure_tiny_model
-    from svd_batch.write import read_mp4, write_mp4
+    from svd_batch.video import read_mp4, write_mp4
 
     rng = np.random.default_rng(0)
     print(f"torch threads: {torch.get_num_threads()}")

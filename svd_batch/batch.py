@@ -13,16 +13,16 @@ them. Here each video is decoded on its own with its own chunk size.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from .fields import SHAPE_FIELDS
+from .fields import SHAPE_FIELDS, Row
 
 
-def batch_key(row: Mapping[str, Any]) -> tuple:
+def batch_key(row: Row) -> tuple:
     """Rows with equal keys can share one pipeline batch."""
-    return (*(int(row[f]) for f in SHAPE_FIELDS), float(row["max_guidance_scale"]) > 1.0)
+    return (*(int(getattr(row, f)) for f in SHAPE_FIELDS), float(row.max_guidance_scale) > 1.0)
 
 
 def quantize_on_device(video):
@@ -45,7 +45,7 @@ def decoded_to_frames(pipe, decoded) -> list[np.ndarray]:
     return list(to_host(quantize_on_device(video)))
 
 
-def batched_frames(pipe, images: Sequence, rows: Sequence[Mapping[str, Any]]) -> list[np.ndarray]:
+def batched_frames(pipe, images: Sequence, rows: Sequence[Row]) -> list[np.ndarray]:
     """Generate ``len(rows)`` videos in one pass; ``images`` are the rows' PIL images (any size).
 
     Args:
@@ -63,7 +63,7 @@ def batched_frames(pipe, images: Sequence, rows: Sequence[Mapping[str, Any]]) ->
         return _batched_frames(pipe, images, rows)
 
 
-def _batched_frames(pipe, images: Sequence, rows: Sequence[Mapping[str, Any]]) -> list[np.ndarray]:
+def _batched_frames(pipe, images: Sequence, rows: Sequence[Row]) -> list[np.ndarray]:
     import torch
     from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import _append_dims
     from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import retrieve_timesteps
@@ -76,9 +76,9 @@ def _batched_frames(pipe, images: Sequence, rows: Sequence[Mapping[str, Any]]) -
 
     # 0. The guide's resize, and one CPU generator per row: the same draws as batch size 1.
     images = [im.resize((width, height)) for im in images]
-    generators = [torch.Generator("cpu").manual_seed(int(r["seed"])) for r in rows]
-    max_guidance = torch.tensor([float(r["max_guidance_scale"]) for r in rows])
-    min_guidance = torch.tensor([float(r["min_guidance_scale"]) for r in rows])
+    generators = [torch.Generator("cpu").manual_seed(int(r.seed)) for r in rows]
+    max_guidance = torch.tensor([float(r.max_guidance_scale) for r in rows])
+    min_guidance = torch.tensor([float(r.min_guidance_scale) for r in rows])
     pipe._guidance_scale = max_guidance.view(n, 1)  # the pipeline's own do_classifier_free_guidance reads it
     cfg = pipe.do_classifier_free_guidance
     device = pipe._execution_device
@@ -89,7 +89,7 @@ def _batched_frames(pipe, images: Sequence, rows: Sequence[Mapping[str, Any]]) -
     # 2. Noise-augmented image -> VAE latents, with each row's own noise strength.
     image = pipe.video_processor.preprocess(images, height=height, width=width).to(device)
     noise = _randn(image.shape, generators, device, image.dtype)
-    strength = torch.tensor([float(r["noise_aug_strength"]) for r in rows], device=device, dtype=image.dtype)
+    strength = torch.tensor([float(r.noise_aug_strength) for r in rows], device=device, dtype=image.dtype)
     image = image + strength.view(n, 1, 1, 1) * noise
     needs_upcasting = pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast
     if needs_upcasting:
@@ -103,7 +103,7 @@ def _batched_frames(pipe, images: Sequence, rows: Sequence[Mapping[str, Any]]) -
     image_latents = image_latents.unsqueeze(1).repeat(1, num_frames, 1, 1, 1)
 
     # 3. Added time ids per row: fps - 1 (SVD was trained on fps - 1), motion bucket, noise strength.
-    ids = torch.tensor([[int(r["fps"]) - 1, int(r["motion_bucket_id"]), float(r["noise_aug_strength"])] for r in rows],
+    ids = torch.tensor([[int(r.fps) - 1, int(r.motion_bucket_id), float(r.noise_aug_strength)] for r in rows],
                        dtype=image_embeddings.dtype)
     expected = pipe.unet.add_embedding.linear_1.in_features
     if pipe.unet.config.addition_time_embed_dim * 3 != expected:
@@ -139,7 +139,7 @@ def _batched_frames(pipe, images: Sequence, rows: Sequence[Mapping[str, Any]]) -
         pipe.vae.to(dtype=torch.float16)
     out = []
     for i, r in enumerate(rows):
-        decoded = pipe.decode_latents(latents[i : i + 1], num_frames, int(r["decode_chunk_size"]))
+        decoded = pipe.decode_latents(latents[i : i + 1], num_frames, int(r.decode_chunk_size))
         out.extend(decoded_to_frames(pipe, decoded))
     pipe.maybe_free_model_hooks()
     return out

@@ -9,20 +9,19 @@ validates a manifest, then written as Parquet (whole, then renamed).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import itertools
 import json
 import os
 import re
-import sys
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .fields import GENERATION_FIELDS
-from .manifest import ManifestError, load_manifest, read_table
+from .manifest import load_manifest
+from .manifest_files import read_table
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_=+,@.-]+")
@@ -159,7 +158,9 @@ def build(source: str, output: str, sweeps: list[str], image_column: str = "imag
     try:
         from hydra import compose, initialize_config_module
 
-        from . import cli  # noqa: F401  (resolvers)
+        from .settings import register_resolvers
+
+        register_resolvers()
 
         with initialize_config_module("svd_batch.conf", version_base="1.3"):
             generation = dict(compose("config").generation)
@@ -169,28 +170,3 @@ def build(source: str, output: str, sweeps: list[str], image_column: str = "imag
         if os.path.exists(tmp):
             os.unlink(tmp)
     return len(rows)
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="svd-batch-manifest", description=__doc__.split("\n\n")[0])
-    ap.add_argument("source", help="a folder of images (searched recursively), a .csv, a .jsonl, or Parquet "
-                    "(a file, glob or URL; e.g. Hugging Face shards, whose embedded images are referenced, not copied)")
-    ap.add_argument("-o", "--output", default="manifest.parquet", help="the Parquet manifest to write")
-    ap.add_argument("--sweep", action="append", default=[], metavar="COLUMN=V1,V2",
-                    help="one row per value (repeat for a cartesian product), e.g. motion_bucket_id=60,127,180")
-    ap.add_argument("--image-column", default="image",
-                    help="the CSV/JSONL/Parquet column holding image paths or URLs (Parquet: or image bytes)")
-    args = ap.parse_args(argv)
-    try:
-        n = build(args.source, args.output, args.sweep, args.image_column)
-    except (ValueError, OSError) as exc:
-        print(f"svd-batch-manifest: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except ManifestError as exc:
-        print(f"svd-batch-manifest: {exc}", file=sys.stderr)
-        sys.exit(2)
-    print(f"wrote {n} rows to {args.output}")
-
-
-if __name__ == "__main__":
-    main()

@@ -7,9 +7,10 @@ give the same videos (the fingerprint). The run folder is the authority (ledger.
 1. Agreement (per launch, once). Rank 0 takes the folder's planning lock. If no member of any launch is
    alive (the ``active`` lock can be taken exclusively), it cleans up after earlier runs, merges every part
    and plans a new *job* (the rows still to do, as units in claim order) from that one snapshot. Otherwise it
-   joins the job in progress. Every rank of the launch checks that it sees the same model, manifest and device
-   type; all go, or none does. After this the launch's process group is torn down: no collective, no
-   launcher store, nothing outside the folder can block or end a rank.
+   joins the job in progress (job.py says what a job is). Every rank of the launch checks that it sees the
+   same model, manifest and device type; all go, or none does. The messages go through the launch
+   (launch.py); after this nothing of the launcher is used again, so nothing outside the folder can block or
+   end a rank.
 2. Claims. Units are claimed one at a time, in order, as the model needs work, by creating their claim file
    (atomic exclusive creation), so a slow member simply claims less, across launches too.
 3. Liveness. Each member rewrites its file every few seconds (a thread) and holds a lock for its life. A
@@ -20,126 +21,27 @@ give the same videos (the fingerprint). The run folder is the authority (ledger.
    would be a duplicate of the same row, which the merge folds into one).
 4. The end. A member with nothing left to claim or take over writes its final state, waits until every
    other member of the job is final or lost, and merges (one merge at a time; a merge finding the folder
-   already merged skips). Per launch and host one member, the reporter, prints the summary and exits with
+   already merged skips). Per launch and node one member, the reporter, prints the summary and exits with
    the run's code, after the launch's other local ranks have exited (torchrun stops a node's workers as soon
-   as one exits non-zero): no rank is ever cut short by another's exit code.
+   as one exits non-zero): no rank is ever cut short by another's exit code (``Executor.end``). Stop signals
+   and their grace period are signals.py's.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import os
-import pickle
-import signal
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
+from .launch import Launch, LaunchError
 from .ledger import (FINAL_STATES, Claims, JobDir, JobInfo, Member, Peers, Ticket, read_members,
                      takeover_candidates)
 from .rundir import RunDir, RunDirError, new_session
 
-EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_OUTPUT = 0, 1, 2, 3, 4
-
-
-# -- launches: how the ranks of one command find each other at the start -----------------------------------------
-class Launch:
-    """A plain ``svd-batch``: one process, nothing to agree with."""
-
-    rank, world, local_rank = 0, 1, 0
-
-    def broadcast(self, obj: Any) -> Any:
-        return obj
-
-    def gather(self, obj: Any) -> list[Any]:
-        return [obj]
-
-    def close(self) -> None:
-        pass
-
-
-class LaunchError(Exception):
-    """The ranks of a launch could not agree (their launcher's store stopped answering): nothing was run."""
-
-
-STORE_OP_SECONDS = 60.0  # one store operation; a store that takes longer is hung (its host paused, say)
-
-
-class TorchrunLaunch(Launch):
-    """The ranks of `accelerate launch` / `torchrun`: they agree through the launcher's key-value store (the
-    rendezvous every torch launcher sets up; under torchrun one per restart attempt), with no process group at
-    all: no NCCL or gloo connections to set up (gloo's mesh set-up fails now and then after an elastic
-    restart), no GPU spinning in a barrier, and nothing left to tear down. Each store operation is bounded
-    (a hung store stops the launch cleanly within a minute); the wait for rank 0, which may be downloading
-    the model, is bounded by ``runtime.dist_timeout_minutes``. After the agreement the store is never used
-    again, so a launcher that stops answering or exits cannot block or end a rank."""
-
-    def __init__(self, timeout_minutes: float):
-        import torch.distributed as dist
-
-        self.timeout = 60.0 * float(timeout_minutes)
-        store, self.rank, self.world = next(dist.rendezvous("env://", timeout=dt.timedelta(seconds=self.timeout)))
-        # The agent's store outlives restarts of its workers: keys of an earlier attempt must not be read.
-        attempt = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"
-        self.store = dist.PrefixStore(f"svd-batch/{attempt}/", store)
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self._round = 0
-
-    def _op(self, fn: Callable[[], Any]) -> Any:
-        box: dict[str, Any] = {}
-
-        def run() -> None:
-            try:
-                box["value"] = fn()
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                box["error"] = exc
-
-        t = threading.Thread(target=run, daemon=True, name="store")
-        t.start()
-        t.join(STORE_OP_SECONDS)
-        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-        if t.is_alive():
-            raise LaunchError(f"the launcher's key-value store at {where} did not answer for {STORE_OP_SECONDS:.0f} s "
-                              "(its host is hung or paused), so this launch stops before any work. Start it again.")
-        if "error" in box:
-            raise LaunchError(f"the launcher's key-value store at {where} failed ({box['error']}), so this launch "
-                              "stops before any work. Start it again.")
-        return box.get("value")
-
-    def _wait_for(self, key: str) -> Any:
-        deadline = time.monotonic() + self.timeout
-        while not self._op(lambda: self.store.check([key])):
-            if time.monotonic() > deadline:
-                raise LaunchError(f"rank 0 did not answer within runtime.dist_timeout_minutes "
-                                  f"({self.timeout / 60:.0f}), so this launch stops before any work.")
-            time.sleep(0.2)
-        return pickle.loads(self._op(lambda: self.store.get(key)))
-
-    def _key(self, kind: str) -> str:
-        self._round += 1
-        return f"{kind}/{self._round}"
-
-    def broadcast(self, obj: Any) -> Any:
-        key = self._key("broadcast")
-        if self.rank == 0:
-            data = pickle.dumps(obj)
-            self._op(lambda: self.store.set(key, data))
-            return obj
-        return self._wait_for(key)
-
-    def gather(self, obj: Any) -> list[Any]:
-        key = self._key("gather")
-        data = pickle.dumps(obj)
-        self._op(lambda: self.store.set(f"{key}/{self.rank}", data))
-        return [self._wait_for(f"{key}/{r}") for r in range(self.world)]
-
-
-def start_launch(timeout_minutes: float) -> Launch:
-    return TorchrunLaunch(timeout_minutes) if int(os.environ.get("WORLD_SIZE", 1)) > 1 else Launch()
+EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_OUTPUT, EXIT_SOURCE = 0, 1, 2, 3, 4, 5
 
 
 # -- the agreement ------------------------------------------------------------------------------------------------
@@ -425,60 +327,49 @@ class Executor:
         wait_until_gone([int(d["pid"]) for d in running], timeout=self.timing.lease + 30)
         return code
 
+    def end(self, state: str, parts: dict[str, int], stats: dict[str, Any], *, signum: int | None,
+            merge: Callable[[], Any], report: Callable[[Any, list[str]], int], say: Callable[[str], None]) -> int:
+        """Step 4 of a member's life: enter its final state and return its exit code.
+
+        ``state``: how its work ended (done, device_failure, aborted); ``signum``: the stop signal, if one came.
+        ``merge()`` folds the records into results (under the merge lock, skipped when the folder is merged as it
+        stands) and returns them; ``report(results or None, lost members)`` prints the summary and returns the
+        run's code. Exit codes: 128+signal when stopped; 4, 5 or 2 when the run was aborted (output folder, image
+        source, a model that does not load); a broken device leaves at once (3, or 0 while this node's other ranks still work); else every
+        member waits until the others are finished or lost, merges, and one per launch and node reports."""
+        if signum is not None:
+            self.leave("stopped", parts, stats)
+            return 128 + signum
+        if state == "aborted" or self.aborted():
+            self.leave("aborted", parts, stats)
+            why = self.abort_reason().split(":", 1)[0]
+            return self.exit_code({"source": EXIT_SOURCE, "model": EXIT_USAGE}.get(why, EXIT_OUTPUT))
+        if state == "device_failure":
+            self.leave(state, parts, stats, early=True)
+            if self.others_alive():
+                # The others take this member's units over; this node's other ranks must not be cut short.
+                return self.exit_code(EXIT_INCOMPLETE, others_carry_on=True)
+            self.member.update(exit_code=None)  # nobody else is left: this member reports after all
+        else:
+            self.leave(state, parts, stats)
+        lost = self.wait_for_others()
+        _, results = self.merge(merge)
+        if not self.is_reporter():
+            if self.world > 1:
+                say(f"svd-batch: rank {self.rank} done ({stats.get('rows', 0)} rows)")
+            return EXIT_OK
+        return self.exit_code(report(results, lost))
+
+    def launch_figures(self) -> list[dict[str, Any]]:
+        """Each member of this launch: its rank, host and figures (the summary's lines per rank)."""
+        prefix = f"{self.member.info['launch']}-"
+        return [{**(d.get("stats") or {}), "rank": d.get("rank"), "host": d.get("host")}
+                for d in read_members(self.rundir.members, self.job.job, prefix=prefix)]
+
     def close(self, exit_code: int | None = None) -> None:
         if self.member is not None:
             self.member.close(exit_code)
         self.rundir.release_locks()
-
-
-class StopFlag:
-    """SIGINT, SIGTERM and SIGUSR1 (schedulers' preemption notices): stop taking units. The unit in hand
-    finishes when it is expected to end within ``grace`` seconds of the signal; otherwise, or when it runs past
-    the grace period, it is abandoned (KeyboardInterrupt in the main thread) and given back. A second signal
-    abandons it at once."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self, grace: float = 25.0) -> None:
-        self.signum: int | None = None
-        self.grace = grace
-        self._busy_until: float | None = None
-        self._busy = False
-
-    def install(self) -> None:
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._handle)
-        signal.signal(signal.SIGALRM, self._overrun)
-
-    def __call__(self) -> bool:
-        return self.signum is not None
-
-    def busy(self, expected_seconds: float | None) -> None:
-        """The main thread starts a unit expected to take this long (None: not known yet). Stopped already (a
-        signal during the model load): the unit is not started but given back."""
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self._busy = True
-        self._busy_until = None if expected_seconds is None else time.monotonic() + expected_seconds
-
-    def idle(self) -> None:
-        self._busy = False
-        signal.setitimer(signal.ITIMER_REAL, 0)
-
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        if not self._busy:
-            return
-        left = None if self._busy_until is None else self._busy_until - time.monotonic()
-        if left is not None and left > self.grace:
-            raise KeyboardInterrupt
-        signal.setitimer(signal.ITIMER_REAL, max(0.01, self.grace))
-
-    def _overrun(self, signum, frame) -> None:  # noqa: ARG002
-        if self._busy:
-            raise KeyboardInterrupt
 
 
 def pid_running(pid: int) -> bool:

@@ -1,7 +1,12 @@
 """One definition of a row, shared by every stage: its generation fields (names, types, allowed values), the
-pipeline arguments they become, what counts as a change of a finished row, and the columns of its record."""
+pipeline arguments they become, what counts as a change of a finished row, and its record's columns; and the
+typed Row (what a unit's rows travel as) and Record (what is written for each)."""
 
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -80,11 +85,6 @@ SHAPE_FIELDS = ("height", "width", "num_frames", "num_inference_steps")
 PIPELINE_FIELDS = tuple(f for f in GENERATION_FIELDS if f != "seed")
 
 
-def pipeline_kwargs(row) -> dict:
-    """A row's pipeline keyword arguments, as Python ints and floats (the snippet's own types)."""
-    return {f: int(row[f]) if f in INT_FIELDS else float(row[f]) for f in PIPELINE_FIELDS}
-
-
 # What a finished row is compared on when a run resumes: a different value means its video no longer matches.
 # decode_chunk_size is left out (it changes memory use, not frames); the image is compared by location and hash
 # (images.changed_images).
@@ -126,3 +126,94 @@ RESULT_SCHEMA = pa.schema(
         ("flicker_score", pa.float64()),
     ]
 )
+
+
+@dataclass
+class Row:
+    """One manifest row as it runs: the values its video is made with (the manifest's other columns stay in the
+    table). Built from the plan's table as a unit is claimed; the seed is derived then when the row has none."""
+
+    id: str
+    image: str             # as the manifest writes it (path, URL, struct path or <shard>#row=<n>)
+    image_uri: str         # where it is read from (resolved; what resume compares)
+    row: int               # position in the manifest
+    seed: int | None
+    fps: int
+    motion_bucket_id: int
+    noise_aug_strength: float
+    num_frames: int
+    num_inference_steps: int
+    height: int
+    width: int
+    min_guidance_scale: float
+    max_guidance_scale: float
+    decode_chunk_size: int
+    image_sha256: str | None = None  # of the encoded bytes, once the image is read
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any]) -> "Row":
+        """From a table row or a record (columns it does not know, e.g. ``extra.*``, are left out)."""
+        return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
+
+    def pipeline_kwargs(self) -> dict:
+        """The pipeline's keyword arguments, as Python ints and floats (the snippet's own types)."""
+        return {f: int(getattr(self, f)) if f in INT_FIELDS else float(getattr(self, f)) for f in PIPELINE_FIELDS}
+
+    def with_(self, **changes: Any) -> "Row":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One row attempt's record: results.parquet's columns, every one given (a column added to RESULT_SCHEMA and
+    forgotten here, or here and not given where a record is made, fails at once rather than writing nulls)."""
+
+    id: str
+    status: str
+    error: str | None
+    video_path: str | None
+    image: str
+    image_uri: str
+    row: int
+    seed: int
+    fps: int
+    motion_bucket_id: int
+    noise_aug_strength: float
+    num_frames: int
+    num_inference_steps: int
+    height: int
+    width: int
+    min_guidance_scale: float
+    max_guidance_scale: float
+    decode_chunk_size: int
+    frames_sha256: str | None
+    image_sha256: str | None
+    load_seconds: float
+    generate_seconds: float | None
+    write_seconds: float
+    total_seconds: float
+    peak_vram_bytes: int | None
+    peak_host_memory_bytes: int
+    memory_mode: str
+    batch_size: int | None
+    compiled: bool
+    attention: str | None
+    model: str
+    device: str
+    rank: int
+    world_size: int
+    host: str
+    started_at: Any  # datetime (UTC)
+    finished_at: Any
+    motion_score: float | None
+    image_similarity: float | None
+    flicker_score: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+if [f.name for f in dataclasses.fields(Record)] != RESULT_SCHEMA.names:
+    raise AssertionError("fields.Record and fields.RESULT_SCHEMA list other columns")
+if [f.name for f in dataclasses.fields(Row)][5:15] != list(CONDITIONING_FIELDS):
+    raise AssertionError("fields.Row and fields.CONDITIONING_FIELDS list other fields")

@@ -8,7 +8,7 @@ permission: HTTP 401/403, AccessDenied, bad or missing credentials) are held bac
 source (``s3://bucket``, ``https://host:port``, a local folder). A row of that source that works releases
 them: those were the rows' own failures, recorded as such. After ``failures`` such rows in a row the source
 is retried with backoff for up to ``wait_seconds``: if it answers again, the run goes on (the held rows are
-not recorded: the next run does them); if not, ``SourceOutage`` stops the run (exit code ``EXIT_SOURCE``)
+not recorded: the next run does them); if not, ``SourceOutage`` stops the run (exit code 5, executor.EXIT_SOURCE)
 and no row is recorded as failed for the outage.
 
 The guard sees each row once, just before it would be recorded (the writer thread), so it needs no lock.
@@ -24,7 +24,6 @@ from typing import Any, Callable, Iterable
 
 from .util import first_line
 
-EXIT_SOURCE = 5  # the run stopped because a source of images is down or refuses access; rerun when it is back
 
 # Phrases of the one-line errors of images.py / remote.py (and the libraries they quote) that blame the source.
 CONNECTION = re.compile(
@@ -43,7 +42,7 @@ CELL_PREFIX = "parquet://"  # embedded.PREFIX: an image inside a manifest shard 
 
 class SourceOutage(Exception):
     """A source of images failed ``failures`` rows in a row and did not come back while retried: the run stops
-    (exit code EXIT_SOURCE); no row was recorded as failed for it."""
+    (exit code 5); no row was recorded as failed for it."""
 
 
 def failure_kind(error: str) -> str | None:

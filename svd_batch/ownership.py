@@ -18,11 +18,13 @@ import socket
 import time
 from typing import Iterable
 
+# The run folder's names: spelled here only (rundir.RunDir builds its paths from them).
 STATE = ".svd-batch"
+VIDEOS, INPUTS, REPORT, STATS, THUMBS = "videos", "inputs", "report", "stats", f"{STATE}/thumbs"
 MARKER = os.path.join(STATE, "owner.json")
 
 # The folders svd-batch writes into, relative to output.dir ("" is output.dir itself).
-FOLDERS = ("", "videos", "inputs", "report", "stats", STATE, f"{STATE}/parts", f"{STATE}/done", f"{STATE}/thumbs",
+FOLDERS = ("", VIDEOS, INPUTS, REPORT, STATS, STATE, f"{STATE}/parts", f"{STATE}/done", THUMBS,
            f"{STATE}/members", f"{STATE}/jobs")
 
 _ID = r"[A-Za-z0-9_][A-Za-z0-9._=+,@-]{0,199}"  # manifest.ID_PATTERN: ids name files
@@ -31,16 +33,16 @@ _MEMBER = rf"{_SESSION}-r\d{{5}}"  # one rank of one launch
 # Per folder, the names of the files svd-batch writes there.
 NAMES = {
     "": r"results\.parquet|config\.yaml|index\.html|contact_sheet\.png",
-    "videos": rf"{_ID}\.mp4|\.probe",
-    "inputs": rf"{_ID}\.jpg",
-    "report": r"data-\d{5}\.js",
-    "stats": r"rank-\d{5}\.json",
+    VIDEOS: rf"{_ID}\.mp4|\.probe",
+    INPUTS: rf"{_ID}\.jpg",
+    REPORT: r"data-\d{5}\.js",
+    STATS: r"rank-\d{5}\.json",
     STATE: r"run\.json|records\.parquet|lock|owner\.json|active|merge\.lock|merged\.json|job\.json",
     f"{STATE}/parts": rf"{_MEMBER}-\d{{5}}\.parquet|{_SESSION}-rank\d{{5}}-\d{{5}}\.parquet",
     f"{STATE}/members": rf"{_MEMBER}\.(?:json|lock|token\d+)",
     f"{STATE}/jobs": _SESSION,
     f"{STATE}/done": rf"{_SESSION}-rank\d{{5}}\.json",
-    f"{STATE}/thumbs": rf"{_ID}\.png",
+    THUMBS: rf"{_ID}\.png",
 }
 # atomic_path's temporary names: [.]<name>.tmp-<pid>[<the name's extension>]
 _TEMPORARY = {folder: re.compile(rf"^\.?(?:{names})\.tmp-\d+(?:\.[a-z0-9]{{1,4}})?$") for folder, names in NAMES.items()}
@@ -63,9 +65,12 @@ def is_ours(folder: str, name: str) -> bool:
     return bool(pattern and pattern.match(name))
 
 
-def refused(message: str) -> Exception:
-    from .rundir import RunDirError  # rundir calls this module; the error is the run folder's own
+class RunDirError(Exception):
+    """The run folder cannot be used as asked (not svd-batch's, locked, incompatible, or would be overwritten):
+    nothing is run (exit 2)."""
 
+
+def refused(message: str) -> Exception:
     return RunDirError(message)
 
 
@@ -143,7 +148,7 @@ def mark(root: str) -> None:
     path = os.path.join(root, MARKER)
     if os.path.exists(path):
         return
-    from .rundir import write_text_atomic
+    from .atomic import write_text_atomic
 
     write_text_atomic(json.dumps({"made_by": "svd-batch", "host": socket.gethostname(), "created_at": time.time()}),
                       path)
@@ -164,7 +169,7 @@ def remove_temporaries(root: str) -> None:
 def remove_recorded(root: str, ids: Iterable[str]) -> None:
     """Delete the videos, input images and thumbnails of recorded ids (overwrite=true); nothing else there."""
     ids = set(ids)
-    for folder, ext in (("videos", ".mp4"), ("inputs", ".jpg"), (f"{STATE}/thumbs", ".png")):
+    for folder, ext in ((VIDEOS, ".mp4"), (INPUTS, ".jpg"), (THUMBS, ".png")):
         path = real_folder(root, folder)
         if path is None:
             continue

@@ -16,15 +16,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .fields import CHANGE_FIELDS, SEED_MAX, SHAPE_FIELDS
+from .fields import CHANGE_FIELDS, SEED_MAX, SHAPE_FIELDS, Row
 from .util import occurrence
 
 
-def with_seed(row: dict, base_seed: int) -> dict:
+def with_seed(row: "Row", base_seed: int) -> "Row":
     """The row with its seed: its own, or one derived from its id (done per row as it runs, so planning a
     million rows creates no Python object per row)."""
-    if row.get("seed") is None:
-        row["seed"] = derive_seed(base_seed, row["id"])
+    if row.seed is None:
+        row.seed = derive_seed(base_seed, row.id)
     return row
 
 

@@ -43,16 +43,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import ownership
+from .ownership import RunDirError
 from .atomic import atomic_path, fsync_dir, write_text_atomic  # noqa: F401 - write_text_atomic: re-exported
-from .fields import RESULT_SCHEMA
+from .fields import RESULT_SCHEMA, Record
+from .hooks import pause_here
 from .ledger import FINAL_STATES, read_json, read_members
 
-STATE = ".svd-batch"
+STATE = ownership.STATE
 GENERATION_KEY = b"svd-batch.generation"
-
-
-class RunDirError(Exception):
-    """The run folder cannot be used as asked (locked, incompatible, or would be overwritten): exit 2."""
+INPUT_MAX_SIDE = 512
 
 
 class _Superseded(Exception):
@@ -152,7 +151,11 @@ class FolderLock:
 class RunDir:
     def __init__(self, root: str, locks: bool = True):
         self.root = os.path.abspath(root)
-        self.videos = os.path.join(self.root, "videos")
+        self.videos = os.path.join(self.root, ownership.VIDEOS)
+        self.inputs = os.path.join(self.root, ownership.INPUTS)
+        self.report = os.path.join(self.root, ownership.REPORT)
+        self.stats = os.path.join(self.root, ownership.STATS)
+        self.thumbs = os.path.join(self.root, ownership.THUMBS)
         self.state = os.path.join(self.root, STATE)
         self.parts = os.path.join(self.state, "parts")
         self.members = os.path.join(self.state, "members")
@@ -177,6 +180,30 @@ class RunDir:
 
     def video_path(self, row_id: str) -> str:
         return os.path.join(self.videos, f"{row_id}.mp4")
+
+    def input_path(self, row_id: str) -> str:
+        """The conditioning image as the model saw it (resized), for the report and for rescoring."""
+        return os.path.join(self.inputs, f"{row_id}.jpg")
+
+    def thumb_path(self, row_id: str) -> str:
+        """First, middle and last frame of a row, cut while its frames are in memory (the contact sheet)."""
+        return os.path.join(self.thumbs, f"{row_id}.png")
+
+    def stats_path(self, rank: int) -> str:
+        return os.path.join(self.stats, f"rank-{int(rank):05d}.json")
+
+    def save_input(self, row_id: str, image) -> None:
+        """The conditioning image as the model saw it (after resize), for the report and for rescoring; at most
+        INPUT_MAX_SIDE px (the report shows it small and CLIP sees 224 px: a full-size copy would only cost disk)."""
+        from PIL import Image
+
+        img = image.convert("RGB")
+        if max(img.size) > INPUT_MAX_SIDE:
+            scale = INPUT_MAX_SIDE / max(img.size)
+            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
+        os.makedirs(self.inputs, exist_ok=True)
+        with atomic_path(self.input_path(row_id)) as tmp:
+            img.save(tmp, format="JPEG", quality=90)
 
     def release_locks(self) -> None:
         for lock in (self.merge_lock, self.active_lock, self.plan_lock):
@@ -360,15 +387,6 @@ class RunDir:
         ownership.remove_temporaries(self.root)
 
 
-def pause_here(point: str) -> None:
-    """Test hook: ``SVD_BATCH_INJECT_PAUSE=<point>`` makes this process SIGSTOP itself there, once."""
-    if os.environ.get("SVD_BATCH_INJECT_PAUSE") == point:
-        import signal
-
-        del os.environ["SVD_BATCH_INJECT_PAUSE"]
-        os.kill(os.getpid(), signal.SIGSTOP)
-
-
 def latest_per_id(table: pa.Table) -> pa.Table:
     if table.num_rows == 0:
         return table
@@ -397,8 +415,10 @@ class PartWriter:
     def _path(self) -> str:
         return os.path.join(self.rundir.parts, f"{self.member}-{self.chunk:05d}.parquet")
 
-    def add(self, record: dict[str, Any]) -> None:
-        self.rows.append(record)
+    def add(self, record: Record) -> None:
+        if not isinstance(record, Record):
+            raise TypeError(f"PartWriter.add takes a fields.Record, not {type(record).__name__}")
+        self.rows.append(record.as_dict())
         path = self._path()
         write_parquet_atomic(pa.Table.from_pylist(self.rows, schema=RESULT_SCHEMA), path)
         self.written[os.path.basename(path)] = len(self.rows)

@@ -21,43 +21,19 @@ for scores. Across device types (a GPU run rescored on CPU) the encoder's float 
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from .atomic import atomic_path
-from .util import first_line
-from .write import read_mp4
+from .video import read_mp4
+
+if TYPE_CHECKING:
+    import torch
 
 SCORE_COLUMNS = ("motion_score", "image_similarity", "flicker_score")
-INPUTS = "inputs"
-INPUT_MAX_SIDE = 512  # the gallery shows it small and CLIP sees 224 px: a full-size copy would only cost disk
 EMBED_FRAMES = 8
 
 Embed = Callable[[list[np.ndarray]], np.ndarray]
-
-
-def input_image_path(root: str, row_id: str) -> str:
-    return os.path.join(root, INPUTS, f"{row_id}.jpg")
-
-
-def save_input_image(root: str, row_id: str, image) -> None:
-    """The conditioning image as the model saw it (after resize), for the gallery and for rescoring."""
-    from PIL import Image
-
-    img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
-    img = img.convert("RGB")
-    if max(img.size) > INPUT_MAX_SIDE:
-        scale = INPUT_MAX_SIDE / max(img.size)
-        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
-    path = input_image_path(root, row_id)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="JPEG", quality=90)
 
 
 def _luma(frames: np.ndarray, max_side: int) -> np.ndarray:
@@ -168,26 +144,31 @@ class _Offloaded(Exception):
     pass
 
 
-def score_files(root: str, row: dict[str, Any], embed: Embed | None) -> dict[str, float | None]:
-    """The scores of a row's video as written (videos/<id>.mp4, or its recorded video_path) and its input as
-    saved: what the run records and what svd-batch-score recomputes, read the same way."""
-    video = os.path.join(root, row.get("video_path") or os.path.join("videos", f"{row['id']}.mp4"))
-    image = conditioning_image(root, row) if embed is not None else None
-    return score_video(read_mp4(video), image, embed)
+def score_files(video_path: str, image, embed: Embed | None) -> dict[str, float | None]:
+    """The scores of a video as written and its conditioning image as saved (None: pixel scores only): what the
+    run records and what svd-batch-score recomputes, read the same way."""
+    return score_video(read_mp4(video_path), image, embed)
 
 
-def scores_for_record(root: str, row: dict[str, Any], embed: Embed | None) -> dict[str, float | None]:
+def scores_for_record(video_path: str, image_path: str | None, embed: Embed | None) -> dict[str, float | None]:
     """For the writer, once the row's video and input image are in place: scores never fail a row (a video that
     exists is worth more than its score)."""
+    def image():
+        if image_path is None or embed is None:
+            return None
+        from PIL import Image
+
+        return Image.open(image_path).convert("RGB")
+
     try:
-        return score_files(root, row, embed)
-    except _Offloaded:
-        return score_files(root, row, None)
+        try:
+            return score_files(video_path, image(), embed)
+        except _Offloaded:
+            return score_files(video_path, None, None)
     except Exception:  # noqa: BLE001 - a broken scorer leaves the columns empty; svd-batch-score can redo them
         return {c: None for c in SCORE_COLUMNS}
 
 
-# -- svd-batch-score ----------------------------------------------------------------------------------------
 def load_embedder(model_path: str, device: str | None = None) -> Embed:
     """Only the pipeline's image encoder and feature extractor, from the run's model folder."""
     import torch
@@ -205,64 +186,10 @@ def load_embedder(model_path: str, device: str | None = None) -> Embed:
     return clip_embedder(enc, fx)
 
 
-def conditioning_image(root: str, row: dict[str, Any]):
-    """inputs/<id>.jpg when the run kept it; else the row's own image resized as the model resizes it."""
-    from PIL import Image
-
-    saved = input_image_path(root, row["id"])
-    if os.path.exists(saved):
-        return Image.open(saved).convert("RGB")
-    src = row.get("image")
-    if src and not src.startswith(("http://", "https://")):
-        path = src if os.path.isabs(src) else os.path.join(root, src)
-        if os.path.exists(path):
-            return Image.open(path).convert("RGB").resize((int(row["width"]), int(row["height"])))
-    return None
-
-
-def _model_path_from_config(root: str) -> str | None:
-    from .runner import model_path, saved_config
-
-    cfg = saved_config(root)
-    return None if cfg is None else model_path(cfg)
-
-
-def rescore(root: str, embed: Embed | None, log: Callable[[str], None] = print) -> "pa.Table":
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from .rundir import RunDir, write_parquet_atomic
-
-    rd = RunDir(root)
-    table = pq.read_table(rd.results_path)
-    cols = {c: [None] * table.num_rows for c in SCORE_COLUMNS}
-    keep = ["id", "status", "video_path", "image", "width", "height"]
-    started, missing, scored = time.perf_counter(), 0, 0
-    for i, row in enumerate(table.select(keep).to_pylist()):
-        video = os.path.join(root, row["video_path"]) if row["status"] == "ok" and row["video_path"] else None
-        if not video or not os.path.exists(video):
-            missing += row["status"] == "ok"
-            continue
-        s = score_files(root, row, embed)
-        scored += 1
-        for c in SCORE_COLUMNS:
-            cols[c][i] = s[c]
-    for c in SCORE_COLUMNS:
-        arr = pa.array(cols[c], pa.float64())
-        if c in table.column_names:
-            table = table.set_column(table.schema.get_field_index(c), c, arr)
-        else:
-            table = table.append_column(c, arr)
-    write_parquet_atomic(table, rd.results_path)
-    log(f"svd-batch-score: scored {scored} rows in {time.perf_counter() - started:.1f} s"
-        + (f"; {missing} ok rows have no video file (scores left empty)" if missing else ""))
-    return table
-
-
 LOWEST = 10
 
 
-def score_summary(table: "pa.Table", lowest: int = LOWEST) -> str:
+def score_summary(table: Any, lowest: int = LOWEST) -> str:
     """Per score: its distribution, and the rows with the lowest values (the first duds to look at)."""
     import pyarrow.compute as pc
 
@@ -281,64 +208,3 @@ def score_summary(table: "pa.Table", lowest: int = LOWEST) -> str:
         low = scored.sort_by([(c, "ascending"), ("id", "ascending")]).slice(0, lowest).to_pylist()
         lines.append(f"  lowest {len(low)}: " + ", ".join(f"{r['id']} {r[c]:.4f}" for r in low))
     return "\n".join(lines)
-
-
-def rebuild_report(root: str, log: Callable[[str], None] = print) -> None:
-    """The report shows the scores: write it again from the new results (with the run's report settings)."""
-    from .gallery import write_report
-    from .runner import saved_config
-
-    cfg = saved_config(root)
-    report = cfg.get("report") if cfg is not None else None
-    page_size = int(report.get("page_size", 48)) if report is not None else 48
-    contact_rows = int(report.get("contact_sheet_rows", 16)) if report is not None else 16
-    try:
-        paths = write_report(root, page_size, contact_rows)
-    except Exception as exc:  # noqa: BLE001 - the scores are saved; the report is for people
-        log(f"svd-batch-score: the scores are saved, but the report could not be rewritten ({type(exc).__name__}: "
-            f"{first_line(exc)}); run svd-batch-report {root}")
-        return
-    log("svd-batch-score: report rewritten with the new scores: " + ", ".join(os.path.relpath(p, root) for p in paths))
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="svd-batch-score", description="Recompute motion_score, image_similarity "
-                                 "and flicker_score of a finished run from its MP4s and input images (the same "
-                                 "reading the run does: the same values on the same device type), rewrite "
-                                 "results.parquet (atomically), print each score's distribution and lowest rows, "
-                                 "and rewrite the report.")
-    ap.add_argument("output_dir")
-    ap.add_argument("--model", help="diffusers folder whose image_encoder/ embeds images (default: the run's "
-                    "model, from its config.yaml)")
-    ap.add_argument("--no-embed", action="store_true", help="skip image_similarity (no encoder is loaded)")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ap.add_argument("--no-report", action="store_true", help="leave index.html and contact_sheet.png as they are "
-                    "(by default they are rewritten, since they show the scores)")
-    args = ap.parse_args(argv)
-    root = args.output_dir
-    if not os.path.exists(os.path.join(root, "results.parquet")):
-        print(f"svd-batch-score: {root} has no results.parquet, so there is nothing to score. Point it at the "
-              "output.dir of a finished run, or finish an interrupted one first (run the same svd-batch command "
-              "again: it resumes and writes results.parquet).", file=sys.stderr)
-        sys.exit(2)
-    embed = None
-    if not args.no_embed:
-        try:
-            path = args.model or _model_path_from_config(root)
-            if path is None:
-                raise FileNotFoundError("no config.yaml in the folder")
-            embed = load_embedder(path, args.device)
-        except Exception as exc:  # noqa: BLE001 - one message for every way the encoder is unavailable
-            print(f"svd-batch-score: cannot load the image encoder for image_similarity ({type(exc).__name__}: "
-                  f"{first_line(exc)}). Pass --model <diffusers folder with "
-                  "image_encoder/ and feature_extractor/>, or --no-embed to compute only the pixel scores.",
-                  file=sys.stderr)
-            sys.exit(2)
-    table = rescore(root, embed)
-    print(score_summary(table))
-    if not args.no_report:
-        rebuild_report(root)
-
-
-if __name__ == "__main__":
-    main()

@@ -15,7 +15,6 @@ Read-only by design: it never takes the run's lock and never writes, so it is sa
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import errno
 import fcntl
@@ -23,15 +22,16 @@ import glob
 import json
 import os
 import socket
-import sys
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .report import epoch_seconds, float_values
-from .rundir import STATE, RunDir, RunDirError
+from .manifest import load_for
+from .results import epoch_seconds, float_values
+from .settings import RunSettings
+from .rundir import STATE, RunDir
 
 # A member whose file has not been rewritten for this long (it is rewritten every ~2 s) is gone, when its lock
 # cannot be probed from here (another host).
@@ -46,10 +46,8 @@ STALL_MIN_SECONDS = 60.0
 def manifest_rows(root: str) -> int | None:
     """Rows the run selected, from its config.yaml; None when the manifest cannot be read from here."""
     try:
-        from .runner import read_manifest, saved_config
-
-        cfg = saved_config(root)
-        return None if cfg is None else read_manifest(cfg).table.num_rows
+        s = RunSettings.load(root)
+        return None if s is None else load_for(s).table.num_rows
     except Exception:  # noqa: BLE001 - the manifest lives on another node or moved: report without a total
         return None
 
@@ -297,26 +295,3 @@ def render(st: dict[str, Any]) -> str:
         lines.append("(this folder has no member files, from an older svd-batch: the state is guessed from how "
                      "recent the last record is)")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="svd-batch-status", description="Whether an svd-batch run is running, stopped "
-                                 "or finished; rows done, failed and to do; the current run's rate and ETA; each "
-                                 "member's state and last row. Read-only: takes no lock, writes nothing.")
-    ap.add_argument("output_dir")
-    ap.add_argument("--json", action="store_true", help="print the figures as JSON")
-    args = ap.parse_args(argv)
-    if not os.path.isdir(os.path.join(args.output_dir, STATE)):
-        print(f"svd-batch-status: {args.output_dir} is not an svd-batch output folder (no .svd-batch/ inside). "
-              "Pass the output.dir of a run.", file=sys.stderr)
-        sys.exit(2)
-    try:
-        st = collect(args.output_dir)
-    except RunDirError as exc:
-        print(f"svd-batch-status: {exc}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(st, indent=2) if args.json else render(st))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,20 +1,12 @@
-"""Small helpers shared by the model side and the run loop: one-line errors, quiet libraries, memory figures
-and the failure-injection hooks that make the GPU-only fallbacks testable on CPU.
-
-Nothing here imports the pipeline modules, so tiny.py and generate.py can both use it without a cycle.
-"""
+"""Small helpers shared by every stage: one-line errors, occurrence counts, human units, quiet libraries and
+memory figures. Nothing here imports another module of the package (the test hooks are in hooks.py)."""
 
 from __future__ import annotations
 
 import math
-import os
 import resource
-from dataclasses import dataclass, field
 
 import numpy as np
-
-# Where a failure can be injected: at the start of a pass, or inside it as each model is entered.
-STAGES = ("call", "clip", "vae_encode", "unet", "vae_decode")
 
 
 def first_line(exc: BaseException | str, limit: int = 500) -> str:
@@ -72,51 +64,3 @@ def peak_vram_bytes(device) -> int | None:
     import torch
 
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
-
-
-@dataclass
-class Injection:
-    """Test hooks, read from the environment once per process.
-
-    ``SVD_BATCH_INJECT_OOM="id:n[@stage],..."``: the row's first n pipeline passes (a batch pass that holds
-    the row counts as one) raise CUDA out-of-memory at ``stage`` (call, clip, vae_encode, unet, vae_decode;
-    default call, before the pipeline starts). ``SVD_BATCH_INJECT_DEVICE_ERROR="id,..."``: every pass of
-    those rows raises CUDA's illegal-memory-access error inside the UNet, an error that poisons a device.
-    """
-
-    oom: dict[str, tuple[int, str]] = field(default_factory=dict)
-    device_error: set[str] = field(default_factory=set)
-    passes: dict[str, int] = field(default_factory=dict)
-
-    @classmethod
-    def from_env(cls) -> "Injection":
-        oom = {}
-        for item in filter(None, os.environ.get("SVD_BATCH_INJECT_OOM", "").split(",")):
-            item, _, stage = item.partition("@")
-            row_id, _, n = item.rpartition(":")
-            stage = stage or "call"
-            if stage not in STAGES:
-                raise ValueError(f"SVD_BATCH_INJECT_OOM: stage {stage!r} is not one of {', '.join(STAGES)}")
-            oom[row_id] = (int(n), stage)
-        errors = set(filter(None, os.environ.get("SVD_BATCH_INJECT_DEVICE_ERROR", "").split(",")))
-        return cls(oom=oom, device_error=errors)
-
-    def __bool__(self) -> bool:
-        return bool(self.oom or self.device_error)
-
-    def arm(self, row_ids: list[str]) -> dict[str, BaseException]:
-        """The failures one pass over these rows must raise, by stage; counts the pass for each row."""
-        import torch
-
-        armed: dict[str, BaseException] = {}
-        for row_id in row_ids:
-            if row_id in self.device_error:
-                armed["unet"] = RuntimeError("CUDA error: an illegal memory access was encountered")
-            if row_id in self.oom:
-                n, stage = self.oom[row_id]
-                done = self.passes.get(row_id, 0)
-                self.passes[row_id] = done + 1
-                if done < n:
-                    armed.setdefault(stage, torch.cuda.OutOfMemoryError(
-                        f"injected out of memory at {stage} (pass {done + 1} of row {row_id})"))
-        return armed

@@ -1,4 +1,9 @@
-"""Shared fixtures: the tiny model in a per-session cache, sample images, manifests and CLI runs."""
+"""Shared fixtures: the tiny model in a per-session cache, sample images, manifests and CLI runs.
+
+Markers (pyproject.toml): ``slow`` runs the model (the CLI, or the tiny pipeline in-process), ``distributed``
+starts several processes (accelerate launch, torchrun, independent launches), ``browser`` drives Chromium.
+``make test-fast`` leaves the three out. The tiny model is built (once per session) only for tests marked so;
+running the CLI from a test that is not marked fails at once, so the fast set stays fast."""
 
 from __future__ import annotations
 
@@ -20,16 +25,61 @@ TINY = ["model=tiny", "generation.height=64", "generation.width=64", "generation
         "generation.num_inference_steps=4", "runtime.progress=false"]
 
 
+MODEL_MARKS = {"slow", "distributed", "browser"}
+# Kept in the environment: test modules import this file as tests.conftest, pytest as conftest (two copies).
+MAY_RUN = "SVD_BATCH_TEST_MAY_RUN_MODEL"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def tiny_cache(tmp_path_factory):
-    """Every test (and every subprocess it starts) shares one tiny checkpoint, built once per session."""
+    """Every test (and every subprocess it starts) shares one tiny checkpoint, in this session's cache."""
     cache = tmp_path_factory.mktemp("svd-batch-cache")
     os.environ["SVD_BATCH_CACHE"] = str(cache)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from svd_batch.tiny import ensure_tiny_model
-
-    ensure_tiny_model()
     return cache
+
+
+def _guarded_tiny_model(real):
+    """svd_batch.tiny.ensure_tiny_model for the tests: only marked tests may use the model (see needs_model)."""
+    def ensure_tiny_model(*args, **kwargs):
+        needs_model()
+        return real(*args, **kwargs)
+    return ensure_tiny_model
+
+
+import svd_batch.tiny as _tiny  # noqa: E402 - patched before any test module imports the name
+
+_build_tiny_model = _tiny.ensure_tiny_model
+_tiny.ensure_tiny_model = _guarded_tiny_model(_build_tiny_model)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_cache):
+    """The tiny checkpoint, built on first use (a few seconds): only tests that run the model pay for it."""
+    return _build_tiny_model()
+
+
+def _marked(item) -> bool:
+    return bool({m.name for m in item.iter_markers()} & MODEL_MARKS)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    # Before any fixture: a module-scoped fixture that runs svd-batch is set up within its first test's setup.
+    os.environ[MAY_RUN] = item.nodeid if _marked(item) else ""
+
+
+@pytest.fixture(autouse=True)
+def _model_for_marked_tests(request):
+    if _marked(request.node):
+        request.getfixturevalue("tiny_model")
+
+
+def needs_model() -> None:
+    """Called where a test runs svd-batch: the test must be marked (else `make test-fast` would run it)."""
+    if not os.environ.get(MAY_RUN):
+        raise AssertionError(f"{os.environ.get('PYTEST_CURRENT_TEST', 'this test')} runs svd-batch: mark it slow "
+                             "(or distributed/browser)")
 
 
 @pytest.fixture()
@@ -55,6 +105,7 @@ def write_manifest(path: Path, rows: list[dict], schema: pa.Schema | None = None
 def run_cli(*overrides: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600,
             threads: int = 1) -> subprocess.CompletedProcess:
     """`python -m svd_batch` as a user runs it; one torch thread so frames compare across runs."""
+    needs_model()
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     args = [sys.executable, *cli_args(*overrides, threads=threads)]
     return subprocess.run(args, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
@@ -73,7 +124,8 @@ def cli_args(*overrides: str, threads: int = 1) -> list[str]:
 
 def launch(*overrides: str, num_processes: int = 2, extra: tuple[str, ...] = (), env: dict | None = None,
            timeout: float = 600, background: bool = False, log=None):
-    """`accelerate launch --multi_gpu --num_processes N -m svd_batch ...` on CPU (gloo), as users run it."""
+    """`accelerate launch --multi_gpu --num_processes N -m svd_batch ...` on CPU, as users run it."""
+    needs_model()
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     args = [accelerate, "launch", "--multi_gpu", "--num_processes", str(num_processes),
             "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -94,6 +146,7 @@ def free_port() -> int:
 
 
 def start_cli(*overrides: str, threads: int = 1, log=None, env: dict | None = None) -> subprocess.Popen:
+    needs_model()
     return subprocess.Popen([sys.executable, *cli_args(*overrides, threads=threads)], cwd=REPO,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, stdout=log or subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -134,3 +187,45 @@ def small_fs(tmp_path):
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def settings(*overrides: str):
+    """RunSettings as the command line composes them (Hydra's compose API), with the tests' tiny sizes first."""
+    from svd_batch.settings import RunSettings
+
+    return RunSettings.compose(*TINY, *overrides)
+
+
+def typed(*overrides: str) -> dict:
+    """Generator.load's model, memory and runtime settings for these overrides."""
+    s = settings(*overrides)
+    return {"model": s.model, "memory": s.memory, "runtime": s.runtime}
+
+
+def record(**values):
+    """A fields.Record with the columns a test does not care about filled in (a real record gives every one)."""
+    import dataclasses
+    import datetime as dt
+
+    from svd_batch.fields import Record
+
+    now = dt.datetime.now(dt.timezone.utc)
+    filler = {f.name: None for f in dataclasses.fields(Record)}
+    filler.update(status="ok", image="x.jpg", image_uri="/x.jpg", row=0, seed=0, fps=7, motion_bucket_id=127,
+                  noise_aug_strength=0.02, num_frames=2, num_inference_steps=1, height=16, width=16,
+                  min_guidance_scale=1.0, max_guidance_scale=1.0, decode_chunk_size=2, load_seconds=0.0,
+                  write_seconds=0.0, total_seconds=0.0, peak_host_memory_bytes=0, memory_mode="full", compiled=False,
+                  model="tiny", device="cpu", rank=0, world_size=1, host="h", started_at=now, finished_at=now)
+    filler.update(values)
+    return Record(**filler)
+
+
+def make_row(**values):
+    """A fields.Row: the values a test gives, plausible ones for the rest."""
+    from svd_batch.fields import Row
+
+    base = dict(id="r", image="x.jpg", image_uri="/x.jpg", row=0, seed=0, fps=7, motion_bucket_id=127,
+                noise_aug_strength=0.02, num_frames=8, num_inference_steps=2, height=64, width=64,
+                min_guidance_scale=1.0, max_guidance_scale=3.0, decode_chunk_size=8)
+    base.update(values)
+    return Row(**base)

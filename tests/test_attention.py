@@ -12,9 +12,9 @@ from torch.overrides import TorchFunctionMode
 from svd_batch.attention import default_order, describe, priority
 from svd_batch.generate import Generator
 from svd_batch.tiny import ensure_tiny_model
-from tests.conftest import read_results, run_cli, write_manifest
+from tests.conftest import make_row, read_results, run_cli, typed, write_manifest
 
-ROW = dict(id="a", width=64, height=64, num_frames=8, num_inference_steps=2, min_guidance_scale=1.0,
+ROW = make_row(id="a", width=64, height=64, num_frames=8, num_inference_steps=2, min_guidance_scale=1.0,
            max_guidance_scale=3.0, fps=7, motion_bucket_id=127, noise_aug_strength=0.02, decode_chunk_size=8, seed=1)
 KERNEL = {int(SDPBackend.MATH.value): "math", int(SDPBackend.FLASH_ATTENTION.value): "flash"}
 
@@ -53,14 +53,15 @@ def run_with_spy(gen, rows):
     return outs, spy.calls
 
 
+@pytest.mark.slow
 def test_the_requested_backend_goes_first_for_the_unet_alone_and_rows_record_the_real_kernel():
     torch.set_num_threads(1)
     path = str(ensure_tiny_model())
     default = list(torch._C._get_sdp_priority_order())
     frames = {}
     for name in ("auto", "math", "flash"):
-        gen = Generator.load(path, device=torch.device("cpu"), runtime={"attention": name})
-        outs, calls = run_with_spy(gen, [ROW, {**ROW, "id": "b", "seed": 2}])  # a batch of two
+        gen = Generator.load(path, device=torch.device("cpu"), **typed(f"runtime.attention={name}"))
+        outs, calls = run_with_spy(gen, [ROW, ROW.with_(id="b", seed=2)])  # a batch of two
         [single], single_calls = run_with_spy(gen, [ROW])
         frames[name] = single.frames
         unet = [c for c in calls + single_calls if c["model"] == "unet"]
@@ -88,13 +89,15 @@ def test_the_requested_backend_goes_first_for_the_unet_alone_and_rows_record_the
     assert np.abs(frames["math"].astype(int) - frames["auto"].astype(int)).max() <= 1
 
 
+@pytest.mark.slow
 def test_a_compiled_unet_records_the_kernels_of_an_eager_call_of_the_same_shape():
     torch.set_num_threads(1)
     path = str(ensure_tiny_model())
-    eager = Generator.load(path, device=torch.device("cpu"), runtime={"attention": "math"})
+    eager = Generator.load(path, device=torch.device("cpu"), **typed("runtime.attention=math"))
     [expected], _ = run_with_spy(eager, [ROW])
-    gen = Generator.load(path, device=torch.device("cpu"), compile={"backend": "eager", "mode": None},
-                         runtime={"attention": "math", "compile_vae": True})
+    gen = Generator.load(path, device=torch.device("cpu"), **typed(
+        "runtime.attention=math", "runtime.compile=true", "runtime.compile_backend=eager", "runtime.compile_mode=null",
+        "runtime.compile_vae=true"))
     gen.warmup([(ROW, 1)])
     # (No spy here: a function mode around a compiled call would make dynamo trace it.)
     [out] = gen.run([ROW], [Image.new("RGB", (64, 64), (200, 30, 30))])
@@ -120,12 +123,14 @@ def test_priority_orders_and_descriptions():
 
 
 def test_compile_vae_needs_compile():
-    from svd_batch.generate import SettingRefused
+    from svd_batch.model import SettingRefused, check_settings
+    from svd_batch.settings import RunSettings
 
     with pytest.raises(SettingRefused, match="runtime.compile_vae=true .* needs runtime.compile=true"):
-        Generator.load("/nonexistent", device=torch.device("cpu"), runtime={"compile_vae": True})
+        check_settings(RunSettings.compose("runtime.compile_vae=true"), "cpu")
 
 
+@pytest.mark.slow
 def test_cli_rows_record_the_unet_kernel(tmp_path, images):
     m = write_manifest(tmp_path / "m.parquet", [{"image": str(images / "cat.jpg")}])
     out = tmp_path / "out"

@@ -8,14 +8,16 @@ from svd_batch.batch import batch_key, batched_frames
 from svd_batch.generate import Generator
 from svd_batch.images import load_image
 from svd_batch.tiny import ensure_tiny_model
-from tests.conftest import SAMPLE
+from tests.conftest import SAMPLE, make_row, typed
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def gen():
     old = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield Generator.load(str(ensure_tiny_model()), device=torch.device("cpu"))
+    yield Generator.load(str(ensure_tiny_model()), device=torch.device("cpu"), **typed())
     torch.set_num_threads(old)
 
 
@@ -23,7 +25,7 @@ def row(**kw):
     base = dict(width=64, height=48, num_frames=7, num_inference_steps=3, min_guidance_scale=1.0,
                 max_guidance_scale=3.0, fps=7, motion_bucket_id=127, noise_aug_strength=0.02, decode_chunk_size=4,
                 seed=0)
-    return {**base, **kw}
+    return make_row(**{**base, **kw})
 
 
 def test_batch_matches_one_by_one_with_per_row_conditioning(gen):

@@ -4,11 +4,13 @@ import subprocess
 import sys
 
 import pyarrow.parquet as pq
+import pytest
 
-from svd_batch.build_manifest import main
+from svd_batch.commands.manifest import main
 from tests.conftest import REPO, SAMPLE, read_results, run_cli
 
 
+@pytest.mark.slow
 def test_folder_with_sweeps_gives_the_cartesian_product_with_readable_ids(tmp_path):
     (tmp_path / "photos" / "trip").mkdir(parents=True)
     shutil.copy(SAMPLE / "cat.jpg", tmp_path / "photos" / "cat.jpg")
@@ -51,12 +53,12 @@ def test_csv_and_jsonl_sources(tmp_path):
 def test_invalid_values_are_refused_like_the_runner_does(tmp_path):
     (tmp_path / "img").mkdir()
     shutil.copy(SAMPLE / "cat.jpg", tmp_path / "img" / "cat.jpg")
-    proc = subprocess.run([sys.executable, "-m", "svd_batch.build_manifest", str(tmp_path / "img"), "-o",
+    proc = subprocess.run([sys.executable, "-m", "svd_batch.commands.manifest", str(tmp_path / "img"), "-o",
                            str(tmp_path / "m.parquet"), "--sweep", "motion_bucket_id=100,300"],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and "motion_bucket_id" in proc.stderr and "300" in proc.stderr
     assert not (tmp_path / "m.parquet").exists() and list(tmp_path.iterdir()) == [tmp_path / "img"]
-    proc = subprocess.run([sys.executable, "-m", "svd_batch.build_manifest", str(tmp_path / "img"), "--sweep",
+    proc = subprocess.run([sys.executable, "-m", "svd_batch.commands.manifest", str(tmp_path / "img"), "--sweep",
                            "colour=1"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and "not a generation column" in proc.stderr
 

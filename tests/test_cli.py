@@ -6,13 +6,15 @@ import sys
 
 import pandas as pd
 import pyarrow as pa
+import pytest
 
 from svd_batch.fields import CONDITIONING_FIELDS
 from svd_batch.plan import derive_seed
 from tests.conftest import REPO, read_results, run_cli, write_manifest
-from tests.test_write import read_mp4
+from tests.test_video import read_mp4
 
 
+@pytest.mark.slow
 def test_bundled_sample_job_runs_every_row(tmp_path):
     """The README's run command: no arguments, the bundled sample, the tiny model, a stable folder."""
     env = {"PYTHONUNBUFFERED": "1"}
@@ -31,6 +33,7 @@ def test_bundled_sample_job_runs_every_row(tmp_path):
     assert read_results(out).equals(results)
 
 
+@pytest.mark.slow
 def test_results_schema_videos_and_overrides(tmp_path, images):
     rows = [
         {"id": "a", "image": "images/cat.jpg", "fps": 12, "num_frames": 5},
@@ -83,6 +86,7 @@ def test_results_schema_videos_and_overrides(tmp_path, images):
     assert leftovers == [] and not list((out / ".svd-batch" / "parts").iterdir())
 
 
+@pytest.mark.slow
 def test_bad_manifest_stops_before_work_with_exit_2(tmp_path):
     rows = [{"id": "ok", "image": "x.jpg"}, {"id": "loud", "image": "x.jpg", "motion_bucket_id": 300},
             {"id": "slow", "image": "x.jpg", "fps": 0}, {"id": "ok", "image": "y.jpg"}]
@@ -97,6 +101,7 @@ def test_bad_manifest_stops_before_work_with_exit_2(tmp_path):
     assert "Traceback" not in err and not out.exists()
 
 
+@pytest.mark.slow
 def test_missing_real_checkpoint_gives_the_fetch_command(tmp_path):
     proc = run_cli("model=svd_xt", f"output.dir={tmp_path / 'out'}",
                    env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
@@ -107,6 +112,7 @@ def test_missing_real_checkpoint_gives_the_fetch_command(tmp_path):
     assert not (tmp_path / "out" / "videos").exists()
 
 
+@pytest.mark.slow
 def test_dry_run_prints_plan_without_model(tmp_path, images):
     m = write_manifest(tmp_path / "m.parquet", [{"image": "images/cat.jpg", "fps": f} for f in (5, 9)])
     proc = run_cli(f"manifest.path={m}", f"output.dir={tmp_path / 'out'}", "dry_run=true")
@@ -115,6 +121,7 @@ def test_dry_run_prints_plan_without_model(tmp_path, images):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_non_editable_install_carries_configs_and_sample(tmp_path):
     """`pip install .` (a wheel) must work without the source tree: configs and sample travel."""
     wheels = tmp_path / "wheels"
@@ -137,6 +144,7 @@ def test_non_editable_install_carries_configs_and_sample(tmp_path):
     assert "8 selected" in proc.stdout and str(target) in proc.stdout
 
 
+@pytest.mark.slow
 def test_bad_override_is_a_usage_error(tmp_path):
     proc = run_cli("generation.no_such_key=3", f"output.dir={tmp_path / 'out'}")
     assert proc.returncode == 2 and "no_such_key" in proc.stderr
@@ -159,6 +167,7 @@ def test_multirun_is_refused_before_anything_runs(tmp_path):
         assert os.listdir(tmp_path) == []  # no multirun/<date>, no outputs/<date>, no run folder
 
 
+@pytest.mark.slow
 def test_config_values_of_the_wrong_type_are_named_with_exit_2(tmp_path):
     proc = run_cli("runtime.batch_size=two", "report.enabled=yes", "generation.fps=0.5", "dry_run=true",
                    f"output.dir={tmp_path / 'out'}")
@@ -171,6 +180,7 @@ def test_config_values_of_the_wrong_type_are_named_with_exit_2(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_manifest_where_of_the_wrong_type_is_a_manifest_error(tmp_path):
     m = write_manifest(tmp_path / "m.parquet", [{"id": "a", "image": "a.jpg", "fps": 7}])
     for override, part in (("+manifest.where.fps=fast", "column 'fps' = 'fast'"),
@@ -182,6 +192,7 @@ def test_manifest_where_of_the_wrong_type_is_a_manifest_error(tmp_path):
     assert proc.returncode == 0 and "1 selected" in proc.stdout, proc.stderr
 
 
+@pytest.mark.slow
 def test_the_image_column_hint_works_as_printed(tmp_path):
     """The tool's own hint (`manifest.columns.image=<your column>`) is a plain override that Hydra accepts."""
     m = write_manifest(tmp_path / "m.parquet", [{"id": "a", "frame": "a.jpg"}])
@@ -193,6 +204,7 @@ def test_the_image_column_hint_works_as_printed(tmp_path):
     assert proc.returncode == 0 and "1 selected" in proc.stdout, proc.stderr
 
 
+@pytest.mark.slow
 def test_num_processes_without_multi_gpu_warns_that_the_world_is_one(tmp_path):
     from pathlib import Path
 
@@ -210,7 +222,7 @@ def test_num_processes_without_multi_gpu_warns_that_the_world_is_one(tmp_path):
 
 
 def test_lone_process_warning_only_for_a_world_of_one_that_asked_for_more():
-    from svd_batch.cli import lone_process_warning
+    from svd_batch.commands.run import lone_process_warning
 
     simple = {"ACCELERATE_MIXED_PRECISION": "no", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
     parent = ["/venv/bin/python", "/venv/bin/accelerate", "launch", "--num_processes=4", "-m", "svd_batch"]
@@ -232,7 +244,7 @@ def test_library_info_lines_are_hidden_and_their_warnings_kept(tmp_path):
             "    return 0\n"
             "runner.run = fake_run\n"
             "sys.argv = ['svd-batch']\n"
-            "from svd_batch.cli import main\n"
+            "from svd_batch.commands.run import main\n"
             "main()\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -240,6 +252,7 @@ def test_library_info_lines_are_hidden_and_their_warnings_kept(tmp_path):
     assert "Found credentials" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_building_the_tiny_model_says_so(tmp_path, capfd):
     from svd_batch.tiny import ensure_tiny_model
 

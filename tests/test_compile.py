@@ -3,9 +3,19 @@ with the eager backend, and refusals that come before the model loads."""
 
 import json
 
+import pytest
 import torch
 
-from tests.conftest import SAMPLE, read_results, run_cli, write_manifest
+from tests.conftest import (
+    SAMPLE,
+    make_row,
+    read_results,
+    run_cli,
+    typed,
+    write_manifest,
+)
+
+pytestmark = pytest.mark.slow
 
 
 def shapes_manifest(tmp_path):
@@ -45,14 +55,14 @@ def test_recompiles_after_warmup_counts_a_shape_the_warmup_missed():
     from svd_batch.tiny import ensure_tiny_model
 
     gen = Generator.load(str(ensure_tiny_model()), device=torch.device("cpu"),
-                         compile={"backend": "eager", "fullgraph": True})
-    row = dict(id="x", width=32, height=32, num_frames=3, num_inference_steps=2, min_guidance_scale=1.0,
+                         **typed("runtime.compile=true", "runtime.compile_backend=eager"))
+    row = make_row(id="x", width=32, height=32, num_frames=3, num_inference_steps=2, min_guidance_scale=1.0,
                max_guidance_scale=3.0, fps=7, motion_bucket_id=127, noise_aug_strength=0.02, decode_chunk_size=8,
                seed=0)
     assert gen.warmup([(row, 1)]) > 0 and gen.recompiles() == 0
     gen.run([row], [Image.new("RGB", (32, 32))])
     assert gen.recompiles() == 0
-    gen.run([{**row, "num_frames": 2}], [Image.new("RGB", (32, 32))])  # a shape the warm-up did not cover
+    gen.run([row.with_(num_frames=2)], [Image.new("RGB", (32, 32))])  # a shape the warm-up did not cover
     assert gen.recompiles() == 1
 
 

@@ -6,10 +6,15 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-import svd_batch.cli  # noqa: F401  (resolvers)
-from svd_batch.manifest import ManifestError, load_manifest, read_table
-from svd_batch.runner import read_manifest
+from svd_batch.manifest import ManifestError, load_for, load_manifest
+from svd_batch.manifest_files import read_table
+from svd_batch.settings import RunSettings
 from tests.conftest import SAMPLE, read_results, run_cli, write_manifest
+
+
+def read_manifest(cfg):
+    return load_for(RunSettings.from_config(cfg))
+
 
 ENTRY = """\
 # @package _global_
@@ -49,6 +54,7 @@ def dataset(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_config_entry_maps_filters_and_keeps_extras(dataset):
     out = dataset / "out"
     proc = run_cli(f"--config-dir={dataset / 'myconf'}", "manifest=mydata", f"output.dir={out}")
@@ -90,6 +96,7 @@ def test_row_order_is_stable_across_reads(dataset):
     assert a.equals(b) and a["uid"].to_pylist() == [f"u{i}" for i in range(9)]
 
 
+@pytest.mark.slow
 def test_dataset_errors_name_the_entry(dataset):
     gen = {"fps": 7}
     with pytest.raises(ManifestError, match="'nope'.*mapped from 'image'"):
@@ -123,6 +130,7 @@ manifest:
 """
 
 
+@pytest.mark.slow
 def test_entry_for_hugging_face_shards(tmp_path):
     """A dataset entry over Hub-style shards: struct image column under its own name, mapped with columns:."""
     import json
@@ -151,6 +159,7 @@ def test_entry_for_hugging_face_shards(tmp_path):
     assert dry.returncode == 0 and "manifest: 'hub'" in dry.stdout, dry.stderr
 
 
+@pytest.mark.slow
 def test_plain_overrides_add_to_an_entry_s_own_mapping(dataset):
     """`manifest.columns.X=...` (no `+`) on top of an entry that maps columns itself, as the hints write it."""
     proc = run_cli(f"--config-dir={dataset / 'myconf'}", "manifest=mydata", "dry_run=true",
@@ -176,6 +185,7 @@ def save_to_disk(folder, table: pa.Table, shards: int = 2):
     return folder
 
 
+@pytest.mark.slow
 def test_a_datasets_save_to_disk_folder_runs_or_says_what_to_do(tmp_path):
     meta = {b"huggingface": b'{"info": {"features": {"image": {"_type": "Image"}}}}'}
     rows = pa.table({"image": [str(SAMPLE / "cat.jpg"), str(SAMPLE / "rocket.jpg"), str(SAMPLE / "coffee.jpg")],

@@ -7,9 +7,18 @@ import pyarrow.compute as pc
 import pytest
 
 from tests.conftest import (
-    free_port, launch, part_records, read_results, run_cli, start_cli, tmp_files, wait_for_records,
+    free_port,
+    launch,
+    part_records,
+    read_results,
+    run_cli,
+    start_cli,
+    tmp_files,
+    wait_for_records,
     write_manifest,
 )
+
+pytestmark = pytest.mark.distributed
 
 N_ROWS = 10
 

@@ -45,6 +45,7 @@ def hashes(out) -> dict:
     return dict(zip(t["seed"].to_pylist(), t["frames_sha256"].to_pylist()))
 
 
+@pytest.mark.slow
 def test_hf_and_raw_shards_give_the_frames_of_the_files(tmp_path, images):
     blobs = sample_bytes()
     seeds = [11, 12]
@@ -151,6 +152,7 @@ def test_memory_filesystem_manifest_and_images():
         load_manifest("memory://t13/nope.parquet", GEN)
 
 
+@pytest.mark.slow
 def test_missing_filesystem_package_is_named(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "s3fs", None)  # as if not installed
     monkeypatch.setitem(sys.modules, "gcsfs", None)
@@ -231,6 +233,7 @@ def test_changed_image_bytes_are_seen_only_where_the_reference_moved(tmp_path):
     assert n == 1 and lines[0].startswith("b: image 'rocket.jpg' -> 'cat.jpg'")
 
 
+@pytest.mark.slow
 def test_bench_embedded_small(tmp_path):
     import subprocess
 

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from svd_batch.ledger import Claims, JobDir, Member, Peers, Ticket, member_gone, takeover_candidates
-from tests.conftest import (REPO, SAMPLE, cli_args, free_port, launch, part_records, read_results, run_cli,
-                            start_cli, tmp_files, write_manifest)
+from tests.conftest import (REPO, SAMPLE, cli_args, free_port, launch, part_records, read_results, record,
+                            run_cli, start_cli, tmp_files, write_manifest)
 
 N_ROWS = 10
 # Short lease and heartbeat so that "lost" is seconds, not minutes.
@@ -101,106 +100,8 @@ def no_teardown(log: str) -> None:
     assert "closing signal SIGTERM" not in log and "exitcode: -15" not in log, log
 
 
-# -- the ledger, in one process ----------------------------------------------------------------------------------
-def test_each_unit_is_claimed_once_by_racing_processes(tmp_path):
-    jobdir = JobDir(str(tmp_path), "j")
-    jobdir.create([0, 1, 2], [0, 1, 2, 3])
-    code = ("import sys; from svd_batch.ledger import Claims, JobDir, Ticket\n"
-            "c = Claims(JobDir(sys.argv[1], 'j'), sys.argv[2], sys.argv[1])\n"
-            "print(' '.join(str(u) for u in range(300) if c.take(Ticket(u))))")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), f"m{k}"], cwd=REPO, stdout=subprocess.PIPE,
-                              text=True) for k in range(4)]
-    won = [list(map(int, p.communicate()[0].split())) for p in procs]
-    assert sorted(u for w in won for u in w) == list(range(300))  # each unit once, none lost
-    claims = Claims(jobdir, "x", str(tmp_path))
-    for k, w in enumerate(won):
-        assert all(claims.holder(Ticket(u)) == f"m{k}" for u in w)  # a claim names its holder
-
-
-def test_a_claim_names_its_holder_without_hard_links_and_past_the_link_limit(tmp_path, monkeypatch):
-    import errno
-
-    jobdir = JobDir(str(tmp_path), "j")
-    jobdir.create([0], [0, 1])
-    c = Claims(jobdir, "me", str(tmp_path))
-    real = os.link
-    calls = []
-
-    def link(src, dst):
-        calls.append(src)
-        if len(calls) == 2:
-            raise OSError(errno.EMLINK, "too many links")
-        if len(calls) == 4:
-            raise OSError(errno.EPERM, "no hard links here")
-        return real(src, dst)
-
-    monkeypatch.setattr(os, "link", link)
-    assert c.take(Ticket(0)) and c.take(Ticket(1)) and c.take(Ticket(2)) and c.take(Ticket(3))
-    assert calls[2] != calls[0]  # a new token after EMLINK
-    assert not c.take(Ticket(3)) and not c.take(Ticket(1))
-    assert [c.holder(Ticket(u)) for u in range(4)] == ["me"] * 4
-    assert c.take(Ticket(3, 1)) and c.superseded(Ticket(3)) and c.latest(3) == Ticket(3, 1)
-
-
-def test_the_heartbeat_survives_write_errors(tmp_path, monkeypatch):
-    import svd_batch.ledger as ledger
-
-    said = []
-    m = Member(str(tmp_path), "m", launch="l", job="j", rank=0, local_rank=0, world_size=1, heartbeat_seconds=0.05,
-               log=said.append)
-    m.start()
-    real = ledger.write_text_atomic
-    failures = [0]
-
-    def flaky(text, path, durable=True):
-        if failures[0] < 5:
-            failures[0] += 1
-            raise OSError(5, "Input/output error")
-        return real(text, path, durable=durable)
-
-    monkeypatch.setattr(ledger, "write_text_atomic", flaky)
-    before = json.loads((tmp_path / "m.json").read_text())["beat"]
-    wait_until(lambda: json.loads((tmp_path / "m.json").read_text())["beat"] > before + 3, "beats after the errors",
-               timeout=20)
-    m.close(0)
-    assert failures[0] == 5 and len(said) == 2 and "retrying" in said[0] and "writable again" in said[1]
-
-
-def test_a_paused_member_is_lost_only_after_the_lease_and_a_dead_one_at_once(tmp_path):
-    code = ("import sys, time; from svd_batch.ledger import Member\n"
-            "m = Member(sys.argv[1], sys.argv[2], launch='l', job='j', rank=0, local_rank=0, world_size=1,"
-            " heartbeat_seconds=0.1)\n"
-            "m.start(); m.hold(__import__('svd_batch.ledger').ledger.Ticket(7)); print('up', flush=True); time.sleep(600)")
-    p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), "other"], cwd=REPO, stdout=subprocess.PIPE,
-                         text=True)
-    try:
-        assert p.stdout.readline().strip() == "up"
-        peers = Peers(str(tmp_path), "j", "me", lease=2.0)
-        assert [d["lost"] for d in peers.poll()] == [False]
-        os.kill(p.pid, signal.SIGSTOP)  # paused: holds its lock, stops beating
-        t = time.monotonic()
-        while not peers.poll()[0]["lost"]:
-            assert time.monotonic() - t < 15
-            time.sleep(0.1)
-        assert time.monotonic() - t >= 1.5  # not before the lease (on this process's own clock)
-        assert not member_gone(str(tmp_path), "other")
-        jobdir = JobDir(str(tmp_path), "j")
-        jobdir.create([0] * 8, list(range(9)))
-        c = Claims(jobdir, "other", str(tmp_path))
-        assert c.take(Ticket(7))
-        assert [(t.unit, why) for t, _, why in takeover_candidates(peers.poll(), c, 8)] == [(7, "lost")]
-        os.kill(p.pid, signal.SIGCONT)
-        wait_until(lambda: not peers.poll()[0]["lost"], "the heartbeat to move again", timeout=10)
-        p.kill()
-        p.wait()
-        assert member_gone(str(tmp_path), "other")
-        fresh = Peers(str(tmp_path), "j", "me", lease=3600)  # a newcomer with a long lease: the lock decides
-        assert fresh.poll()[0]["lost"]
-    finally:
-        p.kill()
-
-
 # -- real launches -----------------------------------------------------------------------------------------------
+@pytest.mark.distributed
 @pytest.mark.parametrize("node,long", [(1, False), (1, True), (0, True), (0, False)])
 def test_a_paused_rank_loses_nothing_and_duplicates_nothing(manifest, reference, tmp_path, node, long):
     """SIGSTOP one node's worker while it holds a unit: shorter than the lease nothing is taken over; longer,
@@ -227,6 +128,7 @@ def test_a_paused_rank_loses_nothing_and_duplicates_nothing(manifest, reference,
         assert takeovers(out) == []
 
 
+@pytest.mark.distributed
 def test_the_store_host_going_away_cuts_no_rank_short(manifest, reference, tmp_path):
     """Node 0's launcher hosts the store torchrun's agents use. Node 0 runs out of units while node 1 is on long
     ones; then node 0's launcher is killed (its exit barrier giving up looks the same to node 1). Node 1 finishes
@@ -246,6 +148,7 @@ def test_the_store_host_going_away_cuts_no_rank_short(manifest, reference, tmp_p
     exactly_once(out, reference)
 
 
+@pytest.mark.distributed
 def test_a_hung_store_blocks_no_rank(manifest, reference, tmp_path):
     out = tmp_path / "out"
     nodes = two_nodes(f"manifest.path={manifest}", f"output.dir={out}", *FAST, env={"SVD_BATCH_INJECT_SLOW": "0:1,1:1"})
@@ -262,6 +165,7 @@ def test_a_hung_store_blocks_no_rank(manifest, reference, tmp_path):
     exactly_once(out, reference)
 
 
+@pytest.mark.distributed
 def test_independent_launches_share_a_folder_and_finish_a_killed_ones_units(manifest, reference, tmp_path):
     """Three launches on one folder: A, then B a moment later, then C (two processes) joining late. A is killed
     while it holds a unit; B and C take it over at once (A's lock is free) and finish the job."""
@@ -291,6 +195,7 @@ def test_independent_launches_share_a_folder_and_finish_a_killed_ones_units(mani
     print(f"kill -> results {time.time() - killed:.1f} s")
 
 
+@pytest.mark.distributed
 def test_sigterm_finishes_the_unit_in_hand_within_the_grace_period(manifest, reference, tmp_path):
     out = tmp_path / "out"
     common = [f"manifest.path={manifest}", f"output.dir={out}", *FAST]
@@ -311,6 +216,7 @@ def test_sigterm_finishes_the_unit_in_hand_within_the_grace_period(manifest, ref
     exactly_once(out, reference)
 
 
+@pytest.mark.distributed
 def test_sigterm_gives_back_a_unit_that_would_outlast_the_grace_period(manifest, reference, tmp_path):
     out = tmp_path / "out"
     common = [f"manifest.path={manifest}", f"output.dir={out}", *FAST]
@@ -332,6 +238,7 @@ def test_sigterm_gives_back_a_unit_that_would_outlast_the_grace_period(manifest,
     exactly_once(out, reference)
 
 
+@pytest.mark.distributed
 def test_two_ranks_on_a_full_disk_exit_without_signalling_each_other(tmp_path, small_fs):
     rows = [{"id": f"d{i}", "image": str(SAMPLE / "cat.jpg"), "num_frames": 8} for i in range(14)]
     m = write_manifest(tmp_path / "m.parquet", rows)
@@ -351,6 +258,7 @@ def test_two_ranks_on_a_full_disk_exit_without_signalling_each_other(tmp_path, s
     assert t.num_rows == 14 and set(t["status"].to_pylist()) == {"ok"}
 
 
+@pytest.mark.distributed
 def test_torchrun_max_restarts_after_a_killed_worker(manifest, reference, tmp_path):
     out = tmp_path / "out"
     args = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
@@ -371,6 +279,7 @@ def test_torchrun_max_restarts_after_a_killed_worker(manifest, reference, tmp_pa
     exactly_once(out, reference)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("lock_lost", [False, True])
 def test_a_merge_paused_half_way_never_puts_back_older_records(manifest, reference, tmp_path, lock_lost):
     """A stops itself half-way through its final merge (its temporary records file written, the merge lock held).
@@ -387,7 +296,7 @@ def test_a_merge_paused_half_way_never_puts_back_older_records(manifest, referen
                "A inside its merge", procs=[a])
     wait_until(lambda: open(f"/proc/{a.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T", "A stopped")
     if lock_lost:
-        PartWriter(RunDir(str(out)), member="late-r00000").add({"id": "late", "status": "ok"})
+        PartWriter(RunDir(str(out)), member="late-r00000").add(record(id="late", status="ok"))
         subprocess.run([sys.executable, "-c", f"from svd_batch.rundir import RunDir; RunDir({str(out)!r}).merge()"],
                        cwd=REPO, check=True)
     else:
@@ -401,6 +310,7 @@ def test_a_merge_paused_half_way_never_puts_back_older_records(manifest, referen
     assert ("late" in records) == lock_lost and len(records) == len(set(records))
 
 
+@pytest.mark.distributed
 def test_ctrl_c_under_accelerate_ends_with_one_resume_line(manifest, tmp_path):
     out = tmp_path / "out"
     proc = launch(f"manifest.path={manifest}", f"output.dir={out}", *FAST, background=True,

@@ -5,11 +5,14 @@ import os
 import shutil
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from svd_batch.tiny import default_cache_dir
 from tests.conftest import read_results, run_cli, tmp_files, write_manifest
 from tests.test_images import server  # noqa: F401  (the HTTP fixture)
+
+pytestmark = pytest.mark.slow
 
 
 def tree(root):

@@ -8,7 +8,9 @@ import torch
 from svd_batch.generate import Generator
 from svd_batch.images import load_image
 from svd_batch.tiny import ensure_tiny_model
-from tests.conftest import SAMPLE
+from tests.conftest import SAMPLE, make_row, typed
+
+pytestmark = pytest.mark.slow
 
 STAGES = ("call", "clip", "vae_encode", "unet", "vae_decode")
 
@@ -17,7 +19,7 @@ def row(row_id, **kw):
     base = dict(id=row_id, width=64, height=48, num_frames=4, num_inference_steps=2, min_guidance_scale=1.0,
                 max_guidance_scale=3.0, fps=7, motion_bucket_id=127, noise_aug_strength=0.02, decode_chunk_size=4,
                 seed=5)
-    return {**base, **kw}
+    return make_row(**{**base, **kw})
 
 
 def state(gen):
@@ -34,7 +36,7 @@ def gen16():
     torch.set_num_threads(1)
     mp = pytest.MonkeyPatch()
     mp.setenv("SVD_BATCH_INJECT_OOM", ",".join(f"{s}:1@{s}" for s in STAGES) + ",batch-a:1@vae_encode")
-    gen = Generator.load(str(ensure_tiny_model()), device=torch.device("cpu"), dtype_name="float16")
+    gen = Generator.load(str(ensure_tiny_model()), device=torch.device("cpu"), **typed("model.dtype=float16"))
     mp.undo()
     yield gen
     torch.set_num_threads(old)
@@ -77,7 +79,7 @@ def test_an_error_that_poisons_the_device_stops_instead_of_failing_the_row(monke
     from svd_batch.device_errors import DeviceFailure
 
     monkeypatch.setenv("SVD_BATCH_INJECT_DEVICE_ERROR", "bad")
-    gen = Generator.load(str(ensure_tiny_model()), device=torch.device("cpu"))
+    gen = Generator.load(str(ensure_tiny_model()), device=torch.device("cpu"), **typed())
     image = load_image(str(SAMPLE / "cat.jpg"))
     with pytest.raises(DeviceFailure, match=r"device cpu on host .* row\(s\) bad: RuntimeError: CUDA error: an "
                                             r"illegal memory access was encountered\. .* resume"):

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from svd_batch.generate import Generator, ModelUnavailable, resolve_model_path
+from svd_batch.generate import Generator
+from svd_batch.model import ModelUnavailable, resolve_model_path
 from svd_batch.tiny import ensure_tiny_model
-from svd_batch.write import frames_sha256
-from tests.conftest import read_results, run_cli, write_manifest
+from svd_batch.video import frames_sha256
+from tests.conftest import make_row, read_results, run_cli, write_manifest
 
 
 def guide_snippet(image_path, *, seed, height, width, num_frames, steps, fps, motion_bucket_id,
@@ -28,6 +29,7 @@ def guide_snippet(image_path, *, seed, height, width, num_frames, steps, fps, mo
     return np.stack([np.asarray(f) for f in frames])
 
 
+@pytest.mark.slow
 def test_runner_row_equals_guide_snippet(tmp_path, images):
     rows = [
         {"id": "cat", "image": "images/cat.jpg", "seed": 1234, "fps": 9, "motion_bucket_id": 200,
@@ -73,16 +75,16 @@ def test_row_values_reach_the_pipeline():
 
     pipe = RecordingPipe()
     gen = Generator(pipe=pipe, device=torch.device("cpu"), memory_mode="full")
-    row = dict(width=96, height=64, num_frames=5, num_inference_steps=3, min_guidance_scale=0.5,
-               max_guidance_scale=2.5, fps=11, motion_bucket_id=33, noise_aug_strength=0.07, decode_chunk_size=2,
-               seed=99)
+    row = make_row(width=96, height=64, num_frames=5, num_inference_steps=3, min_guidance_scale=0.5,
+                   max_guidance_scale=2.5, fps=11, motion_bucket_id=33, noise_aug_strength=0.07, decode_chunk_size=2,
+                   seed=99)
     frames = gen.frames(Image.new("RGB", (300, 200)), row)
     call = pipe.calls[0]
     assert frames.shape == (5, 64, 96, 3)
     assert call["size"] == (96, 64)  # resized to (width, height) before the pipeline, as in the guide
     for k in ("height", "width", "num_frames", "num_inference_steps", "min_guidance_scale", "max_guidance_scale",
               "fps", "motion_bucket_id", "noise_aug_strength", "decode_chunk_size"):
-        assert call[k] == row[k], k
+        assert call[k] == getattr(row, k), k
     assert call["seed_draw"] == 99 and call["generator"].device.type == "cpu"
 
 
@@ -153,7 +155,7 @@ class FailingPipe(RecordingPipe):
         return super().__call__(image, **kwargs)
 
 
-ROW = dict(id="a", width=32, height=32, num_frames=3, num_inference_steps=2, min_guidance_scale=1.0,
+ROW = make_row(id="a", width=32, height=32, num_frames=3, num_inference_steps=2, min_guidance_scale=1.0,
            max_guidance_scale=3.0, fps=7, motion_bucket_id=127, noise_aug_strength=0.02, decode_chunk_size=8, seed=1)
 
 
@@ -212,11 +214,11 @@ def test_errors_that_poison_the_device_are_classified_and_raised():
 
 
 def test_attention_setting_is_checked_before_the_model_loads():
-    from svd_batch.generate import SettingRefused, check_attention
+    from svd_batch.model import SettingRefused, check_attention
 
     check_attention("math", "cpu")
     check_attention("cudnn", "cuda")
     with pytest.raises(SettingRefused, match="runtime.attention=cudnn runs only on CUDA"):
         check_attention("cudnn", "cpu")
     with pytest.raises(SettingRefused, match="not a known attention backend.*auto, flash, cudnn, efficient, math"):
-        Generator.load("/nonexistent", device=torch.device("cpu"), runtime={"attention": "fast"})
+        check_attention("fast", "cpu")

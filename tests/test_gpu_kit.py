@@ -6,10 +6,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 PINNED = {"antlr4_python3_runtime": "4.9.3", "diffusers": "0.42.1", "hydra_core": "1.3.8", "imageio_ffmpeg": "0.6.0",
           "omegaconf": "2.3.1", "svd_batch": "0.1.0"}
+
+pytestmark = pytest.mark.slow
 
 
 def test_make_gpu_kit_then_the_device_steps_rehearsed_on_cpu(tmp_path):

@@ -130,6 +130,7 @@ def raw_server():
     srv.close()
 
 
+@pytest.mark.slow
 def test_hostile_image_sources_fail_their_rows_and_the_run_and_its_rerun_finish(tmp_path, raw_server):
     img = tmp_path / "img"
     img.mkdir()
@@ -330,6 +331,7 @@ def datasets_shard(path) -> pa.Table:
     return table
 
 
+@pytest.mark.slow
 def test_nested_extra_columns_of_a_datasets_shard_are_carried_into_the_results(tmp_path):
     shard = tmp_path / "data" / "train-00000-of-00001.parquet"
     shard.parent.mkdir()
@@ -349,7 +351,7 @@ def test_nested_extra_columns_of_a_datasets_shard_are_carried_into_the_results(t
 
 def test_an_extra_column_parquet_cannot_store_is_dropped_with_one_warning():
     from svd_batch.fields import RESULT_SCHEMA
-    from svd_batch.report import results_table
+    from svd_batch.results import results_table
 
     records = pa.Table.from_pylist([{"id": "b", "status": "ok", "row": 9}, {"id": "a", "status": "failed", "row": 9}],
                                    schema=RESULT_SCHEMA)
@@ -371,13 +373,15 @@ def test_an_extra_column_parquet_cannot_store_is_dropped_with_one_warning():
 def test_a_streak_of_equal_shape_errors_fails_the_rows_and_the_rank_goes_on(tmp_path):
     import types
 
-    from svd_batch.executor import StopFlag
-    from svd_batch.generate import DeviceFailure, RowOutcome
+    from svd_batch.device_errors import DeviceFailure
+    from svd_batch.feed import ListSource
+    from svd_batch.generate import RowOutcome
     from svd_batch.plan import make_plan
     from svd_batch.fields import RESULT_SCHEMA
     from svd_batch.rundir import RunDir
-    from svd_batch.settings import WorkerSettings
-    from svd_batch.worker import ListSource, RankWorker
+    from svd_batch.signals import StopFlag
+    from svd_batch.worker import RankWorker
+    from tests.conftest import settings as settings_for
     from tests.test_worker import FakeGen
 
     class ShapeErrors(FakeGen):
@@ -388,16 +392,17 @@ def test_a_streak_of_equal_shape_errors_fails_the_rows_and_the_rank_goes_on(tmp_
 
         def run(self, rows, images, log=None):
             done = super().run(rows, images, log)
-            return [RowOutcome(frames=None, error=f"row {r['id']}: {self.message}", memory_mode="full",
+            return [RowOutcome(frames=None, error=f"row {r.id}: {self.message}", memory_mode="full",
                                decode_chunk_size=8, batch_size=1, generate_seconds=0.0, peak_vram_bytes=None,
-                               attention="auto") if r["num_frames"] == 3 else o for r, o in zip(rows, done)]
+                               attention="auto") if r.num_frames == 3 else o for r, o in zip(rows, done)]
 
     rows = [{"row": i, "id": f"r{i}", "image": "x", "image_uri": str(SAMPLE / "cat.jpg"), "seed": i, "fps": 7,
              "motion_bucket_id": 1, "noise_aug_strength": 0.0, "num_frames": 3 if 0 < i < 8 else 2,
              "num_inference_steps": 1, "height": 16, "width": 16, "min_guidance_scale": 1.0, "max_guidance_scale": 1.0,
              "decode_chunk_size": 2} for i in range(10)]
-    settings = WorkerSettings(max_same_failures=3, overlap=False, base_seed=1, model_name="fake", image_timeout=5,
-                              image_max_bytes=10**7, video_preset="ultrafast", scores=False)
+    settings = settings_for("runtime.max_same_failures=3", "runtime.overlap=false", "generation.seed=1",
+                            "model.name=fake", "images.timeout=5", "images.max_bytes=10000000", "video.preset=ultrafast",
+                            "report.scores=false")
     shape = "generate failed: RuntimeError: Sizes of tensors must match except in dimension 2. Expected size 1 but got 2"
     oom = "out of memory in every mode (full): CUDA out of memory"
     for message, stops in ((shape, False), (oom, True)):

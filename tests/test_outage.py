@@ -6,7 +6,8 @@ import threading
 import pytest
 
 from svd_batch.images import ImageError, fetch_bytes
-from svd_batch.outage import EXIT_SOURCE, OutageGuard, SourceOutage, failure_kind, source_of
+from svd_batch.executor import EXIT_SOURCE
+from svd_batch.outage import OutageGuard, SourceOutage, failure_kind, source_of
 from tests.conftest import SAMPLE, free_port, part_records, read_results, run_cli, start_cli, wait_for_records, \
     write_manifest
 
@@ -54,6 +55,7 @@ def images():
     srv.stop()
 
 
+@pytest.mark.slow
 def test_a_source_that_goes_away_stops_the_run_and_no_row_is_failed_for_it(tmp_path, images):
     m = write_manifest(tmp_path / "m.parquet", [{"id": f"r{i:02d}", "image": images.url(i)} for i in range(12)])
     out = tmp_path / "out"
@@ -83,6 +85,7 @@ def test_a_source_that_goes_away_stops_the_run_and_no_row_is_failed_for_it(tmp_p
     assert f"{12 - done.num_rows} rows in" in again.stderr  # only the rows not done ran
 
 
+@pytest.mark.slow
 def test_refused_credentials_stop_the_run_before_rows_fail_one_by_one(tmp_path, images):
     images.answer = 403
     m = write_manifest(tmp_path / "m.parquet", [{"id": f"r{i}", "image": images.url(i)} for i in range(8)])

@@ -48,6 +48,7 @@ LOOKALIKES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_a_folder_svd_batch_did_not_make_is_refused_untouched(tmp_path, overwrite):
     etc = tmp_path / "etc-copy"
@@ -61,6 +62,7 @@ def test_a_folder_svd_batch_did_not_make_is_refused_untouched(tmp_path, overwrit
     assert snapshot(etc) == before  # nothing written, nothing deleted, nothing overwritten
 
 
+@pytest.mark.slow
 def test_its_own_folder_loses_only_what_it_recorded_or_was_writing(tmp_path):
     m, out = manifest(tmp_path), tmp_path / "out"
     proc, _ = run_measured(f"manifest.path={m}", f"output.dir={out}")
@@ -92,6 +94,7 @@ def test_its_own_folder_loses_only_what_it_recorded_or_was_writing(tmp_path):
     assert (out / ownership.MARKER).is_file()
 
 
+@pytest.mark.slow
 def test_a_symlinked_videos_folder_is_refused_and_its_target_untouched(tmp_path):
     m, out = manifest(tmp_path), tmp_path / "out"
     proc, _ = run_measured(f"manifest.path={m}", f"output.dir={out}")

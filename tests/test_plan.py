@@ -3,7 +3,7 @@ import pyarrow as pa
 
 from svd_batch.manifest import load_manifest
 from svd_batch.plan import assign_ranks, derive_seed, group_units, make_plan, row_cost, with_seed
-from svd_batch.fields import RESULT_SCHEMA
+from svd_batch.fields import RESULT_SCHEMA, Row
 from tests.conftest import write_manifest
 from tests.test_manifest import GEN
 
@@ -15,7 +15,7 @@ def manifest(tmp_path, rows):
 def seeds_as_run(m, world: int, base_seed: int = 42, batch_size: int = 1) -> dict:
     """The seed each row runs with, over all units, as the workers fill them in."""
     plan = make_plan(m, RESULT_SCHEMA.empty_table(), world_size=world, batch_size=batch_size)
-    return {r["id"]: with_seed(r, base_seed)["seed"] for i in range(plan.num_units)
+    return {r["id"]: with_seed(Row.from_mapping(r), base_seed).seed for i in range(plan.num_units)
             for r in plan.unit(i).to_pylist()}
 
 

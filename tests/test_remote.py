@@ -38,6 +38,7 @@ def hung_server():
     srv.close()
 
 
+@pytest.mark.slow
 def test_a_hung_manifest_server_stops_the_dry_run_with_exit_2(hung_server, tmp_path):
     # Without the bound, fsspec's HTTP client waits 5 minutes per request (S3 clients retry for 7): this
     # subprocess timeout would expire first.

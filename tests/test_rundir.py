@@ -9,21 +9,22 @@ import numpy as np
 import pytest
 
 from svd_batch.rundir import PartWriter, RunDir, RunDirError
+from tests.conftest import record
 
 
 def test_a_retry_in_a_later_unmerged_run_wins(tmp_path):
     for attempt in range(5):  # the random part of the names must not decide the order
         rd = RunDir(str(tmp_path / f"out{attempt}"))
         rd.create()
-        PartWriter(rd, rank=1).add({"id": "x", "status": "failed", "error": "first try"})
-        PartWriter(rd, rank=0).add({"id": "x", "status": "ok"})  # a later run, another rank
-        PartWriter(rd, rank=0).add({"id": "y", "status": "ok"})
+        PartWriter(rd, rank=1).add(record(id="x", status="failed", error="first try"))
+        PartWriter(rd, rank=0).add(record(id="x", status="ok"))  # a later run, another rank
+        PartWriter(rd, rank=0).add(record(id="y", status="ok"))
         got = {r["id"]: r["status"] for r in rd.read_records(["id", "status"]).to_pylist()}
         assert got == {"x": "ok", "y": "ok"}
         merged = rd.merge(all_parts=True)  # a start: no writer alive
         assert sorted(merged["id"].to_pylist()) == ["x", "y"] and rd.part_files() == []
         # After the merge, a newer part still wins over the merged file.
-        PartWriter(rd, rank=0).add({"id": "y", "status": "failed", "error": "redone"})
+        PartWriter(rd, rank=0).add(record(id="y", status="failed", error="redone"))
         got = {r["id"]: r["status"] for r in rd.read_records(["id", "status"]).to_pylist()}
         assert got == {"x": "ok", "y": "failed"}
 
@@ -43,8 +44,8 @@ def test_merge_deletes_only_parts_read_whole(tmp_path):
     rd.create()
     done, busy = PartWriter(rd, rank=0, session="s1"), PartWriter(rd, rank=1, session="s1")
     for i in range(3):
-        done.add({"id": f"a{i}", "status": "ok"})
-    busy.add({"id": "b0", "status": "ok"})
+        done.add(record(id=f"a{i}", status="ok"))
+    busy.add(record(id="b0", status="ok"))
     finished_member(rd, done)
     # Rank 1's file claims more rows than its part holds: the copy this merge reads is stale (an NFS cache)
     # or the rank is still writing. Its part must survive the merge.
@@ -52,7 +53,7 @@ def test_merge_deletes_only_parts_read_whole(tmp_path):
     merged = rd.merge()
     assert sorted(merged["id"].to_pylist()) == ["a0", "a1", "a2", "b0"]
     assert [os.path.basename(p) for p in rd.part_files()] == list(busy.written)
-    busy.add({"id": "b1", "status": "ok"})  # the rank goes on writing into the part the merge left alone
+    busy.add(record(id="b1", status="ok"))  # the rank goes on writing into the part the merge left alone
     assert sorted(rd.read_records()["id"].to_pylist()) == ["a0", "a1", "a2", "b0", "b1"]
     finished_member(rd, busy, state="working")  # still working: its part is not sealed yet
     rd.merge()
@@ -71,11 +72,11 @@ def test_a_merge_that_finds_the_records_replaced_meanwhile_writes_nothing(tmp_pa
     rd = RunDir(str(tmp_path / "out"))
     rd.create()
     w = PartWriter(rd, rank=0)
-    w.add({"id": "a", "status": "ok"})
+    w.add(record(id="a", status="ok"))
     rd.merge(all_parts=True)
     assert rd.generation() == 1
     w2 = PartWriter(rd, rank=1)
-    w2.add({"id": "b", "status": "ok"})
+    w2.add(record(id="b", status="ok"))
     finished_member(rd, w2)
     real_write = pq.write_table
     other = RunDir(rd.root)
@@ -84,7 +85,7 @@ def test_a_merge_that_finds_the_records_replaced_meanwhile_writes_nothing(tmp_pa
         real_write(table, where, *a, **k)
         if where.startswith(rd.records_path + ".tmp-"):
             monkeypatch.setattr(pq, "write_table", real_write)
-            PartWriter(other, rank=2).add({"id": "c", "status": "ok"})
+            PartWriter(other, rank=2).add(record(id="c", status="ok"))
             assert other.merge() is not None  # the other merge completes first
 
     monkeypatch.setattr(pq, "write_table", write_then_lose_the_race)
@@ -133,7 +134,7 @@ def test_a_held_lock_refuses_a_second_holder_and_shared_holders_block_exclusive(
 
 def test_the_video_rename_is_durable_before_its_record(tmp_path, monkeypatch):
     import svd_batch.atomic as atomic
-    from svd_batch.write import write_mp4
+    from svd_batch.video import write_mp4
 
     rd = RunDir(str(tmp_path / "out"))
     rd.create()
@@ -141,5 +142,5 @@ def test_the_video_rename_is_durable_before_its_record(tmp_path, monkeypatch):
     real = atomic.fsync_dir
     monkeypatch.setattr(atomic, "fsync_dir", lambda path: (synced.append(os.path.basename(path)), real(path)))
     write_mp4(np.zeros((2, 16, 16, 3), np.uint8), rd.video_path("v"), fps=7)
-    PartWriter(rd, rank=0).add({"id": "v", "status": "ok"})
+    PartWriter(rd, rank=0).add(record(id="v", status="ok"))
     assert synced == ["videos", "parts"]

@@ -6,8 +6,17 @@ import subprocess
 import time
 
 import pyarrow.parquet as pq
+import pytest
 
-from tests.conftest import SAMPLE, read_results, run_cli, start_cli, tmp_files, wait_for_records, write_manifest
+from tests.conftest import (
+    SAMPLE,
+    read_results,
+    run_cli,
+    start_cli,
+    tmp_files,
+    wait_for_records,
+    write_manifest,
+)
 
 
 def small_manifest(tmp_path, n=3, **extra):
@@ -15,6 +24,7 @@ def small_manifest(tmp_path, n=3, **extra):
     return write_manifest(tmp_path / "m.parquet", rows)
 
 
+@pytest.mark.slow
 def test_config_guard_names_differing_keys_and_overwrite_redoes(tmp_path):
     m, out = small_manifest(tmp_path), tmp_path / "out"
     assert run_cli(f"manifest.path={m}", f"output.dir={out}").returncode == 0
@@ -35,6 +45,7 @@ def test_config_guard_names_differing_keys_and_overwrite_redoes(tmp_path):
     assert ok.returncode == 0 and "nothing left to do" in ok.stderr
 
 
+@pytest.mark.slow
 def test_resume_false_with_existing_results_stops(tmp_path):
     m, out = small_manifest(tmp_path, n=1), tmp_path / "out"
     assert run_cli(f"manifest.path={m}", f"output.dir={out}").returncode == 0
@@ -42,6 +53,7 @@ def test_resume_false_with_existing_results_stops(tmp_path):
     assert proc.returncode == 2 and "resume=false" in proc.stderr and "overwrite=true" in proc.stderr
 
 
+@pytest.mark.distributed
 def test_a_second_launch_joins_and_a_killed_run_leaves_no_stale_lock(tmp_path):
     m, out = small_manifest(tmp_path, n=40), tmp_path / "out"  # long enough to still run when the second starts
     first = start_cli(f"manifest.path={m}", f"output.dir={out}")
@@ -66,6 +78,7 @@ def test_a_second_launch_joins_and_a_killed_run_leaves_no_stale_lock(tmp_path):
     assert ranks == {0}  # both launches were single-process launches
 
 
+@pytest.mark.slow
 def test_failed_rows_are_kept_until_retry_failed(tmp_path, images):
     rows = [{"id": "good", "image": "images/cat.jpg"}, {"id": "late", "image": "images/later.jpg"}]
     m, out = write_manifest(tmp_path / "m.parquet", rows), tmp_path / "out"
@@ -85,6 +98,7 @@ def test_failed_rows_are_kept_until_retry_failed(tmp_path, images):
     assert read_results(out).num_rows == 2
 
 
+@pytest.mark.slow
 def test_video_without_record_is_regenerated(tmp_path):
     m, out = small_manifest(tmp_path, n=2), tmp_path / "out"
     assert run_cli(f"manifest.path={m}", f"output.dir={out}", "manifest.limit=1").returncode == 0
@@ -96,6 +110,7 @@ def test_video_without_record_is_regenerated(tmp_path):
     assert read_results(out).num_rows == 2
 
 
+@pytest.mark.slow
 def test_corrupt_part_file_gets_a_clear_message(tmp_path):
     m, out = small_manifest(tmp_path, n=1), tmp_path / "out"
     proc = start_cli(f"manifest.path={m}", f"output.dir={out}")
@@ -109,6 +124,7 @@ def test_corrupt_part_file_gets_a_clear_message(tmp_path):
     assert run_cli(f"manifest.path={m}", f"output.dir={out}").returncode == 0
 
 
+@pytest.mark.slow
 def test_records_are_durable_per_row(tmp_path):
     """Each finished row is in a part file (whole, readable) before the next row starts."""
     m, out = small_manifest(tmp_path, n=6), tmp_path / "out"
@@ -127,6 +143,7 @@ def test_records_are_durable_per_row(tmp_path):
     assert len(seen) >= 3 and max(seen) <= 6  # grew row by row, never half-written
 
 
+@pytest.mark.slow
 def test_rows_edited_after_they_finished_are_named(tmp_path):
     rows = [{"id": f"r{i}", "image": str(SAMPLE / "cat.jpg"), "motion_bucket_id": 100} for i in range(3)]
     m, out = write_manifest(tmp_path / "m.parquet", rows), tmp_path / "out"
@@ -147,6 +164,7 @@ def test_rows_edited_after_they_finished_are_named(tmp_path):
 
 # -- issue 10: a broken device stops its rank, a full disk stops the run, resume sees changed inputs --------
 
+@pytest.mark.slow
 def test_the_same_failure_row_after_row_stops_the_rank_without_recording_those_rows(tmp_path):
     m, out = small_manifest(tmp_path, n=6), tmp_path / "out"
     # r1..r3 fail in every memory mode (as every row does on a GPU that has gone bad): equal failures in a row.
@@ -166,6 +184,7 @@ def test_the_same_failure_row_after_row_stops_the_rank_without_recording_those_r
     assert read_results(tmp_path / "off")["status"].to_pylist() == ["ok", "failed", "failed", "failed", "ok", "ok"]
 
 
+@pytest.mark.slow
 def test_resume_sees_a_changed_image_root_and_column_mapping(tmp_path):
     import shutil
 
@@ -213,30 +232,23 @@ def test_derived_ids_do_not_move_when_rows_are_inserted(tmp_path):
 
 
 def test_the_fingerprint_holds_resolved_values():
-    from omegaconf import OmegaConf
+    from svd_batch.fingerprint import fingerprint, fingerprint_diff
+    from svd_batch.settings import RunSettings
 
-    from svd_batch.cli import register_resolvers
-    from svd_batch.runner import fingerprint, fingerprint_diff
-
-    register_resolvers()
-    from hydra import compose, initialize_config_dir
-
-    from tests.conftest import REPO
-
-    with initialize_config_dir(str(REPO / "svd_batch" / "conf"), version_base="1.3"):
-        cfg = compose("config")
-    cpu, cuda = fingerprint(cfg, "abc", "cpu"), fingerprint(cfg, "abc", "cuda")
-    assert cfg.model.dtype == "auto" and cpu["model.dtype"] == "float32" and cuda["model.dtype"] == "float16"
+    s = RunSettings.compose()
+    cpu, cuda = fingerprint(s, "abc", "cpu"), fingerprint(s, "abc", "cuda")
+    assert s.model.dtype == "auto" and cpu["model.dtype"] == "float32" and cuda["model.dtype"] == "float16"
     assert "runtime.device_type: 'cpu' -> 'cuda'" in fingerprint_diff(cpu, cuda)
-    cfg2 = OmegaConf.merge(cfg, {"runtime": {"compile": True, "batch_size": 4}})
-    diff = "; ".join(fingerprint_diff(cpu, fingerprint(cfg2, "abc", "cpu")))
+    s2 = RunSettings.compose("runtime.compile=true", "runtime.batch_size=4")
+    diff = "; ".join(fingerprint_diff(cpu, fingerprint(s2, "abc", "cpu")))
     assert "runtime.compile" in diff and "runtime.batch_size: 1 -> 4" in diff
-    cfg3 = OmegaConf.merge(cfg, {"runtime": {"threads": 3, "overlap": True, "schedule": "static"}})
-    assert fingerprint_diff(cpu, fingerprint(cfg3, "abc", "cpu")) == []  # knobs that do not change frames
+    s3 = RunSettings.compose("runtime.threads=3", "runtime.overlap=true", "runtime.schedule=static")
+    assert fingerprint_diff(cpu, fingerprint(s3, "abc", "cpu")) == []  # knobs that do not change frames
 
 
+@pytest.mark.slow
 def test_a_full_output_disk_stops_the_run_and_blames_no_row(tmp_path, small_fs):
-    from svd_batch.write import mp4_problem
+    from svd_batch.video import mp4_problem
 
     m = small_manifest(tmp_path, n=14, num_frames=8)
     out = small_fs / "out"

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from svd_batch.fields import RESULT_SCHEMA
-from svd_batch.scores import flicker_score, motion_score, save_input_image, score_video
-from svd_batch.write import write_mp4
+from svd_batch.rundir import RunDir
+from svd_batch.scores import flicker_score, motion_score, score_video
+from svd_batch.video import write_mp4
 from tests.conftest import REPO, SAMPLE, read_results, run_cli, write_manifest
 
 W = H = 64
@@ -54,7 +55,7 @@ def scored_folder(tmp_path):
     rows = []
     for i, (rid, frames) in enumerate([("static", np.repeat(img[None], F, axis=0)), ("moving", _moving(img))]):
         write_mp4(frames, str(root / "videos" / f"{rid}.mp4"), 8)
-        save_input_image(str(root), rid, img)
+        RunDir(str(root)).save_input(rid, Image.fromarray(img))
         rows.append({"id": rid, "status": "ok", "video_path": f"videos/{rid}.mp4", "image": str(SAMPLE / "cat.jpg"),
                      "row": i, "width": W, "height": H, "num_frames": F, "fps": 8})
     rows.append({"id": "broken", "status": "failed", "error": "row broken: file not found", "row": 2,
@@ -64,9 +65,10 @@ def scored_folder(tmp_path):
     return root
 
 
+@pytest.mark.slow
 def test_svd_batch_score_ranks_static_below_moving(scored_folder):
     before = (scored_folder / "results.parquet").stat().st_ino
-    proc = subprocess.run([sys.executable, "-m", "svd_batch.scores", str(scored_folder)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "svd_batch.commands.score", str(scored_folder)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "scored 2 rows" in proc.stdout
@@ -89,21 +91,23 @@ def test_svd_batch_score_ranks_static_below_moving(scored_folder):
     assert not [p for p in scored_folder.iterdir() if ".tmp-" in p.name]
 
 
+@pytest.mark.slow
 def test_svd_batch_score_without_results_or_encoder_is_a_usage_error(scored_folder, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "svd_batch.scores", str(empty)], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "svd_batch.commands.score", str(empty)], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "no results.parquet" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "svd_batch.scores", str(scored_folder), "--model", str(tmp_path / "nope")],
+    proc = subprocess.run([sys.executable, "-m", "svd_batch.commands.score", str(scored_folder), "--model", str(tmp_path / "nope")],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "--no-embed" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "svd_batch.scores", str(scored_folder), "--no-embed"],
+    proc = subprocess.run([sys.executable, "-m", "svd_batch.commands.score", str(scored_folder), "--no-embed"],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     t = {r["id"]: r for r in read_results(scored_folder).to_pylist()}
     assert t["static"]["image_similarity"] is None and t["moving"]["motion_score"] > 0.02
 
 
+@pytest.mark.slow
 def test_svd_batch_score_gives_the_run_s_own_values(tmp_path):
     """The run scores its files as written (MP4 decoded, input as saved), exactly as svd-batch-score reads them."""
     rows = [{"id": "cat", "image": str(SAMPLE / "cat.jpg")}, {"id": "rocket", "image": str(SAMPLE / "rocket.jpg")}]
@@ -114,7 +118,7 @@ def test_svd_batch_score_gives_the_run_s_own_values(tmp_path):
     ran = {r["id"]: r for r in read_results(out).to_pylist()}
     page = (out / "index.html").read_text()
     os.unlink(out / "index.html")
-    proc = subprocess.run([sys.executable, "-m", "svd_batch.scores", str(out)], cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "svd_batch.commands.score", str(out)], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     again = {r["id"]: r for r in read_results(out).to_pylist()}
@@ -126,6 +130,7 @@ def test_svd_batch_score_gives_the_run_s_own_values(tmp_path):
     assert '"pageSize": 7' in (out / "index.html").read_text() and '"pageSize": 7' in page  # the run's settings
 
 
+@pytest.mark.slow
 def test_a_run_records_scores_and_report_scores_false_turns_them_off(tmp_path):
     m = write_manifest(tmp_path / "m.parquet", [{"id": "cat", "image": str(SAMPLE / "cat.jpg")}])
     proc = run_cli(f"manifest.path={m}", f"output.dir={tmp_path / 'on'}", "report.enabled=false")

@@ -4,9 +4,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
+@pytest.mark.slow
 def test_bench_gpu_parts_in_the_development_venv(tmp_path):
     """The parts also run from the tree (scripts/gpu_check.sh --dry-run covers all of them from the kit)."""
     out = tmp_path / "gpu"

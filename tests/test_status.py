@@ -21,7 +21,7 @@ N_ROWS = 12
 
 
 def status(out, *flags) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "svd_batch.status", str(out), *flags], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "svd_batch.commands.status", str(out), *flags], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -29,6 +29,7 @@ def snapshot(root) -> dict:
     return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(root) for f in fs}
 
 
+@pytest.mark.distributed
 def test_status_while_two_processes_write(tmp_path):
     rows = [{"id": f"r{i:02d}", "image": str(SAMPLE / ("cat.jpg" if i % 2 else "rocket.jpg"))} for i in range(N_ROWS)]
     m = write_manifest(tmp_path / "m.parquet", rows)

@@ -3,8 +3,11 @@ import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from tests.conftest import REPO, SAMPLE, run_cli, write_manifest
+
+pytestmark = pytest.mark.slow
 
 
 def test_verify_regenerates_a_sample_and_catches_a_tampered_hash(tmp_path):
@@ -12,7 +15,7 @@ def test_verify_regenerates_a_sample_and_catches_a_tampered_hash(tmp_path):
     m = write_manifest(tmp_path / "m.parquet", rows)
     out = tmp_path / "out"
     assert run_cli(f"manifest.path={m}", f"output.dir={out}", "report.enabled=false").returncode == 0
-    proc = subprocess.run([sys.executable, "-m", "svd_batch.verify", str(out), "--sample", "2"],
+    proc = subprocess.run([sys.executable, "-m", "svd_batch.commands.verify", str(out), "--sample", "2"],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 of 2 sampled rows match" in proc.stdout and proc.stdout.count("match    r") == 2
@@ -22,7 +25,7 @@ def test_verify_regenerates_a_sample_and_catches_a_tampered_hash(tmp_path):
     hashes[1] = "0" * 64
     t = t.set_column(t.schema.get_field_index("frames_sha256"), "frames_sha256", pa.array(hashes))
     pq.write_table(t, out / "results.parquet")
-    proc = subprocess.run([sys.executable, "-m", "svd_batch.verify", str(out), "--ids", "r0,r1"],
+    proc = subprocess.run([sys.executable, "-m", "svd_batch.commands.verify", str(out), "--ids", "r0,r1"],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 1 and "MISMATCH r1" in proc.stdout and "match    r0" in proc.stdout
 
@@ -37,7 +40,7 @@ def test_verify_a_compiled_batched_run_with_an_attention_backend(tmp_path):
                    "runtime.compile=true", "runtime.compile_backend=eager", "runtime.attention=math")
     assert proc.returncode == 0, proc.stderr
     assert sorted(pq.read_table(out / "results.parquet")["batch_size"].to_pylist()) == [1, 2, 2]
-    proc = subprocess.run([sys.executable, "-m", "svd_batch.verify", str(out), "--sample", "3"],
+    proc = subprocess.run([sys.executable, "-m", "svd_batch.commands.verify", str(out), "--sample", "3"],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "3 of 3 sampled rows match" in proc.stdout and "(" not in proc.stdout  # no caveat on any row

@@ -4,13 +4,14 @@ import threading
 import types
 
 import pyarrow as pa
+import pytest
 import torch
 
-from svd_batch.plan import make_plan
 from svd_batch.fields import RESULT_SCHEMA
-from svd_batch.settings import WorkerSettings
+from svd_batch.plan import make_plan
 from svd_batch.worker import RankWorker
 from tests.conftest import SAMPLE, read_results, run_cli, write_manifest
+from tests.conftest import settings as settings_for
 
 
 def rows_manifest(tmp_path, n=8):
@@ -19,6 +20,7 @@ def rows_manifest(tmp_path, n=8):
     return write_manifest(tmp_path / "m.parquet", rows)
 
 
+@pytest.mark.slow
 def test_overlap_on_and_off_give_identical_videos_and_batches_are_recorded(tmp_path):
     m = rows_manifest(tmp_path)
     outs = {}
@@ -35,6 +37,7 @@ def test_overlap_on_and_off_give_identical_videos_and_batches_are_recorded(tmp_p
     assert set(b4["status"].to_pylist()) == {"ok"} and b4["id"].to_pylist() == seq["id"].to_pylist()
 
 
+@pytest.mark.slow
 def test_memory_mode_and_compile_are_applied_and_recorded(tmp_path):
     m = rows_manifest(tmp_path, n=2)
     out = tmp_path / "out"
@@ -67,24 +70,26 @@ class FakeGen:
 
         from svd_batch.generate import RowOutcome
 
-        return [RowOutcome(frames=np.zeros((int(r["num_frames"]), int(r["height"]), int(r["width"]), 3), np.uint8),
+        return [RowOutcome(frames=np.zeros((int(r.num_frames), int(r.height), int(r.width), 3), np.uint8),
                            error=None, memory_mode="full", decode_chunk_size=8, batch_size=1, generate_seconds=0.0,
                            peak_vram_bytes=None, attention="auto") for r in rows]
 
 
+@pytest.mark.slow
 def test_images_in_flight_are_bounded(tmp_path, monkeypatch):
     n, batch_size, prefetch = 40, 1, 2
     rows = [{"row": i, "id": f"r{i}", "image": "x", "image_uri": str(SAMPLE / "cat.jpg"), "seed": i, "fps": 7,
              "motion_bucket_id": 1, "noise_aug_strength": 0.0, "num_frames": 2, "num_inference_steps": 1,
              "height": 8, "width": 8, "min_guidance_scale": 1.0, "max_guidance_scale": 1.0, "decode_chunk_size": 2}
             for i in range(n)]
-    settings = WorkerSettings(batch_size=batch_size, overlap=True, base_seed=1, model_name="fake", image_timeout=5,
-                              image_max_bytes=10**7, image_max_pixels=10**8, video_crf=30, video_preset="ultrafast")
+    settings = settings_for(f"runtime.batch_size={batch_size}", "runtime.overlap=true", "generation.seed=1",
+                            "model.name=fake", "images.timeout=5", "images.max_bytes=10000000",
+                            "images.max_pixels=100000000", "video.crf=30", "video.preset=ultrafast")
     from svd_batch.rundir import RunDir
 
     rd = RunDir(str(tmp_path / "out"))
     rd.create()
-    from svd_batch.executor import StopFlag
+    from svd_batch.signals import StopFlag
 
     stop = StopFlag()
     progress = types.SimpleNamespace(update=lambda k: None)
@@ -98,8 +103,8 @@ def test_images_in_flight_are_bounded(tmp_path, monkeypatch):
             peak[0] = max(peak[0], live[0])
         return real_load(row)
 
-    def generate(rows_, loaded):
-        out = real_generate(rows_, loaded)
+    def generate(rows_, loaded, ticket):
+        out = real_generate(rows_, loaded, ticket)
         with lock:
             live[0] -= len(rows_)
         return out
@@ -107,7 +112,7 @@ def test_images_in_flight_are_bounded(tmp_path, monkeypatch):
     monkeypatch.setattr(worker, "_load", load)
     monkeypatch.setattr(worker, "_generate", generate)
     plan = make_plan(pa.Table.from_pylist(rows), RESULT_SCHEMA.empty_table(), world_size=1)
-    from svd_batch.worker import ListSource
+    from svd_batch.feed import ListSource
 
     stats = worker.run(plan, ListSource(range(plan.num_units)))
     assert stats.ok == n and rd.read_records().num_rows == n

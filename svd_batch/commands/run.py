@@ -4,28 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
-from importlib import resources
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from . import conf  # noqa: F401  (declares the manifest's open mappings before Hydra composes)
-
-
-def _pkgdata(relpath: str) -> str:
-    return str(resources.files("svd_batch").joinpath("data", relpath))
-
-
-def _stem(path: str) -> str:
-    base = os.path.basename(str(path).rstrip("/*")) or "manifest"
-    return os.path.splitext(base)[0]
-
-
-def register_resolvers() -> None:
-    for name, fn in (("pkgdata", _pkgdata), ("stem", _stem)):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
-
+from .. import conf  # noqa: F401  (declares the manifest's open mappings before Hydra composes)
+from ..settings import DEPRECATED, register_resolvers
 
 register_resolvers()
 
@@ -45,10 +29,10 @@ def quiet_library_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def _main(cfg: DictConfig) -> None:
     global _started
-    from .runner import run
+    from ..runner import run
 
     _started = True
     quiet_library_logs()  # after Hydra configured logging, before any library is used
@@ -116,10 +100,26 @@ def lone_process_warning(env: dict[str, str], parent: list[str]) -> str | None:
             f"--multi_gpu: accelerate launch --multi_gpu --num_processes {n or 'N'} -m svd_batch ...")
 
 
+def without_deprecated(argv: list[str]) -> tuple[list[str], list[str]]:
+    """The overrides without the keys svd-batch no longer uses (settings.DEPRECATED), and a note for each."""
+    kept, notes = [], []
+    for a in argv:
+        key = a.lstrip("+~").split("=", 1)[0]
+        if key in DEPRECATED and "=" in a:
+            notes.append(f"svd-batch: note: {key} is no longer used ({DEPRECATED[key]}); drop it from the command")
+        else:
+            kept.append(a)
+    return kept, notes
+
+
 def main() -> None:
     warning = lone_process_warning(dict(os.environ), _parent_cmdline())
     if warning:
         print(warning, file=sys.stderr, flush=True)
+    sys.argv[1:], notes = without_deprecated(sys.argv[1:])
+    if int(os.environ.get("RANK", 0)) == 0:
+        for note in notes:
+            print(note, file=sys.stderr, flush=True)
     # Refused before Hydra sees it: by then Hydra has already made its multirun/<date> folder.
     flag = multirun_flag(sys.argv[1:])
     if flag is not None:

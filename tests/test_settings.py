@@ -1,15 +1,13 @@
-"""The Hydra configs, composed as the CLI composes them."""
+"""settings.py: the Hydra configs composed as the CLI composes them, checked, and typed once (RunSettings)."""
 
 import pytest
-from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
-
-import svd_batch.cli  # noqa: F401  (registers the resolvers)
 
 
 def cfg(*overrides):
-    with initialize_config_module("svd_batch.conf", version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    from svd_batch.settings import compose_config
+
+    return compose_config(*overrides)
 
 
 def test_defaults_are_the_tiny_model_and_sample():
@@ -48,38 +46,22 @@ def test_memory_modes():
     OmegaConf.resolve(cfg("memory=low_vram"))
 
 
-def test_worker_settings_are_typed_once_from_the_composed_config():
+def test_run_settings_are_typed_once_from_the_composed_config():
     import dataclasses
 
-    from svd_batch.settings import WorkerSettings, check
+    from svd_batch.settings import RunSettings
 
-    c = cfg("runtime.batch_size=3", "runtime.overlap=false", "video.crf=23", "generation.seed=7",
-            "runtime.max_same_failures=0", "report.scores=false")
-    check(c)
-    s = WorkerSettings.from_config(c)
-    assert (s.batch_size, s.overlap, s.video_crf, s.base_seed, s.max_same_failures, s.scores) == (3, False, 23, 7, 0, False)
-    assert not any(OmegaConf.is_config(v) for v in dataclasses.asdict(s).values())  # no DictConfig below the runner
-    assert WorkerSettings.from_config(cfg()).overlap is None  # auto: decided by the device
-    assert WorkerSettings.from_config(cfg("runtime.overlap=true")).overlap is True
-
-
-def test_the_row_definition_matches_the_pipeline_and_the_record():
-    import inspect
-
-    from diffusers import StableVideoDiffusionPipeline
-
-    from svd_batch.fields import (CHANGE_FIELDS, CONDITIONING_FIELDS, GENERATION_FIELDS, PIPELINE_FIELDS,
-                                  RESULT_SCHEMA, pipeline_kwargs)
-
-    accepted = set(inspect.signature(StableVideoDiffusionPipeline.__call__).parameters)
-    assert set(PIPELINE_FIELDS) <= accepted and "seed" not in PIPELINE_FIELDS
-    assert set(GENERATION_FIELDS) - set(PIPELINE_FIELDS) == {"seed"}  # the seed becomes the generator
-    recorded = set(RESULT_SCHEMA.names)
-    assert set(CHANGE_FIELDS) <= recorded and set(CONDITIONING_FIELDS) <= recorded
-    assert "decode_chunk_size" not in CHANGE_FIELDS  # memory, not frames
-    row = {f: "3" for f in GENERATION_FIELDS}
-    kw = pipeline_kwargs(row)
-    assert type(kw["fps"]) is int and type(kw["noise_aug_strength"]) is float and kw["num_frames"] == 3
+    s = RunSettings.from_config(cfg("runtime.batch_size=3", "runtime.overlap=false", "video.crf=23",
+                                    "generation.seed=7", "runtime.max_same_failures=0", "report.scores=false"))
+    assert (s.runtime.batch_size, s.runtime.overlap_setting, s.video.crf, s.generation.seed,
+            s.runtime.max_same_failures, s.report.scores) == (3, False, 23, 7, 0, False)
+    assert not any(OmegaConf.is_config(v) for v in dataclasses.astuple(s))  # no DictConfig below the boundary
+    assert RunSettings.from_config(cfg()).runtime.overlap_setting is None  # auto: decided by the device
+    assert RunSettings.from_config(cfg("runtime.overlap=true")).runtime.overlap_setting is True
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.runtime.batch_size = 4  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        s.manifest.columns["image"] = "x"  # frozen all the way down
 
 
 def test_manifest_mappings_take_plain_overrides_as_the_hints_print_them():
@@ -92,3 +74,22 @@ def test_manifest_mappings_take_plain_overrides_as_the_hints_print_them():
         with pytest.raises(Exception, match="Could not override"):
             cfg(typo)
 
+
+def test_keys_no_longer_used_are_dropped_with_a_note():
+    from svd_batch.commands.run import without_deprecated
+
+    kept, notes = without_deprecated(["runtime.prefetch_batches=2", "model=svd", "+model.num_frames=25", "dry_run=true"])
+    assert kept == ["model=svd", "dry_run=true"]
+    assert len(notes) == 2 and "runtime.prefetch_batches is no longer used" in notes[0] and "drop it" in notes[0]
+    with pytest.raises(Exception, match="Could not override"):
+        cfg("runtime.prefetch_batches=2")  # the key itself is gone from the config
+
+
+def test_a_saved_config_of_an_older_version_loads_with_todays_defaults(tmp_path):
+    from svd_batch.settings import RunSettings
+
+    (tmp_path / "config.yaml").write_text(RunSettings.compose().to_yaml().replace("  lease_seconds: 180\n", "")
+                                          .replace("  grace_seconds: 25\n", "") + "runtime_extra: 1\n")
+    s = RunSettings.load(str(tmp_path))
+    assert s.runtime.lease_seconds == 180 and s.runtime.grace_seconds == 25  # filled from conf/
+    assert RunSettings.load(str(tmp_path / "nowhere")) is None

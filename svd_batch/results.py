@@ -1,4 +1,6 @@
-"""Step 5: results.parquet for the manifest, and the short summary a person reads at the end."""
+"""Step 5: results.parquet for the manifest (from the records of every rank), the short summary a person reads
+at the end, and the post-run rewrites of results.parquet: completing a folder its run left unmerged, and
+recomputing its quality scores (``svd-batch-score``)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import ownership
 from .fields import RESULT_SCHEMA
-from .rundir import RunDir, write_parquet_atomic
+from .manifest import ManifestError, load_for
+from .rundir import RunDir, RunDirError, write_parquet_atomic
+from .scores import SCORE_COLUMNS, Embed, score_files
+from .settings import RunSettings
 
 
 def float_values(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -93,7 +99,7 @@ def _rank_line(r: dict) -> str:
 
 
 # What a run leaves for people to open, in the order the summary names them.
-OUTPUTS = (("videos", "videos/"), ("results.parquet", "results.parquet"), ("index.html", "index.html (the report)"),
+OUTPUTS = ((ownership.VIDEOS, "videos/"), ("results.parquet", "results.parquet"), ("index.html", "index.html (the report)"),
            ("contact_sheet.png", "contact_sheet.png"))
 
 
@@ -131,3 +137,78 @@ def summary(results: pa.Table, *, total: int, ran: list[float], wall_seconds: fl
                      + (" and in index.html" if os.path.exists(os.path.join(output_dir, "index.html")) else "")
                      + "; fix them and rerun with retry_failed=true")
     return "\n".join(lines)
+
+
+def complete_folder(root: str, say: Callable[[str], None] = _warn) -> bool:
+    """Merge what a run left unmerged (its last process was lost or stopped) and write results.parquet, as its
+    own last process would have. Needs the folder to itself (no member of any launch alive), so it never
+    touches a folder that a run is using; returns whether results.parquet is now up to date."""
+    rundir = RunDir(root)
+    if not rundir.part_files() and os.path.exists(rundir.results_path):
+        return True
+    settings = RunSettings.load(root)
+    if settings is None:
+        return False
+    try:
+        rundir.plan_lock.require(wait=60, describe=True)
+        rundir.active_lock.require()
+    except RunDirError as exc:
+        say(f"svd-batch: {exc}")
+        rundir.release_locks()
+        return False
+    try:
+        manifest = load_for(settings)
+        records = rundir.merge(all_parts=True)  # alone: no writer is alive
+        write_results(rundir, records, manifest.table, manifest.extra_columns)
+        return True
+    except (ManifestError, RunDirError) as exc:
+        say(f"svd-batch: could not merge the records in {root}: {exc}")
+        return False
+    finally:
+        rundir.release_locks()
+
+
+def conditioning_image(rd: RunDir, row: dict):
+    """inputs/<id>.jpg when the run kept it; else the row's own image resized as the model resizes it."""
+    from PIL import Image
+
+    saved = rd.input_path(row["id"])
+    if os.path.exists(saved):
+        return Image.open(saved).convert("RGB")
+    src = row.get("image")
+    if src and not src.startswith(("http://", "https://")):
+        path = src if os.path.isabs(src) else os.path.join(rd.root, src)
+        if os.path.exists(path):
+            return Image.open(path).convert("RGB").resize((int(row["width"]), int(row["height"])))
+    return None
+
+
+def rescore(root: str, embed: Embed | None, log: Callable[[str], None] = print) -> pa.Table:
+    """Recompute every ok row's scores from its MP4 and input image (what the run itself scores) and rewrite
+    results.parquet atomically; rows whose video is missing keep empty scores."""
+    import time
+
+    rd = RunDir(root)
+    table = pq.read_table(rd.results_path)
+    cols = {c: [None] * table.num_rows for c in SCORE_COLUMNS}
+    keep = ["id", "status", "video_path", "image", "width", "height"]
+    started, missing, scored = time.perf_counter(), 0, 0
+    for i, row in enumerate(table.select(keep).to_pylist()):
+        video = os.path.join(root, row["video_path"]) if row["status"] == "ok" and row["video_path"] else None
+        if not video or not os.path.exists(video):
+            missing += row["status"] == "ok"
+            continue
+        s = score_files(video, conditioning_image(rd, row) if embed is not None else None, embed)
+        scored += 1
+        for c in SCORE_COLUMNS:
+            cols[c][i] = s[c]
+    for c in SCORE_COLUMNS:
+        arr = pa.array(cols[c], pa.float64())
+        if c in table.column_names:
+            table = table.set_column(table.schema.get_field_index(c), c, arr)
+        else:
+            table = table.append_column(c, arr)
+    write_parquet_atomic(table, rd.results_path)
+    log(f"svd-batch-score: scored {scored} rows in {time.perf_counter() - started:.1f} s"
+        + (f"; {missing} ok rows have no video file (scores left empty)" if missing else ""))
+    return table

@@ -5,7 +5,7 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 
-from svd_batch.write import frames_sha256, write_mp4
+from svd_batch.video import frames_sha256, write_mp4
 
 
 def read_mp4(path):
@@ -48,7 +48,7 @@ def test_failed_write_leaves_nothing(tmp_path):
 
 
 def test_a_full_disk_raises_and_leaves_no_video(tmp_path, small_fs):
-    from svd_batch.write import VideoWriteError, is_output_error
+    from svd_batch.video import VideoWriteError, is_output_error
 
     filler = small_fs / "filler"
     filler.write_bytes(b"\0" * (300 * 1024))  # leave about 20 KB
@@ -60,7 +60,7 @@ def test_a_full_disk_raises_and_leaves_no_video(tmp_path, small_fs):
 
 
 def test_a_truncated_mp4_is_told_apart(tmp_path):
-    from svd_batch.write import mp4_problem
+    from svd_batch.video import mp4_problem
 
     frames = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
     path = tmp_path / "v.mp4"

@@ -1,0 +1,51 @@
+"""What finished videos depend on: the run's fingerprint, read off the settings declared ``frames``
+(settings.py) plus what they resolve to on this machine. A resume or a joining launch whose fingerprint differs
+would mix two kinds of video in one folder, and is refused naming the differing keys."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from .model import resolve_dtype
+from .settings import SECTIONS, RunSettings
+
+
+def fingerprint(s: RunSettings, identity: str, device_type: str = "cpu") -> dict[str, Any]:
+    """Every key marked ``frames``, plus the values they resolve to here (dtype, compile, the model files and the
+    device type): a resume that changes any of it would mix two kinds of video. Keys not marked (threads, which
+    changes only CPU float rounding, overlap, schedule, progress, report.*) are left out on purpose; decode
+    chunks are recorded per row."""
+    fp: dict[str, Any] = {}
+    for name in SECTIONS:
+        section = getattr(s, name)
+        for f in dataclasses.fields(section):
+            if not f.metadata["frames"]:
+                continue
+            value = getattr(section, f.name)
+            if isinstance(value, Mapping):
+                fp.update({f"{name}.{f.name}.{k}": v for k, v in value.items()})
+            else:
+                fp[f"{name}.{f.name}"] = value
+    rt = s.runtime
+    fp.update({
+        "model.path": str(s.model.path),
+        "model.dtype": str(resolve_dtype(s.model.dtype, device_type)).replace("torch.", ""),
+        "model.identity": identity,
+        "runtime.device_type": device_type,
+        "runtime.compile": f"{rt.compile_backend}:{rt.compile_mode}" if rt.compile else False,
+        "runtime.compile_vae": bool(rt.compile_vae and rt.compile),
+        "runtime.attention": str(rt.attention),
+    })
+    return fp
+
+
+def fingerprint_diff(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Differing keys, "key: before -> now". A key the earlier fingerprint lacks was added by a later svd-batch
+    and is not compared, nor is a dtype recorded as "auto" before dtypes were recorded resolved: upgrading
+    must not make a folder impossible to resume."""
+    now = {k: v for k, v in now.items() if k in before}
+    if before.get("model.dtype") == "auto":
+        now["model.dtype"] = "auto"
+    keys = sorted(set(before) | set(now))
+    return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)]

@@ -1,0 +1,189 @@
+"""Where a run's model comes from and what it can run with: the checkpoint (built-in tiny, a local folder, the
+Hugging Face cache or the Hub), its identity (what resume compares), the device, the dtype, the settings that
+cannot work together (checked once, before the run folder is touched), and torch.compile of its models."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from .attention import ATTENTION, CUDA_ONLY_ATTENTION, supports_priority
+from .settings import ModelSettings, RunSettings, RuntimeSettings
+from .util import first_line
+
+
+class ModelUnavailable(Exception):
+    """The model's weights cannot be found or fetched: stop before any work (exit code 2)."""
+
+
+class SettingRefused(ModelUnavailable):
+    """The model cannot be loaded with these settings. A ModelUnavailable, so that every caller that stops
+    before any work on an unloadable model (exit code 2) stops on this too."""
+
+
+def resolve_model_path(path: str, variant: str | None = None, name: str | None = None) -> str:
+    """A local diffusers-format folder for ``model.path``: built-in, local, Hugging Face cache, or the Hub."""
+    if path == "builtin:tiny":
+        from .tiny import ensure_tiny_model
+
+        return str(ensure_tiny_model())
+    expanded = os.path.expanduser(path)
+    if os.path.isdir(expanded):
+        if not os.path.exists(os.path.join(expanded, "model_index.json")):
+            raise ModelUnavailable(
+                f"model.path={path} is a folder but not a diffusers pipeline (no model_index.json). Point "
+                "model.path at the folder that `save_pretrained` or `huggingface-cli download` produced."
+            )
+        return expanded
+    if expanded.startswith(("/", ".", "~")) or os.sep in expanded.strip("/").replace("/", "", 1):
+        raise ModelUnavailable(f"model.path={path} does not exist. Point model.path at a local diffusers folder.")
+
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.txt", "*.safetensors"] if variant is None else ["*.json", "*.txt", f"*.{variant}.safetensors"]
+    try:
+        return snapshot_download(path, local_files_only=True, allow_patterns=patterns)
+    except Exception:  # noqa: BLE001 - not in the cache: try the Hub below
+        pass
+    try:
+        return snapshot_download(path, allow_patterns=patterns)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the same thing to the user
+        include = f" --include '*.{variant}.safetensors' --include '*.json' --include '*.txt'" if variant else ""
+        hint = (
+            " It is gated: accept its licence on https://huggingface.co/" + path + " and log in with "
+            "`hf auth login` first."
+            if "1-1" in path else ""
+        )
+        raise ModelUnavailable(
+            f"The weights of model {name or path} ({path}) are not in the local Hugging Face cache and could not "
+            f"be fetched from the Hub ({type(exc).__name__}: {first_line(exc, 200)})."
+            f"{hint} Fetch them on a machine with internet access with `hf download {path}"
+            f"{include}` (older huggingface_hub: `huggingface-cli download`; the cache is $HF_HOME, default "
+            "~/.cache/huggingface, and can be copied to the nodes), or point model.path "
+            "at a local diffusers-format folder. Nothing was run."
+        ) from None
+
+
+def model_path(model: ModelSettings) -> str:
+    """model.path as a local diffusers folder (built-in, local, Hugging Face cache, or the Hub)."""
+    return resolve_model_path(model.path, model.variant, model.name)
+
+
+def model_identity(local_path: str) -> str:
+    """A cheap fingerprint of a checkpoint (configs and weight file sizes; never reads the weights): resume
+    refuses to mix videos from two different models in one folder."""
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(local_path):
+        dirs.sort()
+        for f in sorted(files):
+            if f.startswith("."):
+                continue
+            full = os.path.join(root, f)
+            rel = os.path.relpath(full, local_path)
+            h.update(rel.encode())
+            if f.endswith((".json", ".txt")):
+                with open(full, "rb") as fh:
+                    h.update(fh.read())
+            else:
+                h.update(str(os.path.getsize(full)).encode())
+    return h.hexdigest()[:16]
+
+
+def device_type(runtime: RuntimeSettings) -> str:
+    """cuda when a GPU is visible and runtime.device allows it, else cpu."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() and runtime.device != "cpu" else "cpu"
+
+
+def check_settings(s: RunSettings, device_type_: str) -> None:
+    """Settings that cannot work, refused (SettingRefused) before anything is written."""
+    rt = s.runtime
+    if rt.device == "cuda" and device_type_ != "cuda":
+        raise SettingRefused("runtime.device=cuda but no CUDA device is visible. Use runtime.device=auto or cpu.")
+    if rt.compile and s.memory.cpu_offload:
+        raise SettingRefused(
+            f"runtime.compile=true cannot be combined with memory={s.memory.mode} (model CPU offload). Offload wraps "
+            "the UNet in accelerate hooks that move it between CPU and GPU on every call, which a fullgraph "
+            "compile cannot trace, and the hooks are replaced after every video, which would put the eager "
+            "forward back: rows would say compiled but run eager. Use memory=full (or memory.cpu_offload=false) "
+            f"with runtime.compile=true, or keep memory={s.memory.mode} with runtime.compile=false. Nothing was run."
+        )
+    if rt.compile_vae and not rt.compile:
+        raise SettingRefused(
+            "runtime.compile_vae=true compiles the VAE decoder together with the UNet and needs "
+            "runtime.compile=true (which also warms both up before any row is timed). Add runtime.compile=true, "
+            "or drop runtime.compile_vae. Nothing was run."
+        )
+    check_attention(rt.attention, device_type_)
+
+
+def check_attention(name: str, device_type: str) -> None:
+    if name not in ATTENTION:
+        raise SettingRefused(f"runtime.attention={name!r} is not a known attention backend. Use one of "
+                             f"{', '.join(ATTENTION)} (auto keeps torch's own choice). Nothing was run.")
+    if name in CUDA_ONLY_ATTENTION and device_type != "cuda":
+        raise SettingRefused(f"runtime.attention={name} runs only on CUDA devices and this run is on "
+                             f"{device_type}. Use runtime.attention=auto, flash or math there. Nothing was run.")
+    if name not in ("auto", "math") and not supports_priority():
+        import torch
+
+        raise SettingRefused(f"runtime.attention={name} needs torch >= 2.6, which can put a backend first and "
+                             f"fall back where it cannot take a shape; this is torch {torch.__version__}, where "
+                             f"{name} alone would fail the VAE's or the UNet's cross-attention. Use "
+                             "runtime.attention=auto or math, or upgrade torch. Nothing was run.")
+
+
+def set_forward_chunking(unet, on: bool) -> None:
+    """The SVD UNet has enable_forward_chunking() but no disable: undo what enable does, module by module."""
+    if on:
+        unet.enable_forward_chunking()
+        return
+    for module in unet.modules():
+        if hasattr(module, "set_chunk_feed_forward"):
+            module.set_chunk_feed_forward(chunk_size=None, dim=0)
+
+
+def compile_models(pipe, backend: str, mode: str | None, compile_vae: bool = False) -> None:
+    """As the diffusers guide: the UNet, fullgraph, on inductor; with runtime.compile_vae the VAE decoder too.
+    Static shapes: every shape a rank runs is compiled in the warm-up, and CUDA graphs are per shape anyway."""
+    import torch
+
+    mode = mode if backend == "inductor" else None
+    pipe.unet = torch.compile(pipe.unet, mode=mode, backend=backend, dynamic=False, fullgraph=True)
+    if compile_vae:
+        # One graph per decode chunk length (e.g. 8 and the remainder), each compiled in the warm-up. Never with
+        # CUDA graphs: the pipeline calls the decoder once per chunk and concatenates the chunks afterwards, and a
+        # graph's replay overwrites the output of the call before it (seen on the H200 with reduce-overhead:
+        # "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run").
+        vae_mode = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
+        pipe.vae.decoder = torch.compile(pipe.vae.decoder, mode=vae_mode, backend=backend, dynamic=False,
+                                         fullgraph=True)
+
+
+def configure_compile(threads: int | str | None = "auto", cache_dir: str | None = None) -> None:
+    """Compile workers per rank (inductor's default is one per core, per rank: 8 ranks would start 8x the
+    cores) and, optionally, a compile cache shared by every rank (inductor's default, /tmp/torchinductor_$USER,
+    is already shared by the ranks of one node)."""
+    if threads in (None, "auto"):
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        threads = max(1, min(32, (os.cpu_count() or 1) // local))
+    import torch._inductor.config as inductor_config
+
+    inductor_config.compile_threads = int(threads)
+    if cache_dir:
+        cache = os.path.abspath(os.path.expanduser(str(cache_dir)))
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(cache, "triton"))
+
+
+def resolve_dtype(name: str | None, device_type: str):
+    """model.dtype as a torch dtype: auto is float16 on CUDA and float32 on CPU."""
+    import torch
+
+    if name in (None, "auto"):
+        return torch.float16 if device_type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+    except KeyError:
+        raise ValueError(f"model.dtype={name!r}: use auto, float32, float16 or bfloat16") from None
