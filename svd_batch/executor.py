@@ -310,9 +310,17 @@ class Executor:
         return [d for d in self.local_peers() if d.get("exit_code") is None and pid_running(int(d.get("pid", 0)))]
 
     def is_reporter(self) -> bool:
-        """Per launch and node, the lowest local rank still running reports (prints the summary, exits with the
-        run's code once the others have left); the others exit 0."""
-        return all(self.local_rank < int(d.get("local_rank", 0)) for d in self._running_peers())
+        """Per launch and node, one member reports (prints the summary, exits with the run's code once the others
+        have left): the lowest local rank still running, unless a peer has already taken the part; the others
+        exit 0."""
+        # The choice is written down before the reporter sets its exit code: a slower peer that looks afterwards
+        # must not take the reporter's decided code for a departure and report a second time.
+        if any(d.get("reporter") for d in self.local_peers()):
+            return False
+        if any(int(d.get("local_rank", 0)) < self.local_rank for d in self._running_peers()):
+            return False
+        self.member.update(reporter=True)
+        return True
 
     def exit_code(self, code: int, others_carry_on: bool = False) -> int:
         """The code this process may exit with. torchrun stops every worker of a node as soon as one exits

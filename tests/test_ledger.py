@@ -109,3 +109,33 @@ def test_a_paused_member_is_lost_only_after_the_lease_and_a_dead_one_at_once(tmp
         assert fresh.poll()[0]["lost"]
     finally:
         p.kill()
+
+
+def test_one_reporter_per_launch_and_node_even_after_it_decided_its_code(tmp_path):
+    """The reporter writes down its part before its exit code: a slower peer that looks once the reporter has
+    decided (and waits for the others to leave) must not report the run a second time."""
+    from svd_batch.executor import Executor, Start, Timing
+    from svd_batch.launch import Launch
+    from svd_batch.ledger import JobInfo
+    from svd_batch.rundir import RunDir
+
+    rd = RunDir(str(tmp_path / "out"))
+    rd.create()
+    job = JobInfo(job="j1", state="active", total=2, done=0, failed_skipped=0, todo=2, units=2, manifest="m",
+                  started_at=time.time())
+    members = []
+    for rank in (0, 1):
+        launch = Launch()
+        launch.rank, launch.world, launch.local_rank = rank, 2, rank
+        ex = Executor(launch, rd, Timing(heartbeat=60.0), log=lambda m: None)
+        ex.begin(Start(launch="L1", job=job), num_units=2)
+        members.append(ex)
+    first, second = members
+    try:
+        assert not second.is_reporter()  # local rank 0 is still running
+        assert first.is_reporter()
+        first.member.update(exit_code=1)  # what exit_code() writes before it waits for the others to leave
+        assert not second.is_reporter()
+    finally:
+        for ex in members:
+            ex.close()
