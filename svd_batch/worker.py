@@ -309,15 +309,16 @@ class RankWorker:
                     self._dropped.add(ticket)
                     self.log(f"svd-batch: unit {ticket.unit} was taken over by another process while this one "
                              "was not heard from; its result here is dropped")
-            else:
-                self._write_row(o)
+            elif not self._write_row(o):
+                continue  # given back: its unit stays in hand, unfinished
             if ticket is not None:
                 self._pending[ticket] -= 1
                 if self._pending[ticket] == 0:
                     del self._pending[ticket]
                     self.units.finished(ticket)
 
-    def _write_row(self, o: Done) -> None:
+    def _write_row(self, o: Done) -> bool:
+        """Write the row's video and record; False when the row is given back instead (see below)."""
         row, s, rd = o.row, self.settings, self.rundir
         t = time.perf_counter()
         status, error, video_path, frames_hash = "failed", o.error, None, None
@@ -343,6 +344,11 @@ class RankWorker:
                     raise output_folder_error(exc, rd.root) from None
                 frames_hash, error = None, f"row {row.id}: write failed: {type(exc).__name__}: {first_line(exc)}"
         write_seconds = time.perf_counter() - t
+        if status == "failed" and self.stop():
+            # A stop signal reaches the whole process group (Ctrl-C, a scheduler): whatever failed after it may
+            # have failed because of it. The row is left for the next run instead of recorded failed.
+            self.log(f"svd-batch: row {row.id} failed after a stop signal ({error}); left for the next run")
+            return False
         record = Record(
             id=row.id, status=status, error=error, video_path=video_path, image=row.image, image_uri=row.image_uri,
             row=row.row, seed=row.seed, fps=row.fps, motion_bucket_id=row.motion_bucket_id,
@@ -371,6 +377,7 @@ class RankWorker:
             self.log(f"svd-batch: {record.error}")
         self.units.recorded(self.parts.written, rows=self.stats.rows, ok=self.stats.ok, failed=self.stats.failed)
         self.progress.update(1)
+        return True
 
     def _folder_refuses_writes(self) -> bool:
         """After a failed video write: can the output folder still take a small file? If not, the disk is to

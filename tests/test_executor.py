@@ -322,5 +322,7 @@ def test_ctrl_c_under_accelerate_ends_with_one_resume_line(manifest, tmp_path):
     lines = [x for x in log.splitlines() if x.strip()]
     assert lines[-1].startswith("svd-batch: interrupted by SIGINT") and "Run the same command again" in lines[-1]
     assert log.count("interrupted by SIGINT") == 1, log
+    failed = [(r["id"], r["error"]) for r in part_records(out).to_pylist() if r["status"] != "ok"]
+    assert not failed, (failed, log)  # an interrupted row is given back, never recorded failed
     again = run_cli(f"manifest.path={manifest}", f"output.dir={out}", *FAST)
     assert again.returncode == 0, again.stderr

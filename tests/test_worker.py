@@ -117,3 +117,41 @@ def test_images_in_flight_are_bounded(tmp_path, monkeypatch):
     stats = worker.run(plan, ListSource(range(plan.num_units)))
     assert stats.ok == n and rd.read_records().num_rows == n
     assert peak[0] <= (prefetch + 1) * batch_size
+
+
+def test_a_row_that_fails_after_a_stop_signal_is_left_for_the_next_run(tmp_path):
+    """Ctrl-C reaches the whole process group: a row failing after it may have failed because of it, so it
+    is given back (its unit unfinished), never recorded failed."""
+    from svd_batch.feed import ListSource
+    from svd_batch.rundir import RunDir
+    from svd_batch.signals import StopFlag
+
+    rows = [{"row": i, "id": f"r{i}", "image": "x", "image_uri": str(SAMPLE / "cat.jpg"), "seed": i, "fps": 7,
+             "motion_bucket_id": 1, "noise_aug_strength": 0.0, "num_frames": 2, "num_inference_steps": 1,
+             "height": 8, "width": 8, "min_guidance_scale": 1.0, "max_guidance_scale": 1.0, "decode_chunk_size": 2}
+            for i in range(3)]
+    settings = settings_for("runtime.overlap=false", "model.name=fake", "video.preset=ultrafast")
+    rd = RunDir(str(tmp_path / "out"))
+    rd.create()
+    stop = StopFlag()
+
+    class SignalledGen(FakeGen):
+        def run(self, rows_, images, log=None):
+            out = super().run(rows_, images, log)
+            if rows_[0].id == "r1":  # the signal arrives while r1 is generated, and r1 fails
+                stop.signum = 2
+                out = [o.__class__(**{**o.__dict__, "frames": None, "error": "row r1: interrupted"}) for o in out]
+            return out
+
+    finished = []
+    source = ListSource(range(3))
+    source.finished = lambda t: finished.append(t)
+    progress = types.SimpleNamespace(update=lambda k: None)
+    logs = []
+    worker = RankWorker(SignalledGen(), rd, settings, rank=0, world=1, stop=stop, progress=progress, log=logs.append)
+    with pytest.raises(KeyboardInterrupt):  # stopped: the next unit is not started (signals.StopFlag.busy)
+        worker.run(make_plan(pa.Table.from_pylist(rows), RESULT_SCHEMA.empty_table(), world_size=1), source)
+    records = rd.read_records().to_pylist()
+    assert [(r["id"], r["status"]) for r in records] == [("r0", "ok")]
+    assert len(finished) == 1  # r1's unit stays in hand, given back when the rank leaves; r2 was never taken
+    assert any("r1 failed after a stop signal" in m for m in logs), logs
