@@ -256,8 +256,11 @@ class RunSettings:
         if not os.path.exists(path):
             return None
         register_resolvers()  # saved resolved; a hand-edited one may still name ${pkgdata:...}
-        saved = OmegaConf.load(path)
-        return cls.from_config(OmegaConf.merge(_package_defaults(), saved))
+        merged = OmegaConf.merge(_package_defaults(), OmegaConf.load(path))
+        # The folder read is the run's output folder, wherever it was when the run wrote it (moved, copied off a
+        # cluster): and a config without output.dir would otherwise resolve the default's ${manifest.name}.
+        OmegaConf.update(merged, "output.dir", os.path.abspath(root))
+        return cls.from_config(merged)
 
     @classmethod
     def compose(cls, *overrides: str) -> "RunSettings":
