@@ -103,14 +103,17 @@ class UNetAttention:
 
     ``called`` is what the pipeline calls (a compiled wrapper or the UNet itself); the priority is entered in
     forward hooks on it, outside any compiled graph. Each attention processor of the UNet is wrapped to note
-    its SDPA calls' kernels while a pass is watched (eager calls only)."""
+    its SDPA calls' kernels during one eager call per input shape (the choice depends on shapes, dtype, device
+    and the order, all fixed for a shape here): noting every call cost the tiny model a few percent on CPU."""
 
     def __init__(self, called: Any, name: str = "auto") -> None:
         self.called = called
         self.eager = getattr(called, "_orig_mod", called)
-        self.by_shape: dict[tuple, dict[str, set[str]]] = {}  # compiled: kernels of one eager call per shape
+        self.by_shape: dict[tuple, dict[str, set[str]]] = {}  # the kernels of one eager call per shape
         self.set(name)
         self.watching = False
+        self.noting = False
+        self._noting_shape: tuple = ()
         self.seen: dict[str, set[str]] = {}
         self._shapes: set[tuple] = set()
         self._contexts: list[Any] = []
@@ -152,17 +155,14 @@ class UNetAttention:
     @contextlib.contextmanager
     def watch(self):
         """One pass: note the UNet's kernels (read them with ``ran``)."""
-        self.seen, self._shapes, self.watching = {}, set(), True
+        self._shapes, self.watching = set(), True
         try:
             yield
         finally:
             self.watching = False
 
     def ran(self) -> str | None:
-        """The kernels of the last watched pass: seen in eager calls, or, compiled, those of each shape's
-        eager call."""
-        if self.seen:
-            return describe(self.seen)
+        """The kernels of the last watched pass: those of each of its shapes' eager call."""
         merged: dict[str, set[str]] = {}
         for shape in self._shapes:
             for role, kernels in self.by_shape.get(shape, {}).items():
@@ -184,14 +184,18 @@ class UNetAttention:
         sample = args[0] if args else kwargs.get("sample")
         shape = tuple(getattr(sample, "shape", ()))
         self._shapes.add(shape)
-        if self.watching and self.eager is not module and shape not in self.by_shape:
-            # Compiled: run this call once eagerly with the same inputs and settings to see its kernels.
-            outer, self.seen = self.seen, {}
-            try:
-                self.eager(*args, **kwargs)
-                self.by_shape[shape] = self.seen
-            finally:
-                self.seen = outer
+        if self.watching and shape not in self.by_shape:
+            self.seen = {}
+            if self.eager is module:
+                self.noting, self._noting_shape = True, shape  # _exit files this call's kernels under its shape
+            else:
+                # Compiled: run this call once eagerly with the same inputs and settings to see its kernels.
+                self.noting = True
+                try:
+                    self.eager(*args, **kwargs)
+                    self.by_shape[shape] = self.seen
+                finally:
+                    self.noting = False
         return None
 
     def _exit(self, module, args, output):
@@ -199,6 +203,9 @@ class UNetAttention:
 
         if torch.compiler.is_compiling() or not self._contexts:
             return None
+        if self.noting:
+            self.noting = False
+            self.by_shape[self._noting_shape] = self.seen
         self._contexts.pop().__exit__(None, None, None)
         return None
 
@@ -212,7 +219,7 @@ class _Watched:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         import torch
 
-        if torch.compiler.is_compiling() or not self.owner.watching:
+        if torch.compiler.is_compiling() or not self.owner.noting:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         with _note_sdpa()(self.owner, "cross" if encoder_hidden_states is not None else "self"):
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)

@@ -84,6 +84,9 @@ def test_the_requested_backend_goes_first_for_the_unet_alone_and_rows_record_the
         ran = {c["kernel"] for c in unet}
         assert len(ran) == 1 and {o.attention for o in [*outs, single]} == ran
         assert ran == {"math" if name == "math" else "flash"}
+        # Kernels are noted in one eager call per shape: a later pass of a known shape records them all the same.
+        [again] = gen.run([ROW], [Image.new("RGB", (64, 64), (200, 30, 30))])
+        assert again.attention == single.attention and len(gen._unet_attention.by_shape) == 2
     # A backend setting changes kernels, not the row: on CPU fp32 the two kernels agree to within rounding.
     assert np.array_equal(frames["auto"], frames["flash"])
     assert np.abs(frames["math"].astype(int) - frames["auto"].astype(int)).max() <= 1
