@@ -83,7 +83,11 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--slow-only", action="store_true", help="only part 2 (one slow rank)")
+    ap.add_argument("--no-scores", action="store_true",
+                    help="report.scores=false: time generation and writing alone (the scores decode each MP4 back)")
     args = ap.parse_args()
+    if args.no_scores:
+        COMMON.append("report.scores=false")
     n = args.rows
     with tempfile.TemporaryDirectory() as root:
         out = os.path.join(root, "out")
