@@ -10,9 +10,10 @@ from __future__ import annotations
 import datetime as dt
 import os
 import pickle
-import threading
 import time
 from typing import Any, Callable
+
+from .util import in_thread
 
 
 class Launch:
@@ -58,16 +59,7 @@ class TorchrunLaunch(Launch):
         self._round = 0
 
     def _op(self, fn: Callable[[], Any]) -> Any:
-        box: dict[str, Any] = {}
-
-        def run() -> None:
-            try:
-                box["value"] = fn()
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                box["error"] = exc
-
-        t = threading.Thread(target=run, daemon=True, name="store")
-        t.start()
+        t, box = in_thread(fn, "store")
         t.join(STORE_OP_SECONDS)
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
         if t.is_alive():

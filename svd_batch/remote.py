@@ -9,11 +9,10 @@ not come here: images.fetch_bytes reads them with urllib, which needs no extra p
 from __future__ import annotations
 
 import re
-import threading
 import time
 from typing import Any, Callable
 
-from .util import first_line
+from .util import first_line, in_thread
 
 URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -57,20 +56,6 @@ def filesystem(url: str) -> tuple[Any, str]:
                           "fsspec knows such as s3://, gs://, hf://)") from None
 
 
-def _in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            box["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True, name="remote-read")
-    t.start()
-    return t, box
-
-
 def _outcome(box: dict[str, Any]) -> Any:
     if "error" in box:
         raise box["error"]
@@ -80,7 +65,7 @@ def _outcome(box: dict[str, Any]) -> Any:
 def with_deadline(fn: Callable[[], Any], timeout: float, what: str) -> Any:
     """``fn()`` or RemoteError after ``timeout`` seconds: filesystem libraries have their own (often long)
     retry loops, so a stuck read is abandoned in a daemon thread rather than waited for."""
-    t, box = _in_thread(fn)
+    t, box = in_thread(fn, "remote-read")
     t.join(timeout)
     if t.is_alive():
         raise RemoteError(f"{what} did not finish within images.timeout={timeout:g} s")
@@ -170,7 +155,7 @@ def without_stall(fn: Callable[[Activity], Any], timeout: float, what: str) -> A
     ``activity``: a manifest of any size may take minutes to arrive, but a hung or unreachable server (a
     library retrying for minutes inside one call) must not hold the run for longer than the timeout."""
     activity = Activity()
-    t, box = _in_thread(lambda: fn(activity))
+    t, box = in_thread(lambda: fn(activity), "remote-read")
     while True:
         t.join(min(1.0, timeout))
         if not t.is_alive():

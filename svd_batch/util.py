@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import resource
+import threading
+from typing import Any, Callable
 
 import numpy as np
 
@@ -64,3 +66,19 @@ def peak_vram_bytes(device) -> int | None:
     import torch
 
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+def in_thread(fn: Callable[[], Any], name: str) -> tuple[threading.Thread, dict[str, Any]]:
+    """Start ``fn()`` on a daemon thread; its result lands in the box as "value" or "error" (whatever it
+    raised), for callers that wait on it with a deadline and walk away from a call that hangs."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True, name=name)
+    t.start()
+    return t, box
