@@ -134,7 +134,11 @@ def test_the_store_host_going_away_cuts_no_rank_short(manifest, reference, tmp_p
     ones; then node 0's launcher is killed (its exit barrier giving up looks the same to node 1). Node 1 finishes
     every unit it has and writes the results; nothing it needs lived in the store."""
     out = tmp_path / "out"
-    nodes = two_nodes(f"manifest.path={manifest}", f"output.dir={out}", *FAST, env={"SVD_BATCH_INJECT_SLOW": "1:12"})
+    # Node 1's one unit (41x its compute) outlasts node 0's whole share (at half speed, so that node 1 surely
+    # claims a unit first): with 1:12 and node 0 at full speed the two took about as long, and CI saw node 1
+    # finish first.
+    nodes = two_nodes(f"manifest.path={manifest}", f"output.dir={out}", *FAST,
+                      env={"SVD_BATCH_INJECT_SLOW": "0:1,1:40"})
     wait_until(lambda: {m["rank"]: m["state"] for m in members(out)} == {0: "waiting", 1: "working"},
                "node 0 to wait while node 1 works", procs=nodes)
     worker0 = next(m["pid"] for m in members(out) if m["rank"] == 0)
