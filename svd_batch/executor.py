@@ -332,7 +332,10 @@ class Executor:
             self.member.update(exit_code=EXIT_OK)
             return EXIT_OK
         self.member.update(exit_code=code)
-        wait_until_gone([int(d["pid"]) for d in running], timeout=self.timing.lease + 30)
+        # Every peer whose process still runs, also those that have decided their code: a peer writes it before
+        # its interpreter shuts down, and torchrun would SIGTERM it in that window (CI saw exitcode -15).
+        still = [int(d["pid"]) for d in self.local_peers() if pid_running(int(d.get("pid", 0)))]
+        wait_until_gone(still, timeout=self.timing.lease + 30)
         return code
 
     def end(self, state: str, parts: dict[str, int], stats: dict[str, Any], *, signum: int | None,
