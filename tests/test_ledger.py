@@ -139,3 +139,40 @@ def test_one_reporter_per_launch_and_node_even_after_it_decided_its_code(tmp_pat
     finally:
         for ex in members:
             ex.close()
+
+
+def test_the_reporter_exits_only_after_its_peers_processes_are_gone(tmp_path):
+    """A peer writes its decided exit code before its interpreter shuts down: the reporter must not exit
+    non-zero in that window (torchrun would SIGTERM the peer), so it waits for the process, not the code."""
+    from svd_batch.executor import Executor, Start, Timing
+    from svd_batch.launch import Launch
+    from svd_batch.ledger import JobInfo
+    from svd_batch.rundir import RunDir
+
+    rd = RunDir(str(tmp_path / "out"))
+    rd.create()
+    peer = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+sys.path.insert(0, {str(REPO)!r})
+from svd_batch.ledger import Member
+m = Member({rd.members!r}, "L1-r00001", launch="L1", job="j1", rank=1, local_rank=1, world_size=2,
+           heartbeat_seconds=60.0, log=print)
+m.start()
+m.close(exit_code=0)  # decided, then a slow shutdown
+print("decided", flush=True)
+time.sleep(1.5)
+"""], stdout=subprocess.PIPE, text=True)
+    assert peer.stdout.readline().strip() == "decided"
+    launch = Launch()
+    launch.rank, launch.world, launch.local_rank = 0, 2, 0
+    ex = Executor(launch, rd, Timing(heartbeat=60.0), log=lambda m: None)
+    job = JobInfo(job="j1", state="active", total=2, done=0, failed_skipped=0, todo=2, units=2, manifest="m",
+                  started_at=time.time())
+    ex.begin(Start(launch="L1", job=job), num_units=2)
+    try:
+        assert ex.is_reporter()
+        assert ex.exit_code(1) == 1
+        assert peer.poll() is not None  # the peer had exited before the reporter's code was returned
+    finally:
+        ex.close()
+        peer.wait()
