@@ -327,15 +327,15 @@ class Executor:
         non-zero, so per launch and node only the reporter exits with the code, after the others have exited.
         ``others_carry_on``: this member leaves while the others go on working (its device broke): it exits 0
         while any of its node's peers runs."""
-        running = self._running_peers()
+        alive = [d for d in self.local_peers() if pid_running(int(d.get("pid", 0)))]
+        running = [d for d in alive if d.get("exit_code") is None]
         if (others_carry_on and running) or any(int(d.get("local_rank", 0)) < self.local_rank for d in running):
             self.member.update(exit_code=EXIT_OK)
             return EXIT_OK
         self.member.update(exit_code=code)
         # Every peer whose process still runs, also those that have decided their code: a peer writes it before
         # its interpreter shuts down, and torchrun would SIGTERM it in that window (CI saw exitcode -15).
-        still = [int(d["pid"]) for d in self.local_peers() if pid_running(int(d.get("pid", 0)))]
-        wait_until_gone(still, timeout=self.timing.lease + 30)
+        wait_until_gone([int(d["pid"]) for d in alive], timeout=self.timing.lease + 30)
         return code
 
     def end(self, state: str, parts: dict[str, int], stats: dict[str, Any], *, signum: int | None,
