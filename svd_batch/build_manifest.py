@@ -6,7 +6,7 @@ gives one row per image and per combination of swept values (the cartesian produ
 readable ids like ``beach_sunset.motion_bucket_id=60.seed=1``. The result is validated as the runner
 validates a manifest, then written as Parquet (whole, then renamed).
 
-Ids of a folder's images (``folder_ids``) are valid and unique for any folder, and the same every time: the
+Ids of a folder's images are valid and unique for any folder, and the same every time: the
 file's path without its extension, folders joined by ``_``, characters other than ASCII letters, digits and
 ``_ = + , @ . -`` replaced by ``_``. Names that would still share an id (ids are compared ignoring case) keep
 their extension (``x.jpg``, ``x.png``); names equal even then (``A.jpg``, ``a.jpg``) get ``-`` and 8 hex
