@@ -124,8 +124,10 @@ def fetch_bytes(url: str, timeout: float, max_bytes: int) -> bytes:
             raise ImageError(too_slow) from None
         reason = getattr(exc, "reason", None)  # URLError's cause: refused, unknown host, timed out
         detail = str(reason) if reason else f"{type(exc).__name__}: {exc}"
-        raise ImageError(f"could not fetch {url}: {(detail.splitlines() or [''])[0][:200]} "
-                         f"(images.timeout={timeout:g} s)") from None
+        # The setting is named only when it is what cut the fetch short: a malformed answer is no timeout.
+        timed_out = isinstance(exc, TimeoutError) or isinstance(reason, TimeoutError)
+        raise ImageError(f"could not fetch {url}: {(detail.splitlines() or [''])[0][:200]}"
+                         + (f" (images.timeout={timeout:g} s)" if timed_out else "")) from None
     finally:
         deadline.cancel()
     if deadline.expired:  # the watchdog closed the socket: what arrived is cut short

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 # Ids become file names (videos/<id>.mp4), so they are restricted to characters that are safe on every
 # filesystem, cannot climb out of videos/ and cannot hide (no leading dot).
 ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._=+,@-]{0,199}$"
-ID_ALLOWED = "1-200 characters of letters, digits and . _ = + , @ -, not starting with '.' or '-'"
+ID_ALLOWED = ("1-200 characters of ASCII letters (A-Z, a-z), digits and . _ = + , @ -, starting with an ASCII "
+              "letter, a digit or _")
 
 
 @dataclass
@@ -108,7 +109,7 @@ def load_manifest(
         )
 
     rows = raw["__row"]
-    ids_raw = _id_strings(raw[theirs["id"]], theirs["id"], source) if theirs["id"] in raw.column_names else None
+    ids_raw = _id_strings(raw[theirs["id"]], theirs["id"], source, rows) if theirs["id"] in raw.column_names else None
 
     # 1. Image column.
     if theirs["image"] not in raw.column_names:
@@ -286,12 +287,23 @@ def _combination_problems(resolved: Mapping[str, pa.ChunkedArray], rows, ids, ma
     return problems
 
 
-def _id_strings(values: pa.ChunkedArray, column: str, source: str) -> pa.ChunkedArray:
+def _id_strings(values: pa.ChunkedArray, column: str, source: str, rows: pa.ChunkedArray) -> pa.ChunkedArray:
     """The id column as strings: text, numbers and bytes that are UTF-8 text; anything else is refused (a list or
-    struct of ids, or bytes that are not text, cannot name a file)."""
+    struct of ids, or bytes that are not text, cannot name a file), bytes that are not text naming their rows."""
     try:
         return pc.cast(values, pa.string())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        if pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type):
+            bad = []
+            for i, v in enumerate(values.to_pylist()):  # the error path only: which rows are not text
+                try:
+                    v is None or v.decode("utf-8")
+                except UnicodeDecodeError:
+                    bad.append(Problem(int(rows[i].as_py()), None, column, v,
+                                       "an id that is UTF-8 text (these bytes are not): write it as text, or clear "
+                                       "the cell to derive the row's id"))
+            if bad:
+                raise ManifestError(source, bad) from None
         raise ManifestError(source, [Problem(None, None, column, f"<{values.type} column>",
                                              "text ids (a string column), integers, or bytes that are UTF-8 text; "
                                              "convert the column to strings, or drop it to derive ids")]) from None

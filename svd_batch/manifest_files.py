@@ -181,8 +181,28 @@ def _read_arrow(files: list[str], fs: Any, image_col: str, path: str, source: st
                 hint="It holds its images inside Arrow files (datasets' save_to_disk), which svd-batch does not read "
                      "image by image:")
         table = reader.read_all()
-        tables.append(table.select([fld.name for fld in schema if not holds_bytes(fld.type)]))
+        tables.append(plain_dictionaries(table.select([fld.name for fld in schema if not holds_bytes(fld.type)])))
     return pa.concat_tables(tables, promote_options="permissive")
+
+
+def plain_dictionaries(table: pa.Table) -> pa.Table:
+    """Dictionary-encoded columns (a pandas ``category``, Arrow's dictionary<string>) as their plain values, so a
+    category column is read wherever its values are: an image, id or filter column of strings is a string column."""
+    for i, fld in enumerate(table.schema):
+        if pa.types.is_dictionary(fld.type):
+            table = table.set_column(i, fld.name, table.column(i).cast(fld.type.value_type))
+    return table
+
+
+def _plain_type(t: pa.DataType) -> pa.DataType:
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
+def _same_kind(t: pa.DataType) -> pa.DataType:
+    """What shards are compared on: a category column and strings, string and large_string (pandas writes either)
+    are one kind of column."""
+    t = _plain_type(t)
+    return {pa.large_string(): pa.string(), pa.large_binary(): pa.binary()}.get(t, t)
 
 
 def holds_bytes(t: pa.DataType) -> bool:
@@ -269,8 +289,8 @@ def _read_files(path: str, source: str, columns: Mapping[str, str] | None, fs: A
         # order, which sharding and resume rely on.
         # Remote files are Python (fsspec) files, whose buffers Arrow's reader threads free under the GIL; one
         # still doing so as the interpreter exits (a manifest error ends the run at once) aborts the process.
-        table = pads.dataset(files, schema=schema, format="parquet", filesystem=afs).to_table(
-            columns=plain, use_threads=fs is None)
+        table = plain_dictionaries(pads.dataset(files, schema=schema, format="parquet", filesystem=afs).to_table(
+            columns=plain, use_threads=fs is None))
         if kind is not None:
             refs, uris = _embedded_refs(files, fs, image_col, kind, _shard_base(path, files, fs))
             table = table.append_column(image_col, refs).append_column("__image_uri", uris)
@@ -348,13 +368,15 @@ def _unified_schema(files: list[str], source: str, fs=None) -> pa.Schema:
         for fld in schema:
             if pa.types.is_null(fld.type):
                 continue  # an all-null column in one shard fits any type
-            first = seen.setdefault(fld.name, (fld.type, f))
-            if first[0] != fld.type and not (_numeric(first[0]) and _numeric(fld.type)):
+            t = _same_kind(fld.type)
+            first = seen.setdefault(fld.name, (t, f))
+            if first[0] != t and not (_numeric(first[0]) and _numeric(t)):
                 problems.append(Problem(None, None, fld.name, f"{fld.type} in {f}",
                                         f"one type in every file ({first[0]} in {first[1]})"))
     if problems:
         raise ManifestError(source, problems, hint="Its files do not fit together:")
-    return pa.unify_schemas(schemas, promote_options="permissive")
+    plain = [pa.schema([fld.with_type(_plain_type(fld.type)) for fld in sc], metadata=sc.metadata) for sc in schemas]
+    return pa.unify_schemas(plain, promote_options="permissive")
 
 
 def _numeric(t: pa.DataType) -> bool:

@@ -124,7 +124,8 @@ def summary(results: pa.Table, *, total: int, ran: list[float], wall_seconds: fl
         if ran:
             lines.append(f"  this run: {attempted} rows in {wall_seconds:.1f} s"
                          + (f" ({run_failed} failed)" if run_failed else "")
-                         + f", {per_min:.1f} videos/min, median {float(np.median(ran)):.2f} s per video")
+                         + f", {per_min:.1f} videos/min (wall time, model load included), "
+                         f"median {float(np.median(ran)):.2f} s per video")
         else:
             lines.append(f"  this run: {attempted} rows in {wall_seconds:.1f} s, every one failed")
         lines += [_rank_line(r) for r in ranks]
@@ -173,32 +174,65 @@ def conditioning_image(rd: RunDir, row: dict):
     from PIL import Image
 
     saved = rd.input_path(row["id"])
-    if os.path.exists(saved):
+    if os.path.isfile(saved):
         return Image.open(saved).convert("RGB")
     src = row.get("image")
-    if src and not src.startswith(("http://", "https://")):
+    if src and row.get("width") and row.get("height") and not src.startswith(("http://", "https://")):
         path = src if os.path.isabs(src) else os.path.join(rd.root, src)
-        if os.path.exists(path):
+        if os.path.isfile(path):  # never a FIFO or device: reading one could wait for ever
             return Image.open(path).convert("RGB").resize((int(row["width"]), int(row["height"])))
     return None
 
 
-def rescore(root: str, embed: Embed | None, log: Callable[[str], None] = print) -> pa.Table:
+class ResultsError(ValueError):
+    """results.parquet cannot be rescored as it is (not readable, or not one svd-batch wrote): a usage error."""
+
+
+RESCORE_NEEDS = ("id", "status", "video_path")
+
+
+def read_for_rescore(path: str) -> pa.Table:
+    """results.parquet, checked for the columns rescoring reads (a foreign or very old table is refused whole)."""
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ResultsError(f"{path} cannot be read as Parquet ({type(exc).__name__}: {exc}).") from None
+    missing = [c for c in RESCORE_NEEDS if c not in table.column_names]
+    if missing:
+        raise ResultsError(
+            f"{path} lacks the column(s) {', '.join(missing)}, so it is not a results table svd-batch wrote (or one "
+            "from a much older version). Point svd-batch-score at the output.dir of an svd-batch run; an old run's "
+            "results can be rebuilt by running its svd-batch command again (it resumes).")
+    return table
+
+
+def rescore(root: str, embed: Embed | None, log: Callable[[str], None] = print) -> tuple[pa.Table, list[str]]:
     """Recompute every ok row's scores from its MP4 and input image (what the run itself scores) and rewrite
-    results.parquet atomically; rows whose video is missing keep empty scores."""
+    results.parquet atomically; rows whose video is missing keep empty scores. A video that cannot be read is
+    that row's problem: its scores are left empty, one line names it (the returned list), the rest are scored."""
     import time
 
+    from .util import first_line
+
     rd = RunDir(root)
-    table = pq.read_table(rd.results_path)
+    table = read_for_rescore(rd.results_path)
     cols = {c: [None] * table.num_rows for c in SCORE_COLUMNS}
-    keep = ["id", "status", "video_path", "image", "width", "height"]
-    started, missing, scored = time.perf_counter(), 0, 0
+    keep = [c for c in ("id", "status", "video_path", "image", "width", "height") if c in table.column_names]
+    started, missing, scored, bad = time.perf_counter(), 0, 0, []
     for i, row in enumerate(table.select(keep).to_pylist()):
         video = os.path.join(root, row["video_path"]) if row["status"] == "ok" and row["video_path"] else None
         if not video or not os.path.exists(video):
             missing += row["status"] == "ok"
             continue
-        s = score_files(video, conditioning_image(rd, row) if embed is not None else None, embed)
+        try:
+            if not os.path.isfile(video):
+                raise OSError("not a regular file")
+            s = score_files(video, conditioning_image(rd, row) if embed is not None else None, embed)
+        except Exception as exc:  # noqa: BLE001 - a corrupt or truncated video is its row's problem only
+            bad.append(f"svd-batch-score: row {row['id']!r}: {row['video_path']} cannot be scored "
+                       f"({type(exc).__name__}: {first_line(exc, 200)}); its scores are left empty")
+            log(bad[-1])
+            continue
         scored += 1
         for c in SCORE_COLUMNS:
             cols[c][i] = s[c]
@@ -210,5 +244,6 @@ def rescore(root: str, embed: Embed | None, log: Callable[[str], None] = print) 
             table = table.append_column(c, arr)
     write_parquet_atomic(table, rd.results_path)
     log(f"svd-batch-score: scored {scored} rows in {time.perf_counter() - started:.1f} s"
-        + (f"; {missing} ok rows have no video file (scores left empty)" if missing else ""))
-    return table
+        + (f"; {missing} ok rows have no video file (scores left empty)" if missing else "")
+        + (f"; {len(bad)} could not be scored (named above)" if bad else ""))
+    return table, bad

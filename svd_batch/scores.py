@@ -45,10 +45,12 @@ def _luma(frames: np.ndarray, max_side: int) -> np.ndarray:
     f = f[:, ::step, ::step]
     n, h, w, _ = f.shape
     k = max(1, int(np.ceil(max(h, w) / max_side)))
-    h2, w2 = (h // k) * k, (w // k) * k
+    # A side shorter than a block (16x4096 frames) keeps its pixels whole rather than becoming 0 blocks (NaN).
+    kh, kw = min(k, h), min(k, w)
+    h2, w2 = (h // kh) * kh, (w // kw) * kw
     f = f[:, :h2, :w2].astype(np.float32)
     y = f[..., 0] * 0.299 + f[..., 1] * 0.587 + f[..., 2] * 0.114
-    return y.reshape(n, h2 // k, k, w2 // k, k).mean(axis=(2, 4))
+    return y.reshape(n, h2 // kh, kh, w2 // kw, kw).mean(axis=(2, 4))
 
 
 def motion_score(frames: np.ndarray, y: np.ndarray | None = None) -> float | None:
@@ -64,8 +66,9 @@ def flicker_score(frames: np.ndarray, y: np.ndarray | None = None) -> float | No
     # Mean luma of a 4x4 grid of regions: texture moving through a region barely changes its mean, a
     # region pumping brighter and darker does, and changes direction every frame (a large second difference).
     y = _luma(frames, 64) if y is None else y
-    h4, w4 = y.shape[1] // 4 * 4, y.shape[2] // 4 * 4
-    y = y[:, :h4, :w4].reshape(len(y), 4, h4 // 4, 4, w4 // 4).mean(axis=(2, 4))
+    gh, gw = min(4, y.shape[1]), min(4, y.shape[2])  # fewer regions along a side shorter than 4 luma blocks
+    h4, w4 = y.shape[1] // gh * gh, y.shape[2] // gw * gw
+    y = y[:, :h4, :w4].reshape(len(y), gh, h4 // gh, gw, w4 // gw).mean(axis=(2, 4))
     return float(np.abs(y[2:] - 2 * y[1:-1] + y[:-2]).mean() / 255.0)
 
 

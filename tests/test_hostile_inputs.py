@@ -270,7 +270,7 @@ def test_a_binary_id_column_is_decoded_not_ignored(tmp_path):
     pq.write_table(pa.table({"image": ["a.jpg", "b.jpg"], "id": [b"first", b"second"]}), m)
     assert load_manifest(str(m), GEN).table["id"].to_pylist() == ["first", "second"]
     pq.write_table(pa.table({"image": ["a.jpg"], "id": [b"\xff\xfe"]}), m)  # not text: refused, not derived
-    with pytest.raises(ManifestError, match="<binary column>"):
+    with pytest.raises(ManifestError, match=r"row 0: column 'id' = b'\\xff\\xfe'; allowed: an id that is UTF-8 text"):
         load_manifest(str(m), GEN)
 
 

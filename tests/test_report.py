@@ -181,7 +181,7 @@ def test_big_report_size_and_summary(big_report):
 def test_real_run_report(run_dir, tmp_path):
     page = (run_dir / "index.html").read_text()
     assert "rows ok</th><td>3" in page and "rows failed</th><td>1" in page
-    assert "videos per hour" in page and "p95 per video" in page and "Peak VRAM" in page
+    assert "videos per minute" in page and "p95 per video" in page and "Peak VRAM" in page
     assert "missing.jpg" in page and "file not found" in page  # failed rows are listed at once
     assert "motion_score</th>" in page  # score summary
     dom = open_page_playing(run_dir, "", tmp_path)

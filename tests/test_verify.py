@@ -11,14 +11,19 @@ pytestmark = pytest.mark.slow
 
 
 def test_verify_regenerates_a_sample_and_catches_a_tampered_hash(tmp_path):
+    # Started in the manifest's folder with a relative manifest.path (and a row that fails): verify, run from
+    # another directory, reads each row's image where the run resolved it, and refuses to check the failed row.
     rows = [{"id": f"r{i}", "image": str(SAMPLE / "cat.jpg"), "seed": i} for i in range(4)]
-    m = write_manifest(tmp_path / "m.parquet", rows)
+    write_manifest(tmp_path / "m.parquet", rows + [{"id": "gone", "image": "missing.jpg"}])
     out = tmp_path / "out"
-    assert run_cli(f"manifest.path={m}", f"output.dir={out}", "report.enabled=false").returncode == 0
+    assert run_cli("manifest.path=m.parquet", f"output.dir={out}", "report.enabled=false", cwd=tmp_path).returncode == 1
     proc = subprocess.run([sys.executable, "-m", "svd_batch.commands.verify", str(out), "--sample", "2"],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 of 2 sampled rows match" in proc.stdout and proc.stdout.count("match    r") == 2
+    proc = subprocess.run([sys.executable, "-m", "svd_batch.commands.verify", str(out), "--ids", "gone"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "'gone' did not finish ok" in proc.stderr and "Traceback" not in proc.stderr
     # Tamper with one recorded hash: verify must notice.
     t = pq.read_table(out / "results.parquet")
     hashes = t["frames_sha256"].to_pylist()

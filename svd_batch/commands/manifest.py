@@ -10,7 +10,10 @@ from ..manifest import ManifestError
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="svd-batch-manifest", description=DOC.split("\n\n")[0])
+    parts = DOC.split("\n\n")
+    ap = argparse.ArgumentParser(prog="svd-batch-manifest", description=parts[0],
+                                 epilog=next(p for p in parts if p.startswith("Ids of a folder")).replace("``", "'")
+                                 + " Exit code 2 when the rows cannot be run (each problem listed; nothing written).")
     ap.add_argument("source", help="a folder of images (searched recursively), a .csv, a .jsonl, or Parquet "
                     "(a file, glob or URL; e.g. Hugging Face shards, whose embedded images are referenced, not copied)")
     ap.add_argument("-o", "--output", default="manifest.parquet", help="the Parquet manifest to write")

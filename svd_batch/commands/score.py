@@ -11,7 +11,7 @@ from typing import Callable
 
 from ..model import model_path
 from ..report import write_report
-from ..results import rescore
+from ..results import ResultsError, read_for_rescore, rescore
 from ..scores import load_embedder, score_summary
 from ..settings import RunSettings
 from ..util import first_line
@@ -35,7 +35,10 @@ def main(argv: list[str] | None = None) -> None:
                                  "and flicker_score of a finished run from its MP4s and input images (the same "
                                  "reading the run does: the same values on the same device type), rewrite "
                                  "results.parquet (atomically), print each score's distribution and lowest rows, "
-                                 "and rewrite the report.")
+                                 "and rewrite the report. A video that cannot be read is named in one line and "
+                                 "its scores are left empty; the rest are scored. Exit code: 0 when every video "
+                                 "was scored, 1 when one could not be, 2 for a usage error (no results.parquet, "
+                                 "or one svd-batch did not write).")
     ap.add_argument("output_dir")
     ap.add_argument("--model", help="diffusers folder whose image_encoder/ embeds images (default: the run's "
                     "model, from its config.yaml)")
@@ -49,6 +52,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"svd-batch-score: {root} has no results.parquet, so there is nothing to score. Point it at the "
               "output.dir of a finished run, or finish an interrupted one first (run the same svd-batch command "
               "again: it resumes and writes results.parquet).", file=sys.stderr)
+        sys.exit(2)
+    try:  # before the encoder loads: a foreign table is refused at once
+        read_for_rescore(os.path.join(root, "results.parquet"))
+    except ResultsError as exc:
+        print(f"svd-batch-score: {exc}", file=sys.stderr)
         sys.exit(2)
     embed = None
     if not args.no_embed:
@@ -66,10 +74,12 @@ def main(argv: list[str] | None = None) -> None:
                   "image_encoder/ and feature_extractor/>, or --no-embed to compute only the pixel scores.",
                   file=sys.stderr)
             sys.exit(2)
-    table = rescore(root, embed)
+    table, bad = rescore(root, embed)
     print(score_summary(table))
     if not args.no_report:
         rebuild_report(root)
+    # As svd-batch does for failed rows: 1 when a video could not be scored (the others are scored and saved).
+    sys.exit(1 if bad else 0)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,17 @@ PLOT_L, PLOT_T, PLOT_B = 52, 28, 204  # the plot area's left, top and bottom
 PLOT_R, LEGEND_R = W - 16, W - 92     # its right edge: the legend's column takes the last 80 px when there is one
 
 
-def nice_ticks(top: float, n: int = 4) -> list[float]:
-    """0 and round steps (1, 2, 2.5, 5 x 10^k) up to at least ``top``."""
+def nice_ticks(top: float, n: int = 4, whole: bool = False) -> list[float]:
+    """0 and round steps (1, 2, 2.5, 5 x 10^k) up to at least ``top``; ``whole``: whole-number steps only (an
+    axis of counts has no 0.5 videos)."""
     if not top > 0 or not math.isfinite(top):
         return [0.0, 1.0]
     raw = top / n
     mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    if whole and mag < 1:
+        raw, mag = 1.0, 1
+    steps = (1, 2, 5, 10) if whole and mag < 10 else (1, 2, 2.5, 5, 10)
+    step = next(m * mag for m in steps if m * mag >= raw)
     return [i * step for i in range(int(math.ceil(top / step - 1e-9)) + 1)]
 
 
@@ -85,7 +89,7 @@ def seconds_histogram(secs: np.ndarray, bins: int = 40) -> str:
     hi = float(np.percentile(secs, 99.5)) or float(secs.max()) or 1.0
     xticks = nice_ticks(hi)
     counts, _ = np.histogram(np.clip(secs, 0, xticks[-1]), bins=bins, range=(0, xticks[-1]))
-    yticks = nice_ticks(max(int(counts.max()), 1))
+    yticks = nice_ticks(max(int(counts.max()), 1), whole=True)
     bw = (PLOT_R - PLOT_L) / bins
     bars = "".join(
         f'<rect x="{PLOT_L + i * bw:.1f}" y="{_y(c, yticks[-1]):.1f}" width="{max(bw - 1, 1):.1f}" '

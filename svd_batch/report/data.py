@@ -45,12 +45,13 @@ def summarize(results: pa.Table) -> dict[str, Any]:
         "rows": results.num_rows, "ok": ok.num_rows, "failed": results.num_rows - ok.num_rows,
         "median_seconds": float(np.median(secs)) if len(secs) else None,
         "p95_seconds": float(np.percentile(secs, 95)) if len(secs) else None,
-        "videos_per_hour": None, "peak_vram": {},
+        "videos_per_minute": None, "peak_vram": {},
     }
     if ok.num_rows:
         first, last = pc.min(ok["started_at"]).as_py(), pc.max(ok["finished_at"]).as_py()
         span = (last - first).total_seconds() if first is not None and last is not None else 0.0  # None: made elsewhere
-        s["videos_per_hour"] = 3600.0 * ok.num_rows / span if span > 0 else None
+        # per minute, as the terminal's summary, the throughput chart and svd-batch-status count
+        s["videos_per_minute"] = 60.0 * ok.num_rows / span if span > 0 else None
         peaks = ok.group_by(["host", "device"], use_threads=False).aggregate([("peak_vram_bytes", "max")])
         for host, device, peak in zip(*(peaks[c].to_pylist() for c in ("host", "device", "peak_vram_bytes_max"))):
             s["peak_vram"][f"{host} {device}"] = peak
@@ -80,30 +81,12 @@ def _js_values(values: np.ndarray | list, decimals: int | None = None) -> Any:
 
 
 def _file_names(folder: str) -> set[str]:
-    """One listing instead of a stat per row."""
+    """The regular files of a folder (links to files included), in one listing instead of a stat per row: a
+    FIFO, device or folder named like a video is never handed to the browser (opening it could never end)."""
     try:
-        return {e.name for e in os.scandir(folder)}
-    except FileNotFoundError:
+        return {e.name for e in os.scandir(folder) if e.is_file()}
+    except (FileNotFoundError, NotADirectoryError):
         return set()
-
-
-def _paths(root: str, ids: list[str], given: list[str | None], default_dir: str, ext: str,
-           present: set[str], fallback: list[str | None] | None = None) -> list[Any]:
-    """Per row: 1 when <default_dir>/<id>.<ext> exists (the page builds the name), else a relative path or 0."""
-    out: list[Any] = []
-    for k, rid in enumerate(ids):
-        name = f"{rid}.{ext}"
-        if name in present:
-            out.append(1)
-            continue
-        p = given[k] if given is not None else None
-        if p is None and fallback is not None and fallback[k] and not str(fallback[k]).startswith(("http://", "https://")):
-            src = str(fallback[k])
-            p = os.path.relpath(src, root) if os.path.isabs(src) else src
-        elif p is None and fallback is not None and fallback[k]:
-            p = fallback[k]
-        out.append(p or 0)
-    return out
 
 
 def write_data_chunks(root: str, results: pa.Table, hosts: list[str], chunk_rows: int = CHUNK_ROWS) -> int:
@@ -136,10 +119,16 @@ def write_data_chunks(root: str, results: pa.Table, hosts: list[str], chunk_rows
             secs = pc.divide(pc.cast(pc.subtract(pc.cast(fin, pa.int64()), pa.scalar(int(t0.timestamp() * 1e6))),
                                      pa.float64()), 1e6)
             cols["t"] = _js_values(np.round(float_values(secs), 1))
-        vp = part["video_path"].to_pylist()
-        cols["vid"] = _js_values([1 if (not f and f"{i}.mp4" in videos and p == f"videos/{i}.mp4") else (p if not f else 0)
-                                  for i, p, f in zip(ids, vp, failed)])
-        cols["img"] = _js_values(_paths(root, ids, None, INPUTS, "jpg", inputs, part["image"].to_pylist()))
+        # The page loads only files svd-batch wrote in the run folder (videos/<id>.mp4, inputs/<id>.jpg), never
+        # a row's own image reference: that may be a URL, a device or a FIFO, and opening the page would fetch
+        # it. A row without its saved input shows the reference as text ("src").
+        cols["vid"] = _js_values(np.array([int(not f and f"{i}.mp4" in videos) for i, f in zip(ids, failed)],
+                                          dtype=np.int8))
+        img = np.array([int(f"{i}.jpg" in inputs) for i in ids], dtype=np.int8)
+        cols["img"] = _js_values(img)
+        refs = part["image"].to_pylist()
+        # sparse (row in chunk -> reference): most rows have their input saved
+        cols["src"] = {str(j): refs[j][:300] for j in np.flatnonzero(img == 0) if refs[j]}
         text = f"SVD.chunk({k},{json.dumps(cols, separators=(',', ':'), allow_nan=True)});\n"
         write_text_atomic(text, os.path.join(folder, f"data-{k:05d}.js"))
     own = ownership.real_folder(root, REPORT_DIR)  # never delete through a link out of the folder

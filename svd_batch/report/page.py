@@ -41,7 +41,7 @@ def write_gallery(root: str, page_size: int = 48, chunk_rows: int = CHUNK_ROWS) 
     chunks = write_data_chunks(root, results, hosts, chunk_rows)
     scores = [c for c in SCORE_COLUMNS if c in results.column_names]
     fmt = lambda v, unit="s": "n/a" if v is None else f"{v:.2f} {unit}"  # noqa: E731
-    vph = "n/a" if s["videos_per_hour"] is None else f"{s['videos_per_hour']:.1f}"
+    vpm = "n/a" if s["videos_per_minute"] is None else f"{s['videos_per_minute']:.1f}"
     vram = "".join(f"<tr><td>{html.escape(k)}</td><td>{human_bytes(v)}</td></tr>"
                    for k, v in sorted(s["peak_vram"].items(), key=lambda kv: natural_key(kv[0])))
     score_rows = ""
@@ -84,7 +84,8 @@ def write_gallery(root: str, page_size: int = 48, chunk_rows: int = CHUNK_ROWS) 
         + f"{links}</nav></header>"
         '<div class="summary"><div class="figures">'
         f"<table><tr><th>rows ok</th><td>{s['ok']}</td></tr><tr><th>rows failed</th><td>{s['failed']}</td></tr>"
-        f"<tr><th>videos per hour</th><td>{vph}</td></tr>"
+        f'<tr><th title="ok rows over the time from the first start to the last finish, every launch together">'
+        f"videos per minute</th><td>{vpm}</td></tr>"
         f"<tr><th>median per video</th><td>{fmt(s['median_seconds'])}</td></tr>"
         f"<tr><th>p95 per video</th><td>{fmt(s['p95_seconds'])}</td></tr>"
         f"<tr><th>model</th><td>{html.escape(str(model))}</td></tr>{score_rows}</table>"

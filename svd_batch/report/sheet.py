@@ -81,13 +81,14 @@ def write_contact_sheet(root: str, max_rows: int = 16) -> str | None:
     for r in rows:
         picture = None
         video = os.path.join(root, r["video_path"]) if r["status"] == "ok" and r["video_path"] else None
-        if video and os.path.exists(video):
+        # Regular files only: a FIFO or device named like a video would never finish reading.
+        if video and os.path.isfile(video):
             thumb = rd.thumb_path(r["id"])
-            if os.path.exists(thumb):
+            if os.path.isfile(thumb):
                 picture = Image.open(thumb).convert("RGB")
             else:
                 inp = rd.input_path(r["id"])
-                picture = _strip(read_mp4(video), Image.open(inp) if os.path.exists(inp) else None)
+                picture = _strip(read_mp4(video), Image.open(inp) if os.path.isfile(inp) else None)
         width = LABEL_WIDTH + (picture.width if picture else 4 * (THUMB_HEIGHT + PAD))
         strip = Image.new("RGB", (width, CAPTION_HEIGHT + THUMB_HEIGHT + 2 * PAD), (24, 24, 24))
         draw = ImageDraw.Draw(strip)

@@ -49,14 +49,20 @@ function label(i) {
     `noise ${g('noise_aug_strength')} · ${g('width')}x${g('height')} · ${g('num_inference_steps')} steps · ` +
     `guidance ${g('min_guidance_scale')}-${g('max_guidance_scale')} · rank ${g('rank')} on ${M.hosts[g('host')]}`;
 }
-function path(col, dir, ext, i) { const v = val(col, i); return v === 1 ? `${dir}/${val('id', i)}.${ext}` : v || ''; }
+// Only files svd-batch wrote in the run folder are ever loaded: <dir>/<id>.<ext> when the data says the file is
+// there (1); a row's own image reference (a URL, a device, any path) is shown as text, never fetched.
+const fileName = s => String(s).replace(/[^A-Za-z0-9._=+,@-]/g, encodeURIComponent);
+function path(col, dir, ext, i) { return val(col, i) === 1 ? `${dir}/${fileName(val('id', i))}.${ext}` : ''; }
 function card(i) {
-  const id = esc(val('id', i)), ok = val('st', i) === 0, img = path('img', M.inputs, 'jpg', i);
+  const id = esc(val('id', i)), ok = val('st', i) === 0, img = path('img', M.inputs, 'jpg', i), vid = path('vid', 'videos', 'mp4', i);
   const ar = `--ar:${val('width', i)}/${val('height', i)}`;
   const scores = M.scores.map(c => { const v = val(c, i); return `${c} ${v === null || isNaN(v) ? 'n/a' : v}`; }).join(' · ');
+  const k = Math.floor(i / M.chunkRows), src = (D[k].src || {})[i - k * M.chunkRows];
   // The video gets its file only while on screen (see io), and shows its input image until it plays.
-  const media = (img ? `<img class="in" src="${esc(img)}" alt="input of ${id}" data-id="${id}" loading="eager">` : '<div></div>') +
-    (ok ? `<video data-src="${esc(path('vid', 'videos', 'mp4', i))}"${img ? ` poster="${esc(img)}"` : ''} muted loop playsinline preload="none" data-id="${id}"></video>` : '<div></div>');
+  const media = (img ? `<img class="in" src="${esc(img)}" alt="input of ${id}" data-id="${id}" loading="eager">`
+                     : `<div class="ref">${src ? 'image: ' + esc(src) : ''}</div>`) +
+    (vid ? `<video data-src="${esc(vid)}"${img ? ` poster="${esc(img)}"` : ''} muted loop playsinline preload="none" data-id="${id}"></video>`
+         : `<div class="ref">${ok ? 'video file missing' : ''}</div>`);
   return `<div class="card${ok ? '' : ' failed'}" data-id="${id}" data-row="${i}" style="${ar}"><div class="pair">${media}</div>` +
     `<div class="id">${id}</div><div class="meta">${esc(label(i))}</div>` +
     (ok ? `<div class="sc">${esc(scores)} · made in ${val('total_seconds', i)} s</div>` : `<div class="err">${esc(val('err', i) || 'failed')}</div>`) + '</div>';
