@@ -183,32 +183,51 @@ def conditioning_image(rd: RunDir, row: dict):
     return None
 
 
-def rescore(root: str, embed: Embed | None, log: Callable[[str], None] = print) -> pa.Table:
+def rescore(root: str, embed: Embed | None, log: Callable[[str], None] = print, lock_wait: float = 60.0) -> pa.Table:
     """Recompute every ok row's scores from its MP4 and input image (what the run itself scores) and rewrite
-    results.parquet atomically; rows whose video is missing keep empty scores."""
+    results.parquet atomically; rows whose video is missing keep empty scores. The scoring reads only videos;
+    the rewrite happens under the folder's merge lock, on results.parquet as it is then (a run's merge may have
+    rewritten it meanwhile: rows it added keep their scores, and a row gets new scores only for the video scored). A merge
+    that holds the lock longer than ``lock_wait`` seconds makes it refuse (RunDirError), writing nothing."""
     import time
 
     rd = RunDir(root)
     table = pq.read_table(rd.results_path)
-    cols = {c: [None] * table.num_rows for c in SCORE_COLUMNS}
     keep = ["id", "status", "video_path", "image", "width", "height"]
-    started, missing, scored = time.perf_counter(), 0, 0
-    for i, row in enumerate(table.select(keep).to_pylist()):
+    started, missing = time.perf_counter(), 0
+    scores: dict[tuple[str, str], dict] = {}
+    seen = set(zip(table["id"].to_pylist(), table["video_path"].to_pylist()))
+    for row in table.select(keep).to_pylist():
         video = os.path.join(root, row["video_path"]) if row["status"] == "ok" and row["video_path"] else None
         if not video or not os.path.exists(video):
             missing += row["status"] == "ok"
             continue
-        s = score_files(video, conditioning_image(rd, row) if embed is not None else None, embed)
-        scored += 1
+        scores[(row["id"], row["video_path"])] = score_files(
+            video, conditioning_image(rd, row) if embed is not None else None, embed)
+    lock = rd.merge_lock
+    if not lock.acquire(wait=lock_wait, describe=True):
+        holder = lock.holder()
+        lock.release()
+        raise RunDirError(
+            f"A run is merging its records into {rd.results_path} ({holder}) and held the folder's merge lock for "
+            f"{lock_wait:.0f} s, so the new scores were not written (nothing changed). Run svd-batch-score again "
+            "once the run has finished."
+        )
+    try:
+        table = pq.read_table(rd.results_path)
+        keys = list(zip(table["id"].to_pylist(), table["video_path"].to_pylist()))
         for c in SCORE_COLUMNS:
-            cols[c][i] = s[c]
-    for c in SCORE_COLUMNS:
-        arr = pa.array(cols[c], pa.float64())
-        if c in table.column_names:
-            table = table.set_column(table.schema.get_field_index(c), c, arr)
-        else:
-            table = table.append_column(c, arr)
-    write_parquet_atomic(table, rd.results_path)
-    log(f"svd-batch-score: scored {scored} rows in {time.perf_counter() - started:.1f} s"
+            # A row merged in after the read above keeps the scores its run gave it.
+            old = table[c].to_pylist() if c in table.column_names else [None] * table.num_rows
+            arr = pa.array([scores[k][c] if k in scores else (None if k in seen else v) for k, v in zip(keys, old)],
+                           pa.float64())
+            if c in table.column_names:
+                table = table.set_column(table.schema.get_field_index(c), c, arr)
+            else:
+                table = table.append_column(c, arr)
+        write_parquet_atomic(table, rd.results_path)
+    finally:
+        lock.release()
+    log(f"svd-batch-score: scored {len(scores)} rows in {time.perf_counter() - started:.1f} s"
         + (f"; {missing} ok rows have no video file (scores left empty)" if missing else ""))
     return table
