@@ -26,7 +26,7 @@ def verify(root: str, sample: int = 5, seed: int = 0, ids: list[str] | None = No
     from .generate import Generator
     from .images import load_image
     from .manifest import load_for
-    from .model import device_type, model_path
+    from .model import device_type, model_path, unet_weights_path
     from .video import frames_sha256
 
     s = RunSettings.load(root)
@@ -42,7 +42,8 @@ def verify(root: str, sample: int = 5, seed: int = 0, ids: list[str] | None = No
     if s.runtime.threads:
         torch.set_num_threads(s.runtime.threads)
     device = torch.device(device_type(s.runtime))
-    gen = Generator.load(model_path(s.model), device=device, model=s.model, memory=s.memory, runtime=s.runtime)
+    gen = Generator.load(model_path(s.model), device=device, model=s.model, memory=s.memory, runtime=s.runtime,
+                         unet_weights=unet_weights_path(s.model))
     lines, matches = [], 0
     for r in rows:
         note = ""
