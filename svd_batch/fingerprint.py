@@ -13,10 +13,10 @@ from .settings import SECTIONS, RunSettings
 
 def fingerprint(s: RunSettings, identity: str | Mapping[str, str], device_type: str = "cpu") -> dict[str, Any]:
     """Every key marked ``frames``, plus the values they resolve to here (dtype, compile, the model files and the
-    device type). ``identity``: the model's entries (identity.model_facts: its files' names, configs and each
-    weight file's sha256), or model.identity alone: a resume that changes any of it would mix two kinds of video. Keys not marked (threads, which
-    changes only CPU float rounding, overlap, schedule, progress, report.*) are left out on purpose; decode
-    chunks are recorded per row."""
+    device type): a resume that changes any of it would mix two kinds of video. ``identity``: the model's entries
+    (identity.model_facts: its files' names, configs and each weight file's sha256), or model.identity alone.
+    Keys not marked (threads, which changes only CPU float rounding, overlap, schedule, progress, report.*) are
+    left out on purpose; decode chunks are recorded per row."""
     fp: dict[str, Any] = {}
     for name in SECTIONS:
         section = getattr(s, name)

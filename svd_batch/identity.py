@@ -165,9 +165,14 @@ def facts_digest(facts: dict[str, str]) -> str:
 
 
 def changed_weights(before: dict, now: dict) -> list[str]:
-    """The weight files (and the unet_weights file) whose bytes differ between two fingerprints, by name."""
+    """The weight files (and the unet_weights file) whose bytes differ between two fingerprints while their
+    names are the same (model.path, model.unet_weights): replaced in place, or another revision."""
     names = []
     for key in sorted(now):
-        if (key.startswith(WEIGHTS_KEY) or key == UNET_WEIGHTS_KEY) and key in before and before[key] != now[key]:
-            names.append("model.unet_weights" if key == UNET_WEIGHTS_KEY else key[len(WEIGHTS_KEY):])
+        if key not in before or before[key] == now[key]:
+            continue
+        if key.startswith(WEIGHTS_KEY) and before.get("model.path") == now.get("model.path"):
+            names.append(key[len(WEIGHTS_KEY):])
+        elif key == UNET_WEIGHTS_KEY and before.get("model.unet_weights") == now.get("model.unet_weights"):
+            names.append("model.unet_weights")
     return names

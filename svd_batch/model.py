@@ -84,8 +84,8 @@ def unet_weights_path(model: ModelSettings) -> str | None:
     if expanded.startswith(("/", ".", "~")) or len(parts) < 3 or "" in parts:
         raise ModelUnavailable(
             f"model.unet_weights={spec} does not exist. Give a local .safetensors file, or a file on the Hugging "
-            "Face Hub as owner/repo/file.safetensors (e.g. wangfuyun/AnimateLCM-SVD-xt/AnimateLCM-SVD-xt.safetensors). "
-            "Nothing was run.")
+            "Face Hub as owner/repo/file.safetensors (e.g. "
+            "wangfuyun/AnimateLCM-SVD-xt/AnimateLCM-SVD-xt.safetensors). Nothing was run.")
     repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
     from huggingface_hub import hf_hub_download
 
@@ -110,7 +110,10 @@ def _listed(keys: list[str], what: str, more: str = "") -> str:
     return f"{len(keys)} {what}{more} ({shown})"
 
 
-def unet_weights_problems(file_shapes: dict[str, tuple[int, ...]], unet_shapes: dict[str, tuple[int, ...]]) -> str | None:
+Shapes = dict[str, tuple[int, ...]]
+
+
+def unet_weights_problems(file_shapes: Shapes, unet_shapes: Shapes) -> str | None:
     """What ``unet.load_state_dict(file, strict=True)`` would refuse, in words: missing keys, unexpected keys,
     shapes that differ (a few of each, with their number); None when it would load."""
     missing = sorted(set(unet_shapes) - set(file_shapes))
@@ -127,7 +130,7 @@ def unet_weights_problems(file_shapes: dict[str, tuple[int, ...]], unet_shapes: 
     return "; ".join(parts) or None
 
 
-def safetensors_shapes(path: str, spec: str) -> dict[str, tuple[int, ...]]:
+def safetensors_shapes(path: str, spec: str) -> Shapes:
     """Each tensor's shape in a .safetensors file, read from its header (no weights read)."""
     from safetensors import safe_open
 
@@ -141,7 +144,7 @@ def safetensors_shapes(path: str, spec: str) -> dict[str, tuple[int, ...]]:
             "must be converted first). Nothing was run.") from None
 
 
-def unet_shapes(local_path: str) -> dict[str, tuple[int, ...]]:
+def unet_shapes(local_path: str) -> Shapes:
     """The checkpoint's UNet state dict shapes, from its config alone (built on the meta device: no memory)."""
     import torch
     from diffusers import UNetSpatioTemporalConditionModel

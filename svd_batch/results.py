@@ -183,12 +183,14 @@ def conditioning_image(rd: RunDir, row: dict):
     return None
 
 
-def rescore(root: str, embed: Embed | None, log: Callable[[str], None] = print, lock_wait: float = 60.0) -> pa.Table:
+def rescore(root: str, embed: Embed | None, log: Callable[[str], None] = print,
+            lock_wait: float = 60.0) -> pa.Table:
     """Recompute every ok row's scores from its MP4 and input image (what the run itself scores) and rewrite
     results.parquet atomically; rows whose video is missing keep empty scores. The scoring reads only videos;
     the rewrite happens under the folder's merge lock, on results.parquet as it is then (a run's merge may have
-    rewritten it meanwhile: rows it added keep their scores, and a row gets new scores only for the video scored). A merge
-    that holds the lock longer than ``lock_wait`` seconds makes it refuse (RunDirError), writing nothing."""
+    rewritten it meanwhile: rows it added keep their scores, and a row gets new scores only for the video
+    scored). A merge that holds the lock longer than ``lock_wait`` seconds makes it refuse (RunDirError),
+    writing nothing."""
     import time
 
     rd = RunDir(root)

@@ -73,10 +73,9 @@ def test_a_file_rewritten_in_place_with_the_same_size_is_hashed_again(tmp_path, 
     after = model_facts(str(root), cache_file=cache)
     assert reads == [os.path.realpath(unet)]
     assert after["model.identity"] == before["model.identity"]  # names, configs and sizes cannot tell
-    assert changed_weights(before, after) == ["unet/diffusion_pytorch_model.safetensors"]
-    assert fingerprint_diff(before, after) == [
-        f"model.weights.unet/diffusion_pytorch_model.safetensors: {before['model.weights.unet/diffusion_pytorch_model.safetensors']!r} "
-        f"-> {after['model.weights.unet/diffusion_pytorch_model.safetensors']!r}"]
+    assert changed_weights(before, after) == ["unet/diffusion_pytorch_model.safetensors"]  # same model.path (none)
+    key = "model.weights.unet/diffusion_pytorch_model.safetensors"
+    assert fingerprint_diff(before, after) == [f"{key}: {before[key]!r} -> {after[key]!r}"]
 
 
 def test_files_in_the_hugging_face_cache_are_known_by_their_blob_name_unread(tmp_path, reads):
@@ -101,8 +100,13 @@ def test_the_unet_weights_file_has_its_own_entry(tmp_path):
     extra.write_bytes(b"lcm")
     facts = model_facts(str(root), str(extra), cache_file=str(tmp_path / "h.json"))
     assert facts["model.unet_weights.sha256"] == hashlib.sha256(b"lcm").hexdigest()
-    changed = {**facts, "model.unet_weights.sha256": "0" * 64}
-    assert changed_weights(facts, changed) == ["model.unet_weights"]
+    before = {**facts, "model.path": str(root), "model.unet_weights": str(extra)}
+    changed = {**before, "model.unet_weights.sha256": "0" * 64}
+    assert changed_weights(before, changed) == ["model.unet_weights"]
+    # Another file named (or another checkpoint): a change of settings, said as such, not "replaced in place".
+    assert changed_weights(before, {**changed, "model.unet_weights": "other.safetensors"}) == []
+    moved = {**before, "model.path": "elsewhere", "model.weights.unet/diffusion_pytorch_model.safetensors": "1" * 64}
+    assert changed_weights(before, moved) == []
 
 
 def test_folders_made_before_weights_were_hashed_still_resume():

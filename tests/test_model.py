@@ -52,7 +52,8 @@ def test_local_files_and_missing_ones(tmp_path):
 def test_a_hub_name_is_found_in_the_hugging_face_cache_offline(tmp_path, monkeypatch):
     import huggingface_hub.constants as hf
 
-    link, sha = fake_hub_file(tmp_path / "hub", "wangfuyun/AnimateLCM-SVD-xt", "AnimateLCM-SVD-xt.safetensors", b"w" * 64)
+    link, sha = fake_hub_file(tmp_path / "hub", "wangfuyun/AnimateLCM-SVD-xt", "AnimateLCM-SVD-xt.safetensors",
+                              b"w" * 64)
     monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
     found = unet_weights_path(model("wangfuyun/AnimateLCM-SVD-xt/AnimateLCM-SVD-xt.safetensors"))
@@ -159,7 +160,8 @@ def test_weights_files_that_do_not_fit_are_refused_before_the_folder_is_touched(
     bad = save_unet(wrong, tmp_path / "bad.safetensors")
     proc = run_cli(f"manifest.path={m}", f"output.dir={out}", f"model.unet_weights={bad}")
     assert proc.returncode == 2, proc.stderr
-    assert f"2 missing keys ({names[0]}, {names[1]})" in proc.stderr and "1 unexpected key (extra.weight)" in proc.stderr
+    assert f"2 missing keys ({names[0]}, {names[1]})" in proc.stderr
+    assert "1 unexpected key (extra.weight)" in proc.stderr
     assert not out.exists()
 
     # The others, as the run checks them before the folder (model_problem: what printed the message above).
