@@ -11,11 +11,12 @@ from .model import resolve_dtype
 from .settings import SECTIONS, RunSettings
 
 
-def fingerprint(s: RunSettings, identity: str, device_type: str = "cpu") -> dict[str, Any]:
+def fingerprint(s: RunSettings, identity: str | Mapping[str, str], device_type: str = "cpu") -> dict[str, Any]:
     """Every key marked ``frames``, plus the values they resolve to here (dtype, compile, the model files and the
-    device type): a resume that changes any of it would mix two kinds of video. Keys not marked (threads, which
-    changes only CPU float rounding, overlap, schedule, progress, report.*) are left out on purpose; decode
-    chunks are recorded per row."""
+    device type): a resume that changes any of it would mix two kinds of video. ``identity``: the model's entries
+    (identity.model_facts: its files' names, configs and each weight file's sha256), or model.identity alone.
+    Keys not marked (threads, which changes only CPU float rounding, overlap, schedule, progress, report.*) are
+    left out on purpose; decode chunks are recorded per row."""
     fp: dict[str, Any] = {}
     for name in SECTIONS:
         section = getattr(s, name)
@@ -31,7 +32,7 @@ def fingerprint(s: RunSettings, identity: str, device_type: str = "cpu") -> dict
     fp.update({
         "model.path": str(s.model.path),
         "model.dtype": str(resolve_dtype(s.model.dtype, device_type)).replace("torch.", ""),
-        "model.identity": identity,
+        **({"model.identity": identity} if isinstance(identity, str) else dict(identity)),
         "runtime.device_type": device_type,
         "runtime.compile": f"{rt.compile_backend}:{rt.compile_mode}" if rt.compile else False,
         "runtime.compile_vae": bool(rt.compile_vae and rt.compile),
@@ -40,10 +41,17 @@ def fingerprint(s: RunSettings, identity: str, device_type: str = "cpu") -> dict
     return fp
 
 
+# Keys added by a later svd-batch whose value an earlier one always had: a fingerprint without the key is read as
+# holding this value (a folder made before model.unet_weights existed ran the checkpoint's own UNet).
+IMPLIED = {"model.unet_weights": None}
+
+
 def fingerprint_diff(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """Differing keys, "key: before -> now". A key the earlier fingerprint lacks was added by a later svd-batch
-    and is not compared, nor is a dtype recorded as "auto" before dtypes were recorded resolved: upgrading
-    must not make a folder impossible to resume."""
+    and is not compared unless IMPLIED says what it was, nor is a dtype recorded as "auto" before dtypes were
+    recorded resolved: upgrading must not make a folder impossible to resume (a folder recorded without the
+    weights' hashes is compared by model.identity alone, as when it was made)."""
+    before = {**{k: v for k, v in IMPLIED.items() if k in now}, **before}
     now = {k: v for k, v in now.items() if k in before}
     if before.get("model.dtype") == "auto":
         now["model.dtype"] = "auto"

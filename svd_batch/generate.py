@@ -20,10 +20,11 @@ import numpy as np
 from . import batch as batching
 from .attention import UNetAttention
 from .device_errors import OutOfMemory, device_failure, is_device_poisoned, is_oom
-from .model import ModelUnavailable, compile_models, configure_compile, resolve_dtype, set_forward_chunking
+from .model import (ModelUnavailable, compile_models, configure_compile, load_unet_weights, resolve_dtype,
+                    set_forward_chunking)
 from .fields import Row
 from .hooks import Injection
-from .settings import MemorySettings, ModelSettings, RunSettings, RuntimeSettings
+from .settings import MemorySettings, ModelSettings, RuntimeSettings
 from .util import (first_line, peak_vram_bytes, quiet_hf_logging,
                    reset_peak_vram)
 
@@ -74,9 +75,10 @@ class Generator:
 
     @classmethod
     def load(cls, local_path: str, *, device, model: ModelSettings, memory: MemorySettings,
-             runtime: RuntimeSettings) -> "Generator":
+             runtime: RuntimeSettings, unet_weights: str | None = None) -> "Generator":
         """The pipeline at ``local_path`` on ``device``, in the settings' dtype and memory mode, compiled and with
-        its attention kernel as set. The settings were checked before (model.check_settings)."""
+        its attention kernel as set; with ``unet_weights`` (model.unet_weights as a local file) its UNet's state
+        dict replaced by that file's. The settings were checked before (model.check_settings)."""
         quiet_hf_logging()  # before the pipeline import, which is where transformers warns
         from diffusers import StableVideoDiffusionPipeline
 
@@ -96,6 +98,8 @@ class Generator:
                 "incomplete: download it again (or delete the folder to rebuild the tiny model) and rerun."
             ) from None
         pipe.set_progress_bar_config(disable=True)
+        if unet_weights is not None:
+            load_unet_weights(pipe.unet, unet_weights, model.unet_weights)
         if memory.cpu_offload and device.type == "cuda":
             pipe.enable_model_cpu_offload(device=device)
         else:
@@ -115,13 +119,6 @@ class Generator:
         if gen.injection:
             gen._install_injection_hooks()
         return gen
-
-    @classmethod
-    def from_settings(cls, s: RunSettings, device) -> "Generator":
-        """The run's model (model_path resolves, builds or downloads it), loaded as its settings say."""
-        from .model import model_path
-
-        return cls.load(model_path(s.model), device=device, model=s.model, memory=s.memory, runtime=s.runtime)
 
     def set_attention(self, name: str) -> None:
         """The SDPA kernel the UNet tries first (runtime.attention; checked by model.check_attention)."""

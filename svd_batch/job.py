@@ -17,7 +17,8 @@ from .fields import CHANGE_FIELDS, CONDITIONING_FIELDS, GENERATION_FIELDS, RESUL
 from .images import changed_images
 from .ledger import JobDir, JobInfo
 from .manifest import Manifest
-from .model import ModelUnavailable, model_identity, model_path
+from .identity import changed_weights, facts_digest, model_facts
+from .model import ModelUnavailable, check_unet_weights, model_path, unet_weights_path
 from .plan import Plan, PlanSpec, changed_rows, make_plan
 from .rundir import RunDir, RunDirError, new_session, write_text_atomic
 from .fingerprint import fingerprint, fingerprint_diff
@@ -82,27 +83,36 @@ def manifest_digest(manifest: Manifest) -> str:
 
 
 def model_problem(s: RunSettings) -> str | None:
-    """Why the model cannot be used (missing, not downloadable here), or None; rank 0 downloads it here, before
-    the run folder is touched."""
+    """Why the model cannot be used (missing, not downloadable here, a model.unet_weights file that does not fit
+    its UNet), or None; rank 0 downloads it and hashes its weights here (once per file and machine: the hash
+    cache), before the run folder is touched."""
     try:
-        model_identity(model_path(s.model))
+        local, weights = model_path(s.model), unet_weights_path(s.model)
+        check_unet_weights(local, weights, s.model.unet_weights)
+        model_facts(local, weights)
         return None
     except ModelUnavailable as exc:
         return f"svd-batch: {exc}"
 
 
+def local_model_facts(s: RunSettings) -> tuple[str, dict[str, str]]:
+    """(the checkpoint folder, what the model is: identity.model_facts) as this process sees it."""
+    local = model_path(s.model)
+    return local, model_facts(local, unet_weights_path(s.model))
+
+
 def propose(s: RunSettings, manifest: Manifest, rundir: RunDir, device_type: str, world: int, alone: bool) -> Start:
     """Rank 0, under the folder's planning lock: join the job in progress, or (no other launch alive, or none
     active) check the folder may take this start and plan a new job from one snapshot of the records."""
-    identity = model_identity(model_path(s.model))  # resolved (downloaded) before the folder was touched
-    facts = {"identity": identity, "manifest": manifest_digest(manifest), "device_type": device_type}
+    _, model = local_model_facts(s)  # resolved (downloaded, hashed) before the folder was touched
+    facts = {"identity": facts_digest(model), "manifest": manifest_digest(manifest), "device_type": device_type}
     if alone:
         # No member of any launch is alive: every part can be merged and deleted, and half-written files swept.
         rundir.remove_temporaries()
         if rundir.part_files():
             rundir.merge(all_parts=True)
         rundir.forget_finished_work()
-    fp = fingerprint(s, identity, device_type)
+    fp = fingerprint(s, model, device_type)
     if s.overwrite:
         if not alone:
             raise RunDirError(f"Another svd-batch run is using {rundir.root}, and overwrite=true would delete the "
@@ -117,6 +127,17 @@ def propose(s: RunSettings, manifest: Manifest, rundir: RunDir, device_type: str
             )
         before = rundir.read_fingerprint()
         diff = fingerprint_diff(before, fp) if before is not None else []
+        changed = changed_weights(before, fp) if before is not None else []
+        if changed:
+            raise RunDirError(
+                f"The weights of model {s.model.name} ({s.model.path}"
+                + (f", model.unet_weights={s.model.unet_weights}" if s.model.unet_weights else "")
+                + f") changed since the videos in {rundir.root} were made: other bytes in " + ", ".join(changed)
+                + " (replaced in place, or another revision), and resuming would mix two models' videos in one "
+                "folder. Differing keys (earlier -> now): " + "; ".join(diff) + ". Put the earlier weights back to "
+                "resume, use another output.dir for this model, or add overwrite=true to delete the earlier "
+                "results and redo everything."
+            )
         if diff:
             raise RunDirError(
                 f"{rundir.root} holds videos made with a different configuration, and resuming would mix "
@@ -153,13 +174,15 @@ def check_facts(s: RunSettings, manifest: Manifest, device_type: str, start: Sta
     where = f"rank {int(os.environ.get('RANK', 0))} on host {socket.gethostname()}"
     facts = start.facts
     try:
-        local = model_path(s.model)
-        identity = model_identity(local)
+        local, model = local_model_facts(s)
     except ModelUnavailable as exc:
         return f"{where}: {exc}"
+    identity = facts_digest(model)
     if identity != facts["identity"]:
-        return (f"{where} sees model files {identity} at {local}, rank 0 sees {facts['identity']}: another revision "
-                "in this node's cache. Share one HF_HOME, or point model.path at one folder every node sees.")
+        extra = f" and model.unet_weights={s.model.unet_weights}" if s.model.unet_weights else ""
+        return (f"{where} sees model files {identity} at {local}{extra}, rank 0 sees {facts['identity']}: another "
+                "revision in this node's cache, or weights with other bytes. Share one HF_HOME, or point model.path "
+                "(and model.unet_weights) at files every node sees.")
     if manifest_digest(manifest) != facts["manifest"]:
         return (f"{where} read other manifest rows than rank 0 (a manifest changed while the run started, or files "
                 "not visible on every node yet). Make the manifest visible to every node and start again.")

@@ -4,7 +4,6 @@ cannot work together (checked once, before the run folder is touched), and torch
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 from .attention import ATTENTION, CUDA_ONLY_ATTENTION, supports_priority
@@ -69,24 +68,123 @@ def model_path(model: ModelSettings) -> str:
     return resolve_model_path(model.path, model.variant, model.name)
 
 
-def model_identity(local_path: str) -> str:
-    """A cheap fingerprint of a checkpoint (configs and weight file sizes; never reads the weights): resume
-    refuses to mix videos from two different models in one folder."""
-    h = hashlib.sha256()
-    for root, dirs, files in os.walk(local_path):
-        dirs.sort()
-        for f in sorted(files):
-            if f.startswith("."):
-                continue
-            full = os.path.join(root, f)
-            rel = os.path.relpath(full, local_path)
-            h.update(rel.encode())
-            if f.endswith((".json", ".txt")):
-                with open(full, "rb") as fh:
-                    h.update(fh.read())
-            else:
-                h.update(str(os.path.getsize(full)).encode())
-    return h.hexdigest()[:16]
+def unet_weights_path(model: ModelSettings) -> str | None:
+    """model.unet_weights as a local file: a path, or ``owner/repo/file`` on the Hub (the Hugging Face cache
+    first, then a download); None when the checkpoint's own UNet runs."""
+    spec = model.unet_weights
+    if spec is None:
+        return None
+    expanded = os.path.expanduser(spec)
+    if os.path.isfile(expanded):
+        return expanded
+    if os.path.isdir(expanded):
+        raise ModelUnavailable(f"model.unet_weights={spec} is a folder. Name the .safetensors file that holds the "
+                               "UNet's state dict. Nothing was run.")
+    parts = spec.split("/")
+    if expanded.startswith(("/", ".", "~")) or len(parts) < 3 or "" in parts:
+        raise ModelUnavailable(
+            f"model.unet_weights={spec} does not exist. Give a local .safetensors file, or a file on the Hugging "
+            "Face Hub as owner/repo/file.safetensors (e.g. "
+            "wangfuyun/AnimateLCM-SVD-xt/AnimateLCM-SVD-xt.safetensors). Nothing was run.")
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(repo, filename, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not in the cache: try the Hub below
+        pass
+    try:
+        return hf_hub_download(repo, filename)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the same thing to the user
+        raise ModelUnavailable(
+            f"model.unet_weights={spec} is not a local file, is not in the local Hugging Face cache, and could not be "
+            f"fetched from the Hub as file {filename} of {repo} ({type(exc).__name__}: {first_line(exc, 200)}). "
+            f"Fetch it on a machine with internet access with `hf download {repo} {filename}` (older "
+            "huggingface_hub: `huggingface-cli download`; the cache is $HF_HOME, default ~/.cache/huggingface, and "
+            "can be copied to the nodes), or give model.unet_weights as a local file. Nothing was run."
+        ) from None
+
+
+def _listed(keys: list[str], what: str, more: str = "") -> str:
+    shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
+    return f"{len(keys)} {what}{more} ({shown})"
+
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+def unet_weights_problems(file_shapes: Shapes, unet_shapes: Shapes) -> str | None:
+    """What ``unet.load_state_dict(file, strict=True)`` would refuse, in words: missing keys, unexpected keys,
+    shapes that differ (a few of each, with their number); None when it would load."""
+    missing = sorted(set(unet_shapes) - set(file_shapes))
+    unexpected = sorted(set(file_shapes) - set(unet_shapes))
+    shapes = sorted(k for k in set(file_shapes) & set(unet_shapes) if tuple(file_shapes[k]) != tuple(unet_shapes[k]))
+    parts = []
+    if missing:
+        parts.append(_listed(missing, "missing key" + "s" * (len(missing) != 1)))
+    if unexpected:
+        parts.append(_listed(unexpected, "unexpected key" + "s" * (len(unexpected) != 1)))
+    if shapes:
+        parts.append(_listed([f"{k} {list(file_shapes[k])} in the file, {list(unet_shapes[k])} in the UNet"
+                              for k in shapes], "key" + "s" * (len(shapes) != 1), " of another shape"))
+    return "; ".join(parts) or None
+
+
+def safetensors_shapes(path: str, spec: str) -> Shapes:
+    """Each tensor's shape in a .safetensors file, read from its header (no weights read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - whatever the parser says, the file is not one we can load
+        raise SettingRefused(
+            f"model.unet_weights={spec} ({path}) is not a safetensors file ({type(exc).__name__}: "
+            f"{first_line(exc, 200)}). Give the .safetensors file of a UNet state dict (a .bin or .ckpt file "
+            "must be converted first). Nothing was run.") from None
+
+
+def unet_shapes(local_path: str) -> Shapes:
+    """The checkpoint's UNet state dict shapes, from its config alone (built on the meta device: no memory)."""
+    import torch
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    from .util import quiet_hf_logging
+
+    quiet_hf_logging()
+    config = UNetSpatioTemporalConditionModel.load_config(os.path.join(local_path, "unet"))
+    with torch.device("meta"):
+        unet = UNetSpatioTemporalConditionModel.from_config(config)
+    return {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+
+
+def check_unet_weights(local_path: str, weights: str | None, spec: str | None) -> None:
+    """SettingRefused unless the file would load strictly into the checkpoint's UNet (before anything is written)."""
+    if weights is None:
+        return
+    problems = unet_weights_problems(safetensors_shapes(weights, str(spec)), unet_shapes(local_path))
+    if problems:
+        raise SettingRefused(
+            f"model.unet_weights={spec} ({weights}) does not fit the UNet of model.path={local_path}: {problems}. "
+            "It must be a state dict of exactly this UNet (as `unet.load_state_dict(..., strict=True)` takes it): "
+            "check that the file belongs to this base model (e.g. AnimateLCM-SVD-xt with SVD-XT). Nothing was run.")
+
+
+def load_unet_weights(unet, weights: str, spec: str | None) -> None:
+    """The file's state dict into ``unet``, strictly, each tensor cast to the UNet's own dtype (the run's)."""
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(weights)
+    except Exception as exc:  # noqa: BLE001 - checked at the start; this is a file changed since, or unreadable
+        raise ModelUnavailable(f"model.unet_weights={spec} ({weights}) could not be read ({type(exc).__name__}: "
+                               f"{first_line(exc, 300)}). Nothing more was run.") from None
+    problems = unet_weights_problems({k: tuple(v.shape) for k, v in state.items()},
+                                     {k: tuple(v.shape) for k, v in unet.state_dict().items()})
+    if problems:
+        raise ModelUnavailable(f"model.unet_weights={spec} ({weights}) does not fit the UNet: {problems}. "
+                               "Nothing more was run.")
+    unet.load_state_dict(state, strict=True)
 
 
 def device_type(runtime: RuntimeSettings) -> str:

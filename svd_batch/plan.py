@@ -112,11 +112,6 @@ class Plan:
         cost = row_cost(self.todo) if self.todo.num_rows else np.zeros(0)
         return np.add.reduceat(cost, self.starts[:-1]) if self.num_units else np.zeros(0)
 
-    def static_units(self, rank: int) -> np.ndarray:
-        """The units a rank runs under runtime.schedule=static: dealt out by cost before the start (kept to
-        compare against claiming; a slow rank then sets the pace)."""
-        return np.flatnonzero(assign_ranks(self.unit_costs(), self.world_size) == rank)
-
     def shapes(self) -> list[tuple[int, int]]:
         """(first todo row, unit size) for each distinct (shape key, unit size): what a compile warm-up covers."""
         if not self.num_units:

@@ -206,20 +206,26 @@ def read_for_rescore(path: str) -> pa.Table:
     return table
 
 
-def rescore(root: str, embed: Embed | None, log: Callable[[str], None] = print) -> tuple[pa.Table, list[str]]:
+def rescore(root: str, embed: Embed | None, log: Callable[[str], None] = print,
+            lock_wait: float = 60.0) -> tuple[pa.Table, list[str]]:
     """Recompute every ok row's scores from its MP4 and input image (what the run itself scores) and rewrite
     results.parquet atomically; rows whose video is missing keep empty scores. A video that cannot be read is
-    that row's problem: its scores are left empty, one line names it (the returned list), the rest are scored."""
+    that row's problem: its scores are left empty, one line names it (the returned list), the rest are scored.
+    The scoring reads only videos; the rewrite happens under the folder's merge lock, on results.parquet as it
+    is then (a run's merge may have rewritten it meanwhile: rows it added keep their scores, and a row gets new
+    scores only for the video scored). A merge that holds the lock longer than ``lock_wait`` seconds makes it
+    refuse (RunDirError), writing nothing."""
     import time
 
     from .util import first_line
 
     rd = RunDir(root)
     table = read_for_rescore(rd.results_path)
-    cols = {c: [None] * table.num_rows for c in SCORE_COLUMNS}
     keep = [c for c in ("id", "status", "video_path", "image", "width", "height") if c in table.column_names]
-    started, missing, scored, bad = time.perf_counter(), 0, 0, []
-    for i, row in enumerate(table.select(keep).to_pylist()):
+    started, missing, bad = time.perf_counter(), 0, []
+    scores: dict[tuple[str, str], dict] = {}
+    seen = set(zip(table["id"].to_pylist(), table["video_path"].to_pylist()))
+    for row in table.select(keep).to_pylist():
         video = os.path.join(root, row["video_path"]) if row["status"] == "ok" and row["video_path"] else None
         if not video or not os.path.exists(video):
             missing += row["status"] == "ok"
@@ -227,23 +233,37 @@ def rescore(root: str, embed: Embed | None, log: Callable[[str], None] = print) 
         try:
             if not os.path.isfile(video):
                 raise OSError("not a regular file")
-            s = score_files(video, conditioning_image(rd, row) if embed is not None else None, embed)
+            scores[(row["id"], row["video_path"])] = score_files(
+                video, conditioning_image(rd, row) if embed is not None else None, embed)
         except Exception as exc:  # noqa: BLE001 - a corrupt or truncated video is its row's problem only
             bad.append(f"svd-batch-score: row {row['id']!r}: {row['video_path']} cannot be scored "
                        f"({type(exc).__name__}: {first_line(exc, 200)}); its scores are left empty")
             log(bad[-1])
-            continue
-        scored += 1
+    lock = rd.merge_lock
+    if not lock.acquire(wait=lock_wait, describe=True):
+        holder = lock.holder()
+        lock.release()
+        raise RunDirError(
+            f"A run is merging its records into {rd.results_path} ({holder}) and held the folder's merge lock for "
+            f"{lock_wait:.0f} s, so the new scores were not written (nothing changed). Run svd-batch-score again "
+            "once the run has finished."
+        )
+    try:
+        table = read_for_rescore(rd.results_path)
+        keys = list(zip(table["id"].to_pylist(), table["video_path"].to_pylist()))
         for c in SCORE_COLUMNS:
-            cols[c][i] = s[c]
-    for c in SCORE_COLUMNS:
-        arr = pa.array(cols[c], pa.float64())
-        if c in table.column_names:
-            table = table.set_column(table.schema.get_field_index(c), c, arr)
-        else:
-            table = table.append_column(c, arr)
-    write_parquet_atomic(table, rd.results_path)
-    log(f"svd-batch-score: scored {scored} rows in {time.perf_counter() - started:.1f} s"
+            # A row merged in after the read above keeps the scores its run gave it.
+            old = table[c].to_pylist() if c in table.column_names else [None] * table.num_rows
+            arr = pa.array([scores[k][c] if k in scores else (None if k in seen else v) for k, v in zip(keys, old)],
+                           pa.float64())
+            if c in table.column_names:
+                table = table.set_column(table.schema.get_field_index(c), c, arr)
+            else:
+                table = table.append_column(c, arr)
+        write_parquet_atomic(table, rd.results_path)
+    finally:
+        lock.release()
+    log(f"svd-batch-score: scored {len(scores)} rows in {time.perf_counter() - started:.1f} s"
         + (f"; {missing} ok rows have no video file (scores left empty)" if missing else "")
         + (f"; {len(bad)} could not be scored (named above)" if bad else ""))
     return table, bad

@@ -23,7 +23,7 @@ from .job import check_facts, describe_plan, model_problem, plan_run, propose
 from .launch import LaunchError, start_launch
 from .ledger import JobInfo
 from .manifest import Manifest, ManifestError, load_for
-from .model import SettingRefused, check_settings, device_type, model_path
+from .model import SettingRefused, check_settings, device_type, model_path, unet_weights_path
 from .plan import Plan
 from .results import summary, write_results
 from .rundir import RunDir, RunDirError
@@ -148,7 +148,8 @@ def _work(s: RunSettings, manifest: Manifest, rundir: RunDir, ex: Executor, stop
         return "done", {}, {}
     t = time.perf_counter()
     try:
-        gen = Generator.load(model_path(s.model), device=device, model=s.model, memory=s.memory, runtime=s.runtime)
+        gen = Generator.load(model_path(s.model), device=device, model=s.model, memory=s.memory, runtime=s.runtime,
+                             unet_weights=unet_weights_path(s.model))
     except ModelUnavailable as exc:
         say(f"svd-batch: {exc}")
         ex.abort(f"model: {exc}")

@@ -106,6 +106,7 @@ class ModelSettings:
     name: str = key(_str())
     path: str = key(_str(), frames=True)
     variant: str | None = key(_nullable(_str()), frames=True)
+    unet_weights: str | None = key(_nullable(_str()), frames=True)  # its content's sha256 is in the fingerprint too
     dtype: str = key(_choice("auto", "float16", "bfloat16", "float32"))  # the fingerprint holds it resolved
 
 

@@ -20,10 +20,9 @@ TINY_VERSION = "v1"
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("SVD_BATCH_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "svd-batch"
-    )
-    return Path(root) / "models" / f"tiny-{TINY_VERSION}"
+    from .identity import cache_root
+
+    return Path(cache_root()) / "models" / f"tiny-{TINY_VERSION}"
 
 
 def build_tiny_pipeline():

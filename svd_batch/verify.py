@@ -133,14 +133,15 @@ def verify(root: str, sample: int = 5, seed: int = 0, ids: list[str] | None = No
     from .fields import Row
     from .generate import Generator
     from .images import ImageError, load_image
-    from .model import device_type, model_path
+    from .model import device_type, model_path, unet_weights_path
     from .video import frames_sha256
 
     s = p.settings
     if s.runtime.threads:
         torch.set_num_threads(s.runtime.threads)
     device = torch.device(device_type(s.runtime))
-    gen = Generator.load(model_path(s.model), device=device, model=s.model, memory=s.memory, runtime=s.runtime)
+    gen = Generator.load(model_path(s.model), device=device, model=s.model, memory=s.memory, runtime=s.runtime,
+                         unet_weights=unet_weights_path(s.model))
     lines, matches = [], 0
     for r in p.rows:
         note = ""

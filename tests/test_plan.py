@@ -1,6 +1,7 @@
 import numpy as np
 import pyarrow as pa
 
+from svd_batch.executor import static_deal
 from svd_batch.manifest import load_manifest
 from svd_batch.plan import assign_ranks, derive_seed, group_units, make_plan, row_cost, with_seed
 from svd_batch.fields import RESULT_SCHEMA, Row
@@ -55,7 +56,8 @@ def test_every_row_exactly_once_and_cost_balanced():
 def test_more_ranks_than_rows_leaves_ranks_idle_without_duplicates(tmp_path):
     m = manifest(tmp_path, [{"id": "a", "image": "a.jpg"}, {"id": "b", "image": "b.jpg"}])
     plan = make_plan(m, RESULT_SCHEMA.empty_table(), world_size=4)
-    shards = [[x for u in plan.static_units(r) for x in plan.unit(int(u))["id"].to_pylist()] for r in range(4)]
+    costs = plan.unit_costs()
+    shards = [[x for u in static_deal(costs, 4, r) for x in plan.unit(int(u))["id"].to_pylist()] for r in range(4)]
     assert sorted(sum(shards, [])) == ["a", "b"]
     assert sum(1 for s in shards if not s) == 2
 

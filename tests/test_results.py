@@ -47,3 +47,61 @@ def test_a_real_run_of_failing_rows_and_its_outputs(tmp_path):
     assert "this run: 2 rows in" in proc.stderr and "every one failed" in proc.stderr
     assert "rank 0 (" in proc.stderr  # the rank's own line, with its host
     assert "index.html (the report)" in proc.stderr and "contact_sheet.png" in proc.stderr
+
+
+def scored_results(tmp_path, rows):
+    """A run folder's results.parquet with these rows (their videos absent: rescore leaves their scores empty)."""
+    from svd_batch.rundir import RunDir, write_parquet_atomic
+
+    rd = RunDir(str(tmp_path))
+    rd.create()
+    write_parquet_atomic(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), rd.results_path)
+    return rd
+
+
+def test_rescore_refuses_while_a_merge_holds_the_folder_and_writes_nothing(tmp_path):
+    import os
+
+    from svd_batch.results import rescore
+    from svd_batch.rundir import FolderLock, RunDirError
+
+    rd = scored_results(tmp_path, [{"id": "a", "status": "ok", "video_path": "videos/a.mp4", "motion_score": 0.5}])
+    before = os.stat(rd.results_path).st_mtime_ns, (tmp_path / "results.parquet").read_bytes()
+    merging = FolderLock(rd.merge_lock.path, rd.root)  # another open file: conflicts even within this process
+    assert merging.acquire(describe=True)
+    try:
+        with pytest.raises(RunDirError, match="merging its records") as exc:
+            rescore(str(tmp_path), None, log=lambda msg: None, lock_wait=0.2)
+        assert f"pid {os.getpid()}" in str(exc.value)  # names the holder
+        assert (os.stat(rd.results_path).st_mtime_ns, (tmp_path / "results.parquet").read_bytes()) == before
+    finally:
+        merging.release()
+
+
+def test_rescore_writes_under_the_merge_lock_and_keeps_rows_merged_meanwhile(tmp_path, monkeypatch):
+    import svd_batch.results as results_mod
+    from svd_batch.rundir import FolderLock, write_parquet_atomic
+
+    rd = scored_results(tmp_path, [{"id": "a", "status": "ok", "video_path": "videos/a.mp4", "motion_score": 0.5}])
+    real_write = results_mod.write_parquet_atomic
+    (tmp_path / "videos").mkdir(exist_ok=True)
+    (tmp_path / "videos" / "a.mp4").write_bytes(b"")
+
+    def score_then_a_merge_lands(video, image, embed):
+        # While rescore reads videos, a run's merge adds row b (scored by the run) to results.parquet.
+        write_parquet_atomic(pa.Table.from_pylist(
+            [{"id": "a", "status": "ok", "video_path": "videos/a.mp4", "motion_score": 0.5},
+             {"id": "b", "status": "ok", "video_path": "videos/b.mp4", "motion_score": 0.25}],
+            schema=RESULT_SCHEMA), rd.results_path)
+        return {c: 0.75 for c in results_mod.SCORE_COLUMNS}
+
+    def write_checking_the_lock(table, path):
+        probe = FolderLock(rd.merge_lock.path, rd.root)
+        assert not probe.acquire(), "results.parquet rewritten without the merge lock"
+        probe.release()
+        real_write(table, path)
+
+    monkeypatch.setattr(results_mod, "score_files", score_then_a_merge_lands)
+    monkeypatch.setattr(results_mod, "write_parquet_atomic", write_checking_the_lock)
+    table = results_mod.rescore(str(tmp_path), None, log=lambda msg: None)
+    assert table["id"].to_pylist() == ["a", "b"] and table["motion_score"].to_pylist() == [0.75, 0.25]

@@ -12,6 +12,7 @@ from typing import Callable
 from ..model import model_path
 from ..report import write_report
 from ..results import ResultsError, read_for_rescore, rescore
+from ..rundir import RunDirError
 from ..scores import load_embedder, score_summary
 from ..settings import RunSettings
 from ..util import first_line
@@ -74,7 +75,11 @@ def main(argv: list[str] | None = None) -> None:
                   "image_encoder/ and feature_extractor/>, or --no-embed to compute only the pixel scores.",
                   file=sys.stderr)
             sys.exit(2)
-    table, bad = rescore(root, embed)
+    try:
+        table, bad = rescore(root, embed)
+    except RunDirError as exc:
+        print(f"svd-batch-score: {exc}", file=sys.stderr)
+        sys.exit(1)
     print(score_summary(table))
     if not args.no_report:
         rebuild_report(root)
