@@ -103,5 +103,5 @@ def test_rescore_writes_under_the_merge_lock_and_keeps_rows_merged_meanwhile(tmp
 
     monkeypatch.setattr(results_mod, "score_files", score_then_a_merge_lands)
     monkeypatch.setattr(results_mod, "write_parquet_atomic", write_checking_the_lock)
-    table = results_mod.rescore(str(tmp_path), None, log=lambda msg: None)
+    table, _ = results_mod.rescore(str(tmp_path), None, log=lambda msg: None)
     assert table["id"].to_pylist() == ["a", "b"] and table["motion_score"].to_pylist() == [0.75, 0.25]
