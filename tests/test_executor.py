@@ -200,6 +200,26 @@ def test_independent_launches_share_a_folder_and_finish_a_killed_ones_units(mani
 
 
 @pytest.mark.distributed
+def test_a_launch_with_other_video_settings_cannot_join_before_the_first_row(manifest, tmp_path):
+    """SLURM array tasks start together: the second launch comes while the first has planned the job and holds
+    its first unit, nothing recorded yet (the window held open by a slow first unit). It must be refused
+    naming the key, not make its share of the videos at crf 30."""
+    out = tmp_path / "out"
+    common = [f"manifest.path={manifest}", f"output.dir={out}", *FAST]
+    a = start_cli(*common, env={"SVD_BATCH_INJECT_SLOW": "0:200"})
+    try:
+        wait_until(lambda: (out / ".svd-batch" / "job.json").exists() and holding(out, launch_of=a.pid)
+                   and part_records(out).num_rows == 0, "A's plan and first unit, nothing recorded", procs=[a])
+        b = run_cli(*common, "video.crf=30", timeout=300)
+    finally:
+        a.kill()
+        a.wait()
+    assert b.returncode == 2, b.stderr
+    assert "video.crf: the job has 18, this launch 30" in b.stderr and "joined job" not in b.stderr
+    assert not list(out.glob("videos/*.mp4")) and part_records(out).num_rows == 0
+
+
+@pytest.mark.distributed
 def test_sigterm_finishes_the_unit_in_hand_within_the_grace_period(manifest, reference, tmp_path):
     out = tmp_path / "out"
     common = [f"manifest.path={manifest}", f"output.dir={out}", *FAST]
