@@ -304,12 +304,14 @@ def test_torchrun_max_restarts_after_a_killed_worker(manifest, reference, tmp_pa
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("lock_lost", [False, True])
-def test_a_merge_paused_half_way_never_puts_back_older_records(manifest, reference, tmp_path, lock_lost):
+@pytest.mark.parametrize("case", ["wait", "lock_lost", "sigterm"])
+def test_a_merge_paused_half_way_never_puts_back_older_records(manifest, reference, tmp_path, case):
     """A stops itself half-way through its final merge (its temporary records file written, the merge lock held).
-    A second launch then waits for the lock, and says so when it gives up. Or, as if a file server had revoked
-    the paused process's lock, another process merges anyway, with a record A never read: A, resumed, sees
-    records.parquet replaced and merges again on top instead of putting back the older table."""
+    A second launch then waits for the lock, and when it gives up says that every row is recorded, only not
+    merged; or it gets SIGTERM while waiting (Kubernetes' 30 s grace, shorter than the lease) and stops at once,
+    exiting as interrupted. Or, as if a file server had revoked the paused process's lock, another process merges
+    anyway, with a record A never read: A, resumed, sees records.parquet replaced and merges again on top
+    instead of putting back the older table."""
     from svd_batch.rundir import PartWriter, RunDir
 
     out = tmp_path / "out"
@@ -319,19 +321,31 @@ def test_a_merge_paused_half_way_never_puts_back_older_records(manifest, referen
                                                             for p in (out / ".svd-batch").iterdir()),
                "A inside its merge", procs=[a])
     wait_until(lambda: open(f"/proc/{a.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T", "A stopped")
-    if lock_lost:
+    if case == "lock_lost":
         PartWriter(RunDir(str(out)), member="late-r00000").add(record(id="late", status="ok"))
         subprocess.run([sys.executable, "-c", f"from svd_batch.rundir import RunDir; RunDir({str(out)!r}).merge()"],
                        cwd=REPO, check=True)
-    else:
+    elif case == "wait":
         b = run_cli(*common)
         assert b.returncode == 3 and "merge lock" in b.stderr, b.stderr
+        assert f"{N_ROWS} ok, 0 failed of {N_ROWS} rows" in b.stderr and "not done" not in b.stderr, b.stderr
+        assert "recorded" in b.stderr and "not yet merged" in b.stderr
+    else:
+        b = start_cli(*common, "runtime.lease_seconds=120")
+        wait_until(lambda: any(m["pid"] == b.pid and m["state"] == "done" for m in members(out)),
+                   "B done, waiting for the merge lock", procs=[b])
+        b.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        b_log = b.communicate(timeout=150)[0]
+        waited = time.monotonic() - sent
+        assert b.returncode == 128 + signal.SIGTERM and waited < 10, (waited, b_log)
+        assert b_log.rstrip().splitlines()[-1].startswith("svd-batch: interrupted by SIGTERM"), b_log
     os.kill(a.pid, signal.SIGCONT)
     a_log = a.communicate(timeout=300)[0]
     assert a.returncode == 0, a_log
     exactly_once(out, reference)
     records = RunDir(str(out)).read_records()["id"].to_pylist()
-    assert ("late" in records) == lock_lost and len(records) == len(set(records))
+    assert ("late" in records) == (case == "lock_lost") and len(records) == len(set(records))
 
 
 @pytest.mark.distributed
