@@ -28,7 +28,7 @@ from .plan import Plan
 from .results import results_table, summary, write_results
 from .rundir import RunDir, RunDirError
 from .settings import RunSettings, SettingsError
-from .signals import StopFlag, say_after_exit
+from .signals import StopFlag, effective_grace, launcher_kill_seconds, parent_cmdline, say_after_exit
 
 
 def log(msg: str, rank: int = 0) -> None:
@@ -66,7 +66,10 @@ def run(cfg: DictConfig) -> int:
         return EXIT_USAGE
 
     # 2. Join this command's other ranks, and the run folder as a member.
-    stop = StopFlag(s.runtime.grace_seconds)
+    grace, note = effective_grace(s.runtime.grace_seconds, launcher_kill_seconds(os.environ, parent_cmdline()))
+    if note:
+        say(note)
+    stop = StopFlag(grace)
     stop.install()
     try:
         launch = start_launch(s.runtime.dist_timeout_minutes)

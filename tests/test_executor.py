@@ -357,6 +357,7 @@ def test_ctrl_c_under_accelerate_ends_with_one_resume_line(manifest, tmp_path):
                procs=[proc])
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends to the launcher
     log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGINT, log  # README, Preemption recipes: Ctrl-C
     lines = [x for x in log.splitlines() if x.strip()]
     assert lines[-1].startswith("svd-batch: interrupted by SIGINT") and "Run the same command again" in lines[-1]
     assert log.count("interrupted by SIGINT") == 1, log
