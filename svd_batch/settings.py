@@ -375,7 +375,7 @@ _ENTRIES: dict[str, Callable[[str], Rule | None]] = {
 def check_interpolations(cfg: DictConfig) -> None:
     """Raise SettingsError naming every value whose ``${...}`` cannot be resolved ('output.dir=/x/${oops}'):
     a usage error, not a traceback from deep inside the first access."""
-    from omegaconf.errors import InterpolationResolutionError
+    from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
     problems = []
 
@@ -387,6 +387,8 @@ def check_interpolations(cfg: DictConfig) -> None:
             except InterpolationResolutionError as exc:
                 why = str(exc).splitlines()[0].strip()
                 problems.append(f"{prefix}{k} = {raw[k]!r} ({why})")
+                continue
+            except MissingMandatoryValue:  # '???': left to the checks below, as before
                 continue
             if OmegaConf.is_config(child):
                 walk(child, f"{prefix}{k}.")

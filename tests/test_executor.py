@@ -340,6 +340,7 @@ def test_a_merge_paused_half_way_never_puts_back_older_records(manifest, referen
         waited = time.monotonic() - sent
         assert b.returncode == 128 + signal.SIGTERM and waited < 10, (waited, b_log)
         assert b_log.rstrip().splitlines()[-1].startswith("svd-batch: interrupted by SIGTERM"), b_log
+        print(f"SIGTERM during the merge-lock wait -> exit {waited:.1f} s")
     os.kill(a.pid, signal.SIGCONT)
     a_log = a.communicate(timeout=300)[0]
     assert a.returncode == 0, a_log

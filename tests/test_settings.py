@@ -104,3 +104,4 @@ def test_an_unresolvable_interpolation_is_a_usage_error_naming_the_key():
     assert "output.dir = '/x/${oops}'" in msg and "'oops' not found" in msg and "extra.note" in msg
     assert "2 config values could not be resolved" in msg and "\n" not in msg
     assert RunSettings.from_config(cfg(r"output.dir=/x/\${oops}")).output.dir == "/x/${oops}"  # the escape it names
+    assert RunSettings.from_config(cfg("+extra.later=???"))  # a mandatory value left open is no interpolation
