@@ -275,23 +275,31 @@ class Executor:
         """Whether another member of the job is alive and not yet final (it takes over what this one gives back)."""
         return any(not d["lost"] and d.get("state") not in FINAL_STATES for d in self.peers.poll())
 
-    def wait_for_others(self) -> list[str]:
-        """After leaving: wait until every other member of the job is final or lost. Returns the lost ones."""
+    def wait_for_others(self) -> list[str] | None:
+        """After leaving: wait until every other member of the job is final or lost. Returns the lost ones, or
+        None when a stop signal came meanwhile (this member's records are durable; the others merge them)."""
         while True:
             peers = self.peers.poll()
             if all(d["lost"] or d.get("state") in FINAL_STATES for d in peers):
                 return [d["member"] for d in peers if d["lost"]]
+            if self.stopped():
+                return None
             time.sleep(self._poll_seconds())
 
     def merge(self, write: Callable[[], Any]) -> tuple[bool, Any]:
         """Run ``write`` (merge the records, write results and report) under the merge lock, unless the folder
         is already merged as it stands. Returns (whether it ran, its result)."""
         lock = self.rundir.merge_lock
-        if not lock.acquire(wait=self.timing.lease):
-            self.log(f"svd-batch: another process has held the merge lock of {self.rundir.root} for "
-                     f"{self.timing.lease:.0f} s (paused?); it writes results.parquet when it resumes, or run "
-                     "svd-batch-report on the folder.")
-            return False, None
+        deadline = time.monotonic() + self.timing.lease
+        # In short waits: a stop signal (Kubernetes' 30 s grace) must end the wait, not the lease (180 s).
+        while not lock.acquire(wait=min(0.5, max(0.0, deadline - time.monotonic()))):
+            if self.stopped():
+                return False, None
+            if time.monotonic() >= deadline:
+                self.log(f"svd-batch: another process has held the merge lock of {self.rundir.root} for "
+                         f"{self.timing.lease:.0f} s (paused?); it writes results.parquet when it resumes, or run "
+                         "svd-batch-report on the folder.")
+                return False, None
         try:
             if self.rundir.up_to_date():
                 return False, None
@@ -364,7 +372,10 @@ class Executor:
         else:
             self.leave(state, parts, stats)
         lost = self.wait_for_others()
-        _, results = self.merge(merge)
+        _, results = self.merge(merge) if lost is not None else (False, None)
+        signum = getattr(self.stopped, "signum", None)
+        if signum is not None:  # stopped while waiting for the others or the merge lock: said as interrupted
+            return 128 + signum
         if not self.is_reporter():
             if self.world > 1:
                 say(f"svd-batch: rank {self.rank} done ({stats.get('rows', 0)} rows)")

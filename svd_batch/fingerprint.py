@@ -46,8 +46,8 @@ def fingerprint(s: RunSettings, identity: str | Mapping[str, str], device_type: 
 IMPLIED = {"model.unet_weights": None}
 
 
-def fingerprint_diff(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """Differing keys, "key: before -> now". A key the earlier fingerprint lacks was added by a later svd-batch
+def fingerprint_changes(before: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """Differing keys as (key, before, now). A key the earlier fingerprint lacks was added by a later svd-batch
     and is not compared unless IMPLIED says what it was, nor is a dtype recorded as "auto" before dtypes were
     recorded resolved: upgrading must not make a folder impossible to resume (a folder recorded without the
     weights' hashes is compared by model.identity alone, as when it was made)."""
@@ -56,4 +56,17 @@ def fingerprint_diff(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     if before.get("model.dtype") == "auto":
         now["model.dtype"] = "auto"
     keys = sorted(set(before) | set(now))
-    return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)]
+    return [(k, before.get(k), now.get(k)) for k in keys if before.get(k) != now.get(k)]
+
+
+def fingerprint_diff(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Differing keys, "key: before -> now" (see fingerprint_changes)."""
+    return [f"{k}: {b!r} -> {n!r}" for k, b, n in fingerprint_changes(before, now)]
+
+
+def joining_diff(job: dict[str, Any], launch: dict[str, Any]) -> list[str]:
+    """Differing keys for a launch joining a job in progress: "video.crf: the job has 18, this launch 30"."""
+    def show(v: Any) -> str:
+        return repr(v) if isinstance(v, str) else str(v)
+
+    return [f"{k}: the job has {show(b)}, this launch {show(n)}" for k, b, n in fingerprint_changes(job, launch)]

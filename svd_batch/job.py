@@ -21,7 +21,7 @@ from .identity import changed_weights, facts_digest, model_facts
 from .model import ModelUnavailable, check_unet_weights, model_path, unet_weights_path
 from .plan import Plan, PlanSpec, changed_rows, make_plan
 from .rundir import RunDir, RunDirError, new_session, write_text_atomic
-from .fingerprint import fingerprint, fingerprint_diff
+from .fingerprint import fingerprint, fingerprint_diff, joining_diff
 from .settings import RunSettings
 
 
@@ -148,6 +148,16 @@ def propose(s: RunSettings, manifest: Manifest, rundir: RunDir, device_type: str
     current = JobInfo.read(rundir.job_json)
     if (not alone and current is not None and current.state == "active"
             and not JobDir(rundir.state, current.job).aborted()):  # an aborted job's members are leaving
+        # Checked whether or not a row is recorded yet: launches starting together (an array's tasks) join
+        # before the first one's first row, and would otherwise make their share of videos their own way.
+        job_fp = rundir.read_fingerprint()
+        diff = joining_diff(job_fp, fp) if job_fp is not None else []
+        if diff:
+            raise RunDirError(
+                f"Another launch is working on {rundir.root} with other settings, and this launch would make its "
+                "share of the videos differently. Differing keys: " + "; ".join(diff) + ". Start this launch "
+                "with the job's values (.svd-batch/run.json holds them), or give it its own output.dir."
+            )
         if current.manifest != facts["manifest"]:
             raise RunDirError(
                 f"Another launch is working on {rundir.root} with other manifest rows (a different manifest, "

@@ -25,10 +25,10 @@ from .ledger import JobInfo
 from .manifest import Manifest, ManifestError, load_for
 from .model import SettingRefused, check_settings, device_type, model_path, unet_weights_path
 from .plan import Plan
-from .results import summary, write_results
+from .results import results_table, summary, write_results
 from .rundir import RunDir, RunDirError
 from .settings import RunSettings, SettingsError
-from .signals import StopFlag, say_after_exit
+from .signals import StopFlag, effective_grace, launcher_kill_seconds, parent_cmdline, say_after_exit
 
 
 def log(msg: str, rank: int = 0) -> None:
@@ -66,7 +66,10 @@ def run(cfg: DictConfig) -> int:
         return EXIT_USAGE
 
     # 2. Join this command's other ranks, and the run folder as a member.
-    stop = StopFlag(s.runtime.grace_seconds)
+    grace, note = effective_grace(s.runtime.grace_seconds, launcher_kill_seconds(os.environ, parent_cmdline()))
+    if note:
+        say(note)
+    stop = StopFlag(grace)
     stop.install()
     try:
         launch = start_launch(s.runtime.dist_timeout_minutes)
@@ -117,8 +120,8 @@ def _member(s: RunSettings, manifest: Manifest, rundir: RunDir, ex: Executor, st
     code = ex.end(state, parts, stats, signum=stop.signum, say=say,
                   merge=lambda: _merge_and_report(s, manifest, rundir),
                   report=lambda results, lost: _summarize(s, rundir, plan, start, results, started, lost,
-                                                          ex.launch_figures()))
-    if stop.signum is not None:
+                                                          ex.launch_figures(), manifest))
+    if stop.signum is not None and code == 128 + stop.signum:  # a signal after the report changes nothing
         name = signal.Signals(stop.signum).name
         text = (f"svd-batch: interrupted by {name}; every finished row is recorded in {rundir.root}. Run the same "
                 "command again to resume: finished rows are skipped.")
@@ -252,8 +255,12 @@ def _merge_and_report(s: RunSettings, manifest: Manifest, rundir: RunDir):
 
 
 def _summarize(s: RunSettings, rundir: RunDir, plan: Plan, start, results, started: float, lost: list[str],
-               ranks: list[dict]) -> int:
-    if results is None:
+               ranks: list[dict], manifest: Manifest) -> int:
+    unmerged = results is None and not rundir.up_to_date()
+    if unmerged:
+        # Another process holds the merge lock (paused?): count what is recorded, not the stale results.parquet.
+        results = results_table(rundir.read_records(), manifest.table, manifest.extra_columns, warn=lambda m: None)
+    elif results is None:
         try:
             results = pq.read_table(rundir.results_path)
         except Exception:  # noqa: BLE001 - no results yet (another process's merge is pending)
@@ -267,9 +274,13 @@ def _summarize(s: RunSettings, rundir: RunDir, plan: Plan, start, results, start
     if lost:
         text += (f"\n  {len(lost)} process(es) stopped answering during the run ({', '.join(lost)}); their units "
                  "were taken over by the others.")
+    if unmerged:
+        text += (f"\n  these rows are recorded in {rundir.root}, but not yet merged into results.parquet: the process "
+                 "holding the merge lock merges them when it resumes, or the next run does (run the same command "
+                 "again, or svd-batch-report on the folder; exit code 3).")
     if not_done:
         text += f"\n  {not_done} row(s) not done: run the same command again to finish them (exit code 3)."
-    else:
+    elif not unmerged:
         job = JobInfo.read(rundir.job_json)
         if job is not None and job.job == start.job.job and job.state != "complete":
             job.state = "complete"
@@ -278,6 +289,6 @@ def _summarize(s: RunSettings, rundir: RunDir, plan: Plan, start, results, start
             except OSError:
                 pass
     log(text)
-    if not_done:
+    if not_done or unmerged:
         return EXIT_INCOMPLETE
     return EXIT_ROWS_FAILED if failed else EXIT_OK

@@ -239,6 +239,7 @@ class RunSettings:
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "RunSettings":
         """Check ``cfg`` (SettingsError naming every bad value), then type it."""
+        check_interpolations(cfg)
         check(cfg)
         data = OmegaConf.to_container(cfg, resolve=True)
         parts: dict[str, Any] = {}
@@ -370,6 +371,37 @@ _ENTRIES: dict[str, Callable[[str], Rule | None]] = {
     "manifest.defaults": lambda c: _generation(c) if c in RULES else None,
     "manifest.where": lambda c: _where_value(),
 }
+
+
+def check_interpolations(cfg: DictConfig) -> None:
+    """Raise SettingsError naming every value whose ``${...}`` cannot be resolved ('output.dir=/x/${oops}'):
+    a usage error, not a traceback from deep inside the first access."""
+    from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+
+    problems = []
+
+    def walk(node: Any, prefix: str) -> None:
+        raw = OmegaConf.to_container(node, resolve=False)
+        for k in (list(raw) if isinstance(raw, dict) else range(len(raw))):
+            try:
+                child = node[k]
+            except InterpolationResolutionError as exc:
+                why = str(exc).splitlines()[0].strip()
+                problems.append(f"{prefix}{k} = {raw[k]!r} ({why})")
+                continue
+            except MissingMandatoryValue:  # '???': left to the checks below, as before
+                continue
+            if OmegaConf.is_config(child):
+                walk(child, f"{prefix}{k}.")
+
+    walk(cfg, "")
+    if problems:
+        n = len(problems)
+        raise SettingsError(
+            f"{n} config value{'s' if n != 1 else ''} could not be resolved, so nothing was run: "
+            + "; ".join(problems) + ". ${...} in a value names another config key (such as ${manifest.name}) or "
+            "a resolver: fix the name, or escape a literal one as \\${...} (in single quotes in the shell)."
+        )
 
 
 def check(cfg: DictConfig) -> None:

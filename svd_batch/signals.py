@@ -1,11 +1,26 @@
-"""Preemption: stop signals (SIGINT, SIGTERM, SIGUSR1) and the grace period of the unit in hand."""
+"""Preemption: stop signals (SIGINT, SIGTERM, SIGUSR1) and the grace period of the unit in hand.
+
+How a signal reaches the ranks (README, "Preemption recipes"): torch elastic's agent (the process `accelerate
+launch` and `torchrun` run) handles SIGTERM, SIGINT, SIGHUP and SIGQUIT (plus what PET_SIGNALS_TO_HANDLE adds:
+SIGUSR1 kills it otherwise), passes the signal on to each worker's process group and SIGKILLs the workers
+PET_SHUTDOWN_TIMEOUT (30) seconds later. SLURM's ``--signal=SIG@T`` (without ``B:``) signals every process of
+each job step: each rank gets the signal twice, from SLURM and from the agent, which is one notice, not two.
+"""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
+from typing import Mapping
+
+# A second signal this soon after the first is the same notice by another route (the scheduler signals every
+# process of the step, and the launcher passes its copy on): only a later one abandons the unit in hand.
+SAME_NOTICE_SECONDS = 1.0
+# What a rank needs after its grace period to give its units back and leave before the launcher's SIGKILL.
+LEAVING_SECONDS = 5.0
 
 
 class StopFlag:
@@ -21,6 +36,7 @@ class StopFlag:
         self.grace = grace
         self._busy_until: float | None = None
         self._busy = False
+        self._first_at = 0.0
 
     def install(self) -> None:
         for sig in self.SIGNALS:
@@ -44,8 +60,10 @@ class StopFlag:
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
         if self.signum is not None:
+            if signum == self.signum and time.monotonic() - self._first_at < SAME_NOTICE_SECONDS:
+                return
             raise KeyboardInterrupt
-        self.signum = signum
+        self.signum, self._first_at = signum, time.monotonic()
         if not self._busy:
             return
         left = None if self._busy_until is None else self._busy_until - time.monotonic()
@@ -56,6 +74,45 @@ class StopFlag:
     def _overrun(self, signum, frame) -> None:  # noqa: ARG002
         if self._busy:
             raise KeyboardInterrupt
+
+
+def launcher_kill_seconds(env: Mapping[str, str], launcher_cmdline: list[str]) -> float | None:
+    """Under torch elastic (accelerate launch, torchrun): how long after passing a stop signal on the launcher
+    SIGKILLs its workers (its --shutdown_timeout, else PET_SHUTDOWN_TIMEOUT, else TORCH_ELASTIC_SHUTDOWN_TIMEOUT,
+    else 30, as torch.distributed.run reads them); None for a launch of its own."""
+    if "TORCHELASTIC_RUN_ID" not in env:
+        return None
+    value = None
+    for i, a in enumerate(launcher_cmdline):
+        for flag in ("--shutdown_timeout", "--shutdown-timeout"):
+            if a.startswith(flag + "="):
+                value = a.split("=", 1)[1]
+            elif a == flag and i + 1 < len(launcher_cmdline):
+                value = launcher_cmdline[i + 1]
+    value = value or env.get("PET_SHUTDOWN_TIMEOUT") or env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") or "30"
+    try:
+        return float(value)
+    except ValueError:
+        return 30.0
+
+
+def effective_grace(grace: float, kill_after: float | None) -> tuple[float, str | None]:
+    """The grace period a rank can keep (the launcher's SIGKILL comes first otherwise), and a note when cut."""
+    if kill_after is None or grace <= kill_after - LEAVING_SECONDS:
+        return grace, None
+    cut = max(1.0, kill_after - LEAVING_SECONDS)
+    return cut, (f"svd-batch: note: runtime.grace_seconds={grace:g} is cut to {cut:g} s: the launcher SIGKILLs its "
+                 f"ranks {kill_after:g} s after passing a stop signal on. To keep {grace:g} s, start the launcher "
+                 f"with PET_SHUTDOWN_TIMEOUT={grace + LEAVING_SECONDS:g} in its environment (README, Preemption "
+                 "recipes).")
+
+
+def parent_cmdline() -> list[str]:
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
 
 
 def say_after_exit(pid: int, text: str) -> None:

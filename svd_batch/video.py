@@ -86,13 +86,19 @@ def write_mp4(frames: np.ndarray, path: str, fps: int, *, crf: int = 18, codec: 
     data = np.ascontiguousarray(frames, dtype=np.uint8).tobytes()
     # Hidden and ending in .mp4: ffmpeg picks the container from the name, and nobody mistakes it for a video.
     with atomic_path(path, hidden=True, keep_extension=True) as tmp:
-        try:
-            # A session of its own: a launcher stopping this rank signals the rank's process group (torchrun
-            # does), and the rank, not the signal, decides whether the video in hand is finished (StopFlag).
-            proc = subprocess.run([*cmd, tmp], input=data, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  start_new_session=True)
-        except OSError as exc:  # ffmpeg missing or not executable; a broken pipe when it dies early
-            raise VideoWriteError(f"ffmpeg could not run: {exc}") from None
+        for attempt in (1, 2):
+            try:
+                # A session of its own: a launcher stopping this rank signals the rank's process group (torchrun
+                # does), and the rank, not the signal, decides whether the video in hand is finished (StopFlag).
+                proc = subprocess.run([*cmd, tmp], input=data, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      start_new_session=True)
+            except OSError as exc:  # ffmpeg missing or not executable; a broken pipe when it dies early
+                raise VideoWriteError(f"ffmpeg could not run: {exc}") from None
+            # SLURM's --signal (no B:) reaches every process of the job step, ffmpeg too (255: it handled SIGTERM
+            # or SIGINT; negative: killed by SIGUSR1): encoded once more, the rank decides (it got the signal too).
+            if attempt == 1 and (proc.returncode < 0 or proc.returncode == 255):
+                continue
+            break
         err = proc.stderr.decode(errors="replace").strip()
         if proc.returncode < 0:  # killed by a signal (the machine going down, OOM killer): not the row's fault
             raise KeyboardInterrupt(f"ffmpeg was killed by signal {-proc.returncode}")

@@ -148,6 +148,9 @@ def test_non_editable_install_carries_configs_and_sample(tmp_path):
 def test_bad_override_is_a_usage_error(tmp_path):
     proc = run_cli("generation.no_such_key=3", f"output.dir={tmp_path / 'out'}")
     assert proc.returncode == 2 and "no_such_key" in proc.stderr
+    proc = run_cli("output.dir=/x/${oops}", "dry_run=true")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "output.dir = '/x/${oops}'" in proc.stderr and "\n" not in proc.stderr.strip()
 
 
 def test_help_lists_usage_groups_and_exit_codes():

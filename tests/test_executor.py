@@ -200,6 +200,26 @@ def test_independent_launches_share_a_folder_and_finish_a_killed_ones_units(mani
 
 
 @pytest.mark.distributed
+def test_a_launch_with_other_video_settings_cannot_join_before_the_first_row(manifest, tmp_path):
+    """SLURM array tasks start together: the second launch comes while the first has planned the job and holds
+    its first unit, nothing recorded yet (the window held open by a slow first unit). It must be refused
+    naming the key, not make its share of the videos at crf 30."""
+    out = tmp_path / "out"
+    common = [f"manifest.path={manifest}", f"output.dir={out}", *FAST]
+    a = start_cli(*common, env={"SVD_BATCH_INJECT_SLOW": "0:200"})
+    try:
+        wait_until(lambda: (out / ".svd-batch" / "job.json").exists() and holding(out, launch_of=a.pid)
+                   and part_records(out).num_rows == 0, "A's plan and first unit, nothing recorded", procs=[a])
+        b = run_cli(*common, "video.crf=30", timeout=300)
+    finally:
+        a.kill()
+        a.wait()
+    assert b.returncode == 2, b.stderr
+    assert "video.crf: the job has 18, this launch 30" in b.stderr and "joined job" not in b.stderr
+    assert not list(out.glob("videos/*.mp4")) and part_records(out).num_rows == 0
+
+
+@pytest.mark.distributed
 def test_sigterm_finishes_the_unit_in_hand_within_the_grace_period(manifest, reference, tmp_path):
     out = tmp_path / "out"
     common = [f"manifest.path={manifest}", f"output.dir={out}", *FAST]
@@ -284,12 +304,14 @@ def test_torchrun_max_restarts_after_a_killed_worker(manifest, reference, tmp_pa
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("lock_lost", [False, True])
-def test_a_merge_paused_half_way_never_puts_back_older_records(manifest, reference, tmp_path, lock_lost):
+@pytest.mark.parametrize("case", ["wait", "lock_lost", "sigterm"])
+def test_a_merge_paused_half_way_never_puts_back_older_records(manifest, reference, tmp_path, case):
     """A stops itself half-way through its final merge (its temporary records file written, the merge lock held).
-    A second launch then waits for the lock, and says so when it gives up. Or, as if a file server had revoked
-    the paused process's lock, another process merges anyway, with a record A never read: A, resumed, sees
-    records.parquet replaced and merges again on top instead of putting back the older table."""
+    A second launch then waits for the lock, and when it gives up says that every row is recorded, only not
+    merged; or it gets SIGTERM while waiting (Kubernetes' 30 s grace, shorter than the lease) and stops at once,
+    exiting as interrupted. Or, as if a file server had revoked the paused process's lock, another process merges
+    anyway, with a record A never read: A, resumed, sees records.parquet replaced and merges again on top
+    instead of putting back the older table."""
     from svd_batch.rundir import PartWriter, RunDir
 
     out = tmp_path / "out"
@@ -299,19 +321,32 @@ def test_a_merge_paused_half_way_never_puts_back_older_records(manifest, referen
                                                             for p in (out / ".svd-batch").iterdir()),
                "A inside its merge", procs=[a])
     wait_until(lambda: open(f"/proc/{a.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T", "A stopped")
-    if lock_lost:
+    if case == "lock_lost":
         PartWriter(RunDir(str(out)), member="late-r00000").add(record(id="late", status="ok"))
         subprocess.run([sys.executable, "-c", f"from svd_batch.rundir import RunDir; RunDir({str(out)!r}).merge()"],
                        cwd=REPO, check=True)
-    else:
+    elif case == "wait":
         b = run_cli(*common)
         assert b.returncode == 3 and "merge lock" in b.stderr, b.stderr
+        assert f"{N_ROWS} ok, 0 failed of {N_ROWS} rows" in b.stderr and "not done" not in b.stderr, b.stderr
+        assert "recorded" in b.stderr and "not yet merged" in b.stderr
+    else:
+        b = start_cli(*common, "runtime.lease_seconds=120")
+        wait_until(lambda: any(m["pid"] == b.pid and m["state"] == "done" for m in members(out)),
+                   "B done, waiting for the merge lock", procs=[b])
+        b.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        b_log = b.communicate(timeout=150)[0]
+        waited = time.monotonic() - sent
+        assert b.returncode == 128 + signal.SIGTERM and waited < 10, (waited, b_log)
+        assert b_log.rstrip().splitlines()[-1].startswith("svd-batch: interrupted by SIGTERM"), b_log
+        print(f"SIGTERM during the merge-lock wait -> exit {waited:.1f} s")
     os.kill(a.pid, signal.SIGCONT)
     a_log = a.communicate(timeout=300)[0]
     assert a.returncode == 0, a_log
     exactly_once(out, reference)
     records = RunDir(str(out)).read_records()["id"].to_pylist()
-    assert ("late" in records) == lock_lost and len(records) == len(set(records))
+    assert ("late" in records) == (case == "lock_lost") and len(records) == len(set(records))
 
 
 @pytest.mark.distributed
@@ -323,6 +358,7 @@ def test_ctrl_c_under_accelerate_ends_with_one_resume_line(manifest, tmp_path):
                procs=[proc])
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends to the launcher
     log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGINT, log  # README, Preemption recipes: Ctrl-C
     lines = [x for x in log.splitlines() if x.strip()]
     assert lines[-1].startswith("svd-batch: interrupted by SIGINT") and "Run the same command again" in lines[-1]
     assert log.count("interrupted by SIGINT") == 1, log

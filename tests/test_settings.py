@@ -93,3 +93,15 @@ def test_a_saved_config_of_an_older_version_loads_with_todays_defaults(tmp_path)
     s = RunSettings.load(str(tmp_path))
     assert s.runtime.lease_seconds == 180 and s.runtime.grace_seconds == 25  # filled from conf/
     assert RunSettings.load(str(tmp_path / "nowhere")) is None
+
+
+def test_an_unresolvable_interpolation_is_a_usage_error_naming_the_key():
+    from svd_batch.settings import RunSettings, SettingsError
+
+    with pytest.raises(SettingsError) as refused:
+        RunSettings.from_config(cfg("output.dir=/x/${oops}", "+extra.note=${nowhere.at_all}"))
+    msg = str(refused.value)
+    assert "output.dir = '/x/${oops}'" in msg and "'oops' not found" in msg and "extra.note" in msg
+    assert "2 config values could not be resolved" in msg and "\n" not in msg
+    assert RunSettings.from_config(cfg(r"output.dir=/x/\${oops}")).output.dir == "/x/${oops}"  # the escape it names
+    assert RunSettings.from_config(cfg("+extra.later=???"))  # a mandatory value left open is no interpolation

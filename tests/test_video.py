@@ -72,3 +72,23 @@ def test_a_truncated_mp4_is_told_apart(tmp_path):
     assert "past the end of the file" in mp4_problem(str(cut))
     cut.write_bytes(data[:20])
     assert mp4_problem(str(cut)) is not None
+
+
+def test_ffmpeg_hit_by_a_stop_signal_encodes_once_more(tmp_path, monkeypatch):
+    """SLURM's --signal (no B:) reaches every process of the job step, ffmpeg too: it exits 255 after SIGTERM
+    (or dies of SIGUSR1). The rank decides about the unit in hand, so the video is encoded once more."""
+    import subprocess
+
+    from svd_batch import video
+
+    real, calls = subprocess.run, []
+
+    def run(args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            return subprocess.CompletedProcess(args, 255, b"", b"")  # "Exiting normally, received signal 15."
+        return real(args, **kwargs)
+
+    monkeypatch.setattr(video.subprocess, "run", run)
+    write_mp4(np.zeros((3, 16, 16, 3), np.uint8), str(tmp_path / "v.mp4"), fps=7)
+    assert len(calls) == 2 and os.listdir(tmp_path) == ["v.mp4"]
