@@ -11,8 +11,7 @@ from tests.conftest import SAMPLE, settings, write_manifest
 def folder(tmp_path, monkeypatch):
     from svd_batch import job
 
-    monkeypatch.setattr(job, "model_path", lambda model: "/models/tiny")
-    monkeypatch.setattr(job, "model_identity", lambda path: "tiny@1")
+    monkeypatch.setattr(job, "local_model_facts", lambda s: ("/models/tiny", {"model.identity": "tiny@1"}))
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": f"r{i}", "image": str(SAMPLE / "cat.jpg")}
                                                        for i in range(3)])
     return [f"manifest.path={manifest}", f"output.dir={tmp_path / 'out'}"]
