@@ -315,7 +315,8 @@ class Peers:
             if seen is None or seen[0] != beat:
                 self._seen[m] = seen = (beat, now)
             final = d.get("state") in FINAL_STATES
-            d["lost"] = (not final) and (now - seen[1] >= self.lease or member_gone(self.store, m))
+            d["gone"] = (not final) and member_gone(self.store, m)  # its lock is free: lost at once
+            d["lost"] = d["gone"] or ((not final) and now - seen[1] >= self.lease)
             out.append(d)
         return sorted(out, key=lambda d: d["member"])
 
@@ -326,7 +327,8 @@ class Peers:
 
 def takeover_candidates(peers: Iterable[dict[str, Any]], claims: Claims, num_units: int,
                         orphans: dict[str, list[Ticket]] | None = None) -> list[tuple[Ticket, str, str]]:
-    """(ticket, its holder, why) for units whose holder gave them back or is lost: the units it listed, and a
+    """(ticket, its holder, why) for units whose holder gave them back or is lost ("lost: its lock is free" when its
+    process is certainly gone, else "lost": silent for the lease): the units it listed, and a
     fresh claim it made after its last listing (found by scanning from its cursor to the first unclaimed unit;
     ``orphans`` caches that scan per member, since a lost member's claims do not change)."""
     out = []
@@ -336,8 +338,9 @@ def takeover_candidates(peers: Iterable[dict[str, Any]], claims: Claims, num_uni
             out.append((Ticket(u, g), d["member"], d.get("state", "stopped")))
         if not d.get("lost"):
             continue
+        why = "lost: its lock is free" if d.get("gone") else "lost"
         listed = {(u, g) for u, g in d.get("holding", [])}
-        out += [(Ticket(u, g), d["member"], "lost") for u, g in sorted(listed)]
+        out += [(Ticket(u, g), d["member"], why) for u, g in sorted(listed)]
         if d["member"] not in orphans:
             found, u = [], int(d.get("cursor", 0))
             while u < num_units and claims.exists(Ticket(u)):
@@ -345,5 +348,5 @@ def takeover_candidates(peers: Iterable[dict[str, Any]], claims: Claims, num_uni
                     found.append(Ticket(u))
                 u += 1
             orphans[d["member"]] = found
-        out += [(t, d["member"], "lost") for t in orphans[d["member"]]]
+        out += [(t, d["member"], why) for t in orphans[d["member"]]]
     return out

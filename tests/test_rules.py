@@ -147,7 +147,7 @@ def test_a_dead_member_is_taken_over_at_once_where_the_store_has_locks(ledger):
     die(a)
     assert member_gone(ledger.store, "LA-r00000")
     assert b.next_unit(wait=False) == Ticket(held.unit, 1)  # no lease to wait for
-    assert b.took_over[Ticket(held.unit, 1)] == ("LA-r00000", "lost")
+    assert b.took_over[Ticket(held.unit, 1)] == ("LA-r00000", "lost: its lock is free")
 
 
 def test_without_locks_a_dead_member_is_lost_after_the_lease_alone(tmp_path):
