@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from .store import Lock, Store
+from .store import Lock, Store, Unknown
 
 FINAL_STATES = ("done", "stopped", "device_failure", "aborted")
 MEMBERS = "members"
@@ -141,10 +141,19 @@ class Claims:
         name = str(t.unit) if t.gen == 0 else f"{t.unit}.g{t.gen}"
         return f"{self.jobdir.claims}/{name}"
 
-    def take(self, t: Ticket) -> bool:
+    def take(self, t: Ticket, tries: int = 5) -> bool:
         """Claim ``t``; False when someone has it already."""
-        # The token: on POSIX every claim is a hard link to members/<member>.token<n>, written once.
-        return self.store.create(self.key(t), self.member.encode(), token=f"members/{self.member}.token")
+        for _ in range(tries):
+            try:
+                # The token: on POSIX every claim is a hard link to members/<member>.token<n>, written once.
+                return self.store.create(self.key(t), self.member.encode(), token=f"members/{self.member}.token")
+            except Unknown:
+                # The write may have landed (an object store's timeout or ambiguous 409): the claim says whose
+                # it is; absent, nobody has it yet and the claim is tried again.
+                holder = self.holder(t)
+                if holder is not None:
+                    return holder == self.member
+        raise OSError(f"cannot tell whether unit {t.unit} was claimed after {tries} tries ({self.key(t)})")
 
     def holder(self, t: Ticket) -> str | None:
         return (self.store.read(self.key(t)) or b"").decode(errors="replace").strip() or None

@@ -250,3 +250,34 @@ def test_the_abort_flag_is_raised_once_and_seen_by_every_member(ledger):
     b.abort("source: a later reason")
     assert b.aborted() and b.next_unit(wait=False) is None
     assert b.abort_reason() == "output: the disk is full"
+
+
+def test_an_ambiguous_claim_is_read_back_not_taken_for_someone_else_s():
+    """An object store's timeout or ambiguous 409 on a conditional create: the claim may have landed. The claimer
+    reads it back: its own name is its claim (not "someone else has it", which would leave the unit unclaimed
+    by anyone), another name is another's, and nothing there means try again."""
+    from svd_batch.store import Unknown
+
+    class Flaky(MemoryStore):
+        def __init__(self):
+            super().__init__(locks=False)
+            self.replies = []
+
+        def create(self, key, data, token=None):
+            reply = self.replies.pop(0) if self.replies else "ok"
+            if reply == "landed":  # written, then the connection broke
+                super().create(key, data)
+                raise Unknown("timeout")
+            if reply == "lost":  # never reached the store
+                raise Unknown("timeout")
+            return super().create(key, data)
+
+    store = Flaky()
+    mine, other = Claims(JobDir(store, "j"), "me"), Claims(JobDir(store, "j"), "other")
+    store.replies = ["landed"]
+    assert mine.take(Ticket(0)) and mine.holder(Ticket(0)) == "me"
+    store.replies = ["lost", "lost"]
+    assert mine.take(Ticket(1)) and mine.holder(Ticket(1)) == "me"  # retried until it said
+    assert other.take(Ticket(2))
+    store.replies = ["landed"]
+    assert not mine.take(Ticket(2)) and mine.holder(Ticket(2)) == "other"
