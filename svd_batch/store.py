@@ -120,12 +120,13 @@ class PosixStore(Store):
 
     def __init__(self, root: str):
         self.root = root
+        self._prefix = os.path.join(root, "")
         self._tokens: dict[str, tuple[str, int]] = {}  # token key -> (its current file, number)
         self._links = True
         self._mutex = threading.Lock()
 
     def path(self, key: str) -> str:
-        return os.path.join(self.root, *key.split("/"))
+        return f"{self._prefix}{key}"  # keys are "/"-separated already: a claim's check is one string and a stat
 
     def _parent(self, path: str) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
