@@ -46,12 +46,13 @@ from .ownership import RunDirError
 from .atomic import atomic_path, fsync_dir, write_text_atomic  # noqa: F401 - write_text_atomic: re-exported
 from .fields import RESULT_SCHEMA, Record
 from .hooks import pause_here
-from .ledger import FINAL_STATES, MEMBERS, JobInfo, read_json, read_members
+from .ledger import FINAL_STATES, MEMBERS, JobInfo, read_json, read_key, read_members
 from .store import Lock, PosixStore, Store
 
 STATE = ownership.STATE
 GENERATION_KEY = b"svd-batch.generation"
 RECORDS = "records.parquet"  # the merged records: a key of the store, for the merge fence
+MERGED = "merged.json"  # which parts (and how many rows of each) the latest merge folded in
 INPUT_MAX_SIDE = 512
 
 
@@ -150,7 +151,6 @@ class RunDir:
         self.merged_path = os.path.join(self.state, "merged.json")
         self.results_path = os.path.join(self.root, "results.parquet")
         self.run_json = os.path.join(self.state, "run.json")
-        self.job_json = os.path.join(self.state, "job.json")
         self.config_path = os.path.join(self.root, "config.yaml")
         self.legacy_done = os.path.join(self.state, "done")  # completion markers of svd-batch <= 0.1 runs
         # The ledger (claims, members, locks, job.json, the merge fence) goes through the store; the videos, parts
@@ -219,8 +219,9 @@ class RunDir:
         """overwrite=true (alone in the folder): remove every earlier record and the videos it recorded, keep
         the folder and any file svd-batch did not write."""
         ownership.remove_recorded(self.root, self.read_records(["id"])["id"].to_pylist())
-        for path in self.part_files() + [self.records_path, self.results_path, self.run_json, self.merged_path]:
+        for path in self.part_files() + [self.records_path, self.results_path, self.run_json]:
             ownership.remove_file(path)
+        self.store.delete(MERGED)
         self.store.delete(JobInfo.KEY)
         self.forget_finished_work()
 
@@ -320,7 +321,7 @@ class RunDir:
         """Whether the latest merge already holds every part as it is now (nothing for another merge to do)."""
         if not (os.path.exists(self.records_path) and os.path.exists(self.results_path)):
             return False
-        merged = (read_json(self.merged_path) or {}).get("parts")
+        merged = (read_key(self.store, MERGED) or {}).get("parts")
         if merged is None:
             return False
         now = {}
@@ -360,7 +361,7 @@ class RunDir:
                     pass
             fsync_dir(self.parts)
         kept = {os.path.basename(p): n for p, n in counts.items() if p not in deletable}
-        write_text_atomic(json.dumps({"parts": kept, "at": time.time()}), self.merged_path)
+        self.store.put(MERGED, json.dumps({"parts": kept, "at": time.time()}).encode())
         if all_parts and os.path.isdir(self.legacy_done):
             for path in glob.glob(os.path.join(self.legacy_done, "*.json")):
                 os.unlink(path)
