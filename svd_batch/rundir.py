@@ -6,13 +6,17 @@ Layout under ``output.dir``::
     results.parquet            one row per manifest row that has a record, written by every merge
     config.yaml                the resolved config of the latest start
     .svd-batch/run.json        what finished videos depend on (config fingerprint, model identity)
-    .svd-batch/lock            flock: held exclusively by a launch while it plans or joins a job (seconds)
-    .svd-batch/active          flock: held shared by every member while it lives; exclusive means "alone"
-    .svd-batch/merge.lock      flock: one merge at a time
+    .svd-batch/lock            a lock (flock): held exclusively by a launch while it plans or joins a job
+    .svd-batch/active          a lock: held shared by every member while it lives; exclusive means "alone"
+    .svd-batch/merge.lock      a lock: one merge at a time
     .svd-batch/records.parquet every record made here, merged (the resume state), with a merge generation
     .svd-batch/merged.json     which part files (and how many rows of each) the latest merge folded in
     .svd-batch/parts/*.parquet records written since, per member, each file written whole
     .svd-batch/members, jobs   the ledger of who works on which units (ledger.py)
+
+Everything under ``.svd-batch`` that the protocol decides on (the locks, members, jobs, job.json, merged.json
+and the merge fence on records.parquet) goes through ``RunDir.store`` (store.py); the videos, part files and
+records are files of the folder.
 
 Each member appends its finished rows to its own part file and rewrites that small file under a temporary
 name, then renames it over the old one after every row: a row counts as done exactly when its record is in a
@@ -102,9 +106,14 @@ class FolderLock:
             self.mode = "shared" if shared else "exclusive"
             return True
         deadline = time.monotonic() + wait
+        if self.held is None:
+            try:
+                self.held = self.store.lock(self.key)  # POSIX: the lock file opened (an unwritable folder raises)
+            except OSError as exc:
+                if exc.errno not in _NO_LOCKS:
+                    raise
+                raise lock_error(exc, self.root, "unknown") from None  # a store without locks
         try:
-            if self.held is None:
-                self.held = self.store.lock(self.key)
             while not self.held.take(shared=shared):
                 if time.monotonic() >= deadline:
                     return False
