@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from svd_batch.ledger import Claims, JobDir, Member, Ticket, read_members  # noqa: E402
+from svd_batch.store import PosixStore  # noqa: E402
 
 SAMPLE = os.path.join(REPO, "svd_batch", "data", "sample")
 
@@ -45,17 +46,17 @@ SAMPLE = os.path.join(REPO, "svd_batch", "data", "sample")
 def per_unit(units: int, sample: int) -> None:
     with tempfile.TemporaryDirectory(dir=REPO) as root:  # this disk, as a run folder would be
         state = os.path.join(root, ".svd-batch")
-        members = os.path.join(state, "members")
-        jobdir = JobDir(state, "job")
+        store = PosixStore(state)
+        jobdir = JobDir(store, "job")
         t = time.perf_counter()
         jobdir.create(np.arange(units), np.arange(units + 1))
         write_plan = time.perf_counter() - t
         t = time.perf_counter()
         jobdir.read_plan()
         read_plan = time.perf_counter() - t
-        m = Member(members, "me", launch="l", job="job", rank=0, local_rank=0, world_size=1, heartbeat_seconds=3600)
+        m = Member(store, "me", launch="l", job="job", rank=0, local_rank=0, world_size=1, heartbeat_seconds=3600)
         m.start()
-        claims = Claims(jobdir, "me", members)
+        claims = Claims(jobdir, "me")
         print(f"per-unit protocol cost, job of {units:,} units (plan written in {write_plan:.2f} s, "
               f"read in {read_plan:.2f} s)")
         for where, first in (("start", 0), ("middle", units // 2), ("end", units - sample)):
@@ -83,19 +84,20 @@ def per_unit(units: int, sample: int) -> None:
         print(f"  a heartbeat (one member file rewritten, every runtime.heartbeat_seconds): "
               f"{1e6 * statistics.median(beats):.0f} us")
         for k in range(64):  # a newcomer reads every member file of the job (64 ranks)
-            Member(members, f"m{k}", launch="l", job="job", rank=k, local_rank=0, world_size=64,
+            Member(store, f"m{k}", launch="l", job="job", rank=k, local_rank=0, world_size=64,
                    heartbeat_seconds=3600).update()
         t = time.perf_counter()
-        read_members(members, "job")
+        read_members(store, "job")
         print(f"  a newcomer reads 65 member files in {1e3 * (time.perf_counter() - t):.1f} ms")
         m.close()
         # Two processes claiming the same units in order: each claim a loser also tried costs a failed link.
         race = ("import sys, time; sys.path.insert(0, sys.argv[3]); from svd_batch.ledger import Claims, JobDir, Ticket\n"
-                "c = Claims(JobDir(sys.argv[1], 'race'), sys.argv[2], sys.argv[1]); n = int(sys.argv[4]); won = 0\n"
+                "from svd_batch.store import PosixStore\n"
+                "c = Claims(JobDir(PosixStore(sys.argv[1]), 'race'), sys.argv[2]); n = int(sys.argv[4]); won = 0\n"
                 "t = time.perf_counter()\n"
                 "for u in range(n): won += c.take(Ticket(u))\n"
                 "print(won, time.perf_counter() - t)")
-        JobDir(state, "race").create(np.arange(sample), np.arange(sample + 1))
+        JobDir(store, "race").create(np.arange(sample), np.arange(sample + 1))
         procs = [subprocess.Popen([sys.executable, "-c", race, state, f"p{k}", REPO, str(sample)],
                                   stdout=subprocess.PIPE, text=True) for k in range(2)]
         got = [p.communicate()[0].split() for p in procs]
@@ -147,8 +149,7 @@ def end_to_end(rows: int, repeats: int, baseline: str) -> None:
 
 
 def members_of(out: str) -> list[dict]:
-    d = os.path.join(out, ".svd-batch", "members")
-    return read_members(d) if os.path.isdir(d) else []
+    return read_members(PosixStore(os.path.join(out, ".svd-batch")))
 
 
 def takeover(how: str, lease: float) -> float:
@@ -176,7 +177,7 @@ def takeover(how: str, lease: float) -> float:
         unit = held[0][0][0]
         os.kill(a.pid, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
         t = time.monotonic()
-        plan = JobDir(os.path.join(out, ".svd-batch"), json.load(open(os.path.join(out, ".svd-batch", "job.json")))["job"])
+        plan = JobDir(PosixStore(os.path.join(out, ".svd-batch")), json.load(open(os.path.join(out, ".svd-batch", "job.json")))["job"])
         indices, starts = plan.read_plan()
         want = {f"t{i:04d}" for i in indices[starts[unit]:starts[unit + 1]]}
         while not want <= set(RunDir(out).read_records(["id"])["id"].to_pylist()):

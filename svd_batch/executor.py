@@ -73,8 +73,10 @@ class _Refused(Exception):
 class Executor:
     """One member's handle on the protocol (see the module docstring)."""
 
-    def __init__(self, launch: Launch, rundir: RunDir, timing: Timing, log: Callable[[str], None]):
+    def __init__(self, launch: Launch, rundir: RunDir, timing: Timing, log: Callable[[str], None],
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
         self.launch, self.rundir, self.timing, self.log = launch, rundir, timing, log
+        self.clock, self.sleep = clock, sleep  # this process's own clock (tests pass a fake one)
         self.rank, self.world, self.local_rank = launch.rank, launch.world, launch.local_rank
         self.member: Member | None = None
         self.job: JobInfo | None = None
@@ -153,15 +155,15 @@ class Executor:
         """Enter the job as a member: the member file and its heartbeat, the claims, the view of the others."""
         rd, job = self.rundir, start.job
         self.job, self.num_units, self.static_units = job, num_units, static_units
-        self.jobdir = JobDir(rd.state, job.job)
+        self.jobdir = JobDir(rd.store, job.job)
         member = f"{start.launch}-r{self.rank:05d}"
-        self.member = Member(rd.members, member, launch=start.launch, job=job.job, rank=self.rank,
+        self.member = Member(rd.store, member, launch=start.launch, job=job.job, rank=self.rank,
                              local_rank=self.local_rank, world_size=self.world,
                              heartbeat_seconds=self.timing.heartbeat, log=self.log)
-        self.claims = Claims(self.jobdir, member, rd.members)
-        self.peers = Peers(rd.members, job.job, member, self.timing.lease)
+        self.claims = Claims(self.jobdir, member)
+        self.peers = Peers(rd.store, job.job, member, self.timing.lease, clock=self.clock)
         # Every unit below another member's cursor is claimed: a newcomer starts there.
-        self._cursor = max([int(d.get("cursor", 0)) for d in read_members(rd.members, job.job)] or [0])
+        self._cursor = max([int(d.get("cursor", 0)) for d in read_members(rd.store, job.job)] or [0])
         self.member.info["cursor"] = self._cursor
         self.member.start()
 
@@ -200,7 +202,7 @@ class Executor:
                 self.member.update(state="waiting")
             if not self._others_at_work():
                 return None
-            time.sleep(self._poll_seconds())
+            self.sleep(self._poll_seconds())
             if self.stopped() or self.aborted():
                 return None
 
@@ -284,7 +286,7 @@ class Executor:
                 return [d["member"] for d in peers if d["lost"]]
             if self.stopped():
                 return None
-            time.sleep(self._poll_seconds())
+            self.sleep(self._poll_seconds())
 
     def merge(self, write: Callable[[], Any]) -> tuple[bool, Any]:
         """Run ``write`` (merge the records, write results and report) under the merge lock, unless the folder
@@ -310,7 +312,7 @@ class Executor:
     def local_peers(self) -> list[dict[str, Any]]:
         """The other members of this launch on this member's node (the workers of one torchrun agent)."""
         me = self.member.info
-        return [d for d in read_members(self.rundir.members, self.job.job, prefix=f"{me['launch']}-", skip={self.name})
+        return [d for d in read_members(self.rundir.store, self.job.job, prefix=f"{me['launch']}-", skip={self.name})
                 if d.get("node", 0) == me["node"] and d.get("host") == me["host"]]
 
     def _running_peers(self) -> list[dict[str, Any]]:
@@ -386,7 +388,7 @@ class Executor:
         """Each member of this launch: its rank, host and figures (the summary's lines per rank)."""
         prefix = f"{self.member.info['launch']}-"
         return [{**(d.get("stats") or {}), "rank": d.get("rank"), "host": d.get("host")}
-                for d in read_members(self.rundir.members, self.job.job, prefix=prefix)]
+                for d in read_members(self.rundir.store, self.job.job, prefix=prefix)]
 
     def close(self, exit_code: int | None = None) -> None:
         if self.member is not None:

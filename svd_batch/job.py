@@ -145,9 +145,9 @@ def propose(s: RunSettings, manifest: Manifest, rundir: RunDir, device_type: str
                 "Run with the earlier values to resume, use another output.dir for the new settings, or "
                 "add overwrite=true to delete the earlier results and redo everything."
             )
-    current = JobInfo.read(rundir.job_json)
+    current = JobInfo.read(rundir.store)
     if (not alone and current is not None and current.state == "active"
-            and not JobDir(rundir.state, current.job).aborted()):  # an aborted job's members are leaving
+            and not JobDir(rundir.store, current.job).aborted()):  # an aborted job's members are leaving
         # Checked whether or not a row is recorded yet: launches starting together (an array's tasks) join
         # before the first one's first row, and would otherwise make their share of videos their own way.
         job_fp = rundir.read_fingerprint()
@@ -164,7 +164,7 @@ def propose(s: RunSettings, manifest: Manifest, rundir: RunDir, device_type: str
                 "selection or defaults). Launches that share a folder must run the same rows: start this one "
                 "with the same manifest settings, or give it its own output.dir."
             )
-        indices, starts = JobDir(rundir.state, current.job).read_plan()
+        indices, starts = JobDir(rundir.store, current.job).read_plan()
         spec = PlanSpec(total=current.total, done=current.done, failed_skipped=current.failed_skipped,
                         indices=indices, starts=starts, world_size=world)
         return Start(job=current, joined=True, facts={**facts, "plan": spec})
@@ -172,8 +172,8 @@ def propose(s: RunSettings, manifest: Manifest, rundir: RunDir, device_type: str
     job = JobInfo(job=new_session(), state="active", total=plan.total, done=plan.done,
                   failed_skipped=plan.failed_skipped, todo=plan.todo.num_rows, units=plan.num_units,
                   manifest=facts["manifest"], started_at=time.time(), retry_failed=s.retry_failed)
-    JobDir(rundir.state, job.job).create(plan.indices, plan.starts)
-    job.write(rundir.job_json)
+    JobDir(rundir.store, job.job).create(plan.indices, plan.starts)
+    job.write(rundir.store)
     rundir.write_fingerprint(fp)
     write_text_atomic(s.to_yaml(), rundir.config_path)
     return Start(job=job, joined=False, facts={**facts, "plan": plan.spec()})

@@ -1,9 +1,9 @@
 """The run folder's ledger: who works on a run, which units they hold, and the job they share.
 
-Everything here is a file, changed only by operations that are atomic on local disks, NFS and Lustre alike:
-exclusive creation (a hard link, or O_EXCL), rename, and flock. No decision reads a clock of another node: a
-member is judged by whether its heartbeat counter moves, measured on the observer's own monotonic clock, and by
-whether its lock is still held.
+Everything here is a key of the ledger's store (store.py: the run folder's ``.svd-batch`` today), changed only
+by its atomic operations: create if absent, replace whole, and a lock that dies with its process where the
+backend has one. No decision reads a clock of another node: a member is judged by whether its heartbeat counter
+moves, measured on the observer's own monotonic clock (``Peers.clock``), and by whether its lock is still held.
 
 Layout under ``.svd-batch/``::
 
@@ -21,8 +21,7 @@ A member is ``<launch>-r<rank>``; a launch is one ``svd-batch`` or ``accelerate 
 
 from __future__ import annotations
 
-import errno
-import fcntl
+import io
 import json
 import os
 import socket
@@ -33,9 +32,10 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from .atomic import fsync_dir, write_text_atomic
+from .store import Lock, Store, Unknown
 
 FINAL_STATES = ("done", "stopped", "device_failure", "aborted")
+MEMBERS = "members"
 
 
 def read_json(path: str) -> dict[str, Any] | None:
@@ -47,9 +47,13 @@ def read_json(path: str) -> dict[str, Any] | None:
         return None
 
 
-def _makedirs(*dirs: str) -> None:
-    for d in dirs:
-        os.makedirs(d, exist_ok=True)
+def read_key(store: Store, key: str) -> dict[str, Any] | None:
+    """A small JSON key written whole; None when absent or not (yet) readable."""
+    data = store.read(key)
+    try:
+        return None if data is None else dict(json.loads(data))
+    except (ValueError, TypeError):
+        return None
 
 
 # -- the job ------------------------------------------------------------------------------------------------
@@ -68,55 +72,53 @@ class JobInfo:
     started_at: float          # wall clock, for people (status): never compared across nodes
     retry_failed: bool = False
 
+    KEY = "job.json"
+
     @classmethod
-    def read(cls, path: str) -> "JobInfo | None":
-        d = read_json(path)
+    def read(cls, store: Store) -> "JobInfo | None":
+        d = read_key(store, cls.KEY)
         if not d:
             return None
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})  # type: ignore[attr-defined]
 
-    def write(self, path: str) -> None:
-        write_text_atomic(json.dumps(self.__dict__, indent=1), path)
+    def write(self, store: Store) -> None:
+        store.put(self.KEY, json.dumps(self.__dict__, indent=1).encode())
 
 
 class JobDir:
-    """One job's folder: its plan, claims, cursor and abort flag."""
+    """One job's keys: its plan, claims and abort flag."""
 
-    def __init__(self, state_dir: str, job: str):
-        self.job = job
-        self.root = os.path.join(state_dir, "jobs", job)
-        self.claims = os.path.join(self.root, "claims")
-        self.plan_path = os.path.join(self.root, "plan.npz")
-        self.abort_path = os.path.join(self.root, "abort")
+    def __init__(self, store: Store, job: str):
+        self.store, self.job = store, job
+        self.root = f"jobs/{job}"
+        self.claims = f"{self.root}/claims"
+        self.plan_key = f"{self.root}/plan.npz"
+        self.abort_key = f"{self.root}/abort"
 
     def create(self, indices: np.ndarray, starts: np.ndarray) -> None:
-        _makedirs(self.claims)
-        tmp = f"{self.plan_path}.tmp-{os.getpid()}.npz"
-        np.savez(tmp, indices=np.asarray(indices, np.int64), starts=np.asarray(starts, np.int64))
-        os.replace(tmp, self.plan_path)
-        fsync_dir(self.root)
+        buf = io.BytesIO()
+        np.savez(buf, indices=np.asarray(indices, np.int64), starts=np.asarray(starts, np.int64))
+        self.store.put(self.plan_key, buf.getvalue())
 
     def read_plan(self) -> tuple[np.ndarray, np.ndarray]:
-        with np.load(self.plan_path) as z:
+        data = self.store.read(self.plan_key)
+        if data is None:
+            raise FileNotFoundError(f"the plan of job {self.job} is missing")
+        with np.load(io.BytesIO(data)) as z:
             return z["indices"], z["starts"]
 
     # abort: an error of the whole run (a full output disk); every member sees it at its next claim
     def abort(self, reason: str) -> None:
         try:
-            with open(self.abort_path, "x") as f:
-                f.write(reason)
+            self.store.create(self.abort_key, reason.encode())
         except OSError:
-            pass  # already raised, or the disk refuses even this: the others then meet the error themselves
+            pass  # the disk refuses even this: the others then meet the error themselves
 
     def aborted(self) -> bool:
-        return os.path.exists(self.abort_path)
+        return self.store.exists(self.abort_key)
 
     def abort_reason(self) -> str:
-        try:
-            with open(self.abort_path) as f:
-                return f.read()
-        except OSError:
-            return ""
+        return (self.store.read(self.abort_key) or b"").decode(errors="replace")
 
 
 # -- claims -------------------------------------------------------------------------------------------------
@@ -129,64 +131,35 @@ class Ticket:
 
 
 class Claims:
-    """Exclusive claims on a job's units. A claim is a hard link to the claimer's token file, so it appears
-    complete, naming its holder, or not at all (link fails with EEXIST when the name exists, also on NFS);
-    where hard links are refused, an O_EXCL file with the holder's id written into it does the same."""
+    """Exclusive claims on a job's units: a claim is created only where absent, holding its claimer's name, so it
+    appears complete, naming its holder, or not at all (store.py says how each backend makes sure)."""
 
-    def __init__(self, jobdir: JobDir, member: str, tokens_dir: str):
-        self.jobdir, self.member = jobdir, member
-        self.tokens_dir = tokens_dir
-        self._token: str | None = None
-        self._token_n = 0
-        self._links = True
+    def __init__(self, jobdir: JobDir, member: str):
+        self.jobdir, self.store, self.member = jobdir, jobdir.store, member
 
-    def path(self, t: Ticket) -> str:
+    def key(self, t: Ticket) -> str:
         name = str(t.unit) if t.gen == 0 else f"{t.unit}.g{t.gen}"
-        return os.path.join(self.jobdir.claims, name)
+        return f"{self.jobdir.claims}/{name}"
 
-    def _new_token(self) -> str:
-        self._token_n += 1
-        path = os.path.join(self.tokens_dir, f"{self.member}.token{self._token_n}")
-        write_text_atomic(self.member, path)
-        return path
-
-    def take(self, t: Ticket) -> bool:
+    def take(self, t: Ticket, tries: int = 5) -> bool:
         """Claim ``t``; False when someone has it already."""
-        path = self.path(t)
-        if self._links:
-            if self._token is None:
-                self._token = self._new_token()
+        for _ in range(tries):
             try:
-                os.link(self._token, path)
-                return True
-            except FileExistsError:
-                return False
-            except OSError as exc:
-                if exc.errno == errno.EMLINK:  # the token has as many links as the filesystem allows
-                    self._token = self._new_token()
-                    return self.take(t)
-                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS):
-                    raise
-                self._links = False
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        try:
-            os.write(fd, self.member.encode())
-        finally:
-            os.close(fd)
-        return True
+                # The token: on POSIX every claim is a hard link to members/<member>.token<n>, written once.
+                return self.store.create(self.key(t), self.member.encode(), token=f"members/{self.member}.token")
+            except Unknown:
+                # The write may have landed (an object store's timeout or ambiguous 409): the claim says whose
+                # it is; absent, nobody has it yet and the claim is tried again.
+                holder = self.holder(t)
+                if holder is not None:
+                    return holder == self.member
+        raise OSError(f"cannot tell whether unit {t.unit} was claimed after {tries} tries ({self.key(t)})")
 
     def holder(self, t: Ticket) -> str | None:
-        try:
-            with open(self.path(t)) as f:
-                return f.read().strip() or None
-        except OSError:
-            return None
+        return (self.store.read(self.key(t)) or b"").decode(errors="replace").strip() or None
 
     def exists(self, t: Ticket) -> bool:
-        return os.path.exists(self.path(t))
+        return self.store.exists(self.key(t))
 
     def superseded(self, t: Ticket) -> bool:
         """Whether ``t`` was taken over by another member since it was claimed (its holder was judged lost)."""
@@ -208,31 +181,31 @@ class Member:
     every change of state or held units and on every heartbeat (a thread, so a long GPU call or a compile
     does not make the member look lost; a process that is paused, swapped out or hung does stop beating)."""
 
-    def __init__(self, members_dir: str, member: str, *, launch: str, job: str, rank: int, local_rank: int,
+    def __init__(self, store: Store, member: str, *, launch: str, job: str, rank: int, local_rank: int,
                  world_size: int, heartbeat_seconds: float, log: Callable[[str], None] = lambda m: None):
-        self.dir, self.member = members_dir, member
-        self.json_path = os.path.join(members_dir, f"{member}.json")
-        self.lock_path = os.path.join(members_dir, f"{member}.lock")
+        self.store, self.member = store, member
+        self.json_key = f"{MEMBERS}/{member}.json"
+        self.lock_key = f"{MEMBERS}/{member}.lock"
         self.heartbeat_seconds = heartbeat_seconds
         self.log = log
         self._mutex = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._lock_fd: int | None = None
+        self._lock: Lock | None = None
         self._failing = False
         self.info: dict[str, Any] = {
             "member": member, "launch": launch, "job": job, "rank": rank, "local_rank": local_rank,
             "world_size": world_size, "host": socket.gethostname(), "pid": os.getpid(), "state": "working",
             # the launcher's node (torchrun's GROUP_RANK): its workers are stopped together on a non-zero exit
             "node": int(os.environ.get("GROUP_RANK", 0) or 0),
-            "beat": 0, "beat_at": time.time(), "started_at": time.time(), "holding": [], "released": [],
+            "beat": 0, "heartbeat_seconds": heartbeat_seconds, "beat_at": time.time(), "started_at": time.time(), "holding": [], "released": [],
             "cursor": 0, "parts": {}, "rows": 0, "ok": 0, "failed": 0, "exit_code": None, "stats": {},
         }
 
     def start(self) -> None:
-        _makedirs(self.dir)
-        self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)  # before the JSON exists: whoever sees the JSON can test it
+        if self.store.locks:  # without locks (an object store) the heartbeat and the lease alone tell
+            self._lock = self.store.lock(self.lock_key)
+            self._lock.take(block=True)  # before the JSON exists: whoever sees the JSON can test it
         self._write()
         self._thread = threading.Thread(target=self._beat_loop, name="heartbeat", daemon=True)
         self._thread.start()
@@ -255,7 +228,8 @@ class Member:
                 self._failing = False
             except OSError as exc:
                 if not self._failing:
-                    self.log(f"svd-batch: cannot write heartbeat {self.json_path} ({exc}); retrying")
+                    where = self.store.path(self.json_key) or self.json_key
+                    self.log(f"svd-batch: cannot write heartbeat {where} ({exc}); retrying")
                 self._failing = True
 
     def set(self, **changes: Any) -> None:
@@ -264,7 +238,7 @@ class Member:
             self.info.update(changes)
 
     def _write(self) -> None:
-        write_text_atomic(json.dumps(self.info), self.json_path, durable=False)
+        self.store.put(self.json_key, json.dumps(self.info).encode(), durable=False)
 
     # Units in hand. A fresh claim is listed by the next heartbeat, with the cursor its next search starts from:
     # a claim made just before dying is found by scanning the claims from the last cursor written (orphans). A
@@ -296,40 +270,27 @@ class Member:
             self._thread.join(timeout=5)
         if exit_code is not None:
             self.update(exit_code=exit_code)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
 
-def member_gone(members_dir: str, member: str) -> bool:
+def member_gone(store: Store, member: str) -> bool:
     """True when the member's process is certainly gone: nobody holds its lock. (A paused or hung process
-    still holds it; so does one whose node is lost, until the file server notices.)"""
-    path = os.path.join(members_dir, f"{member}.lock")
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)  # closing drops a lock this test may have taken
+    still holds it; so does one whose node is lost, until the file server notices; a store without locks never
+    says.)"""
+    return store.probe(f"{MEMBERS}/{member}.lock") is True
 
 
-def read_members(members_dir: str, job: str | None = None, prefix: str = "",
+def read_members(store: Store, job: str | None = None, prefix: str = "",
                  skip: set[str] | frozenset[str] = frozenset()) -> list[dict[str, Any]]:
     """Every member file (of one job; whose name starts with ``prefix``, e.g. a launch), in member order, but
     those named in ``skip``; unreadable files are skipped."""
-    try:
-        names = sorted(n for n in os.listdir(members_dir)
-                       if n.endswith(".json") and n.startswith(prefix) and n[:-5] not in skip)
-    except FileNotFoundError:
-        return []
+    names = sorted(n for n in store.list(MEMBERS)
+                   if n.endswith(".json") and n.startswith(prefix) and n[:-5] not in skip)
     out = []
     for n in names:
-        d = read_json(os.path.join(members_dir, n))
+        d = read_key(store, f"{MEMBERS}/{n}")
         if d and (job is None or d.get("job") == job):
             out.append(d)
     return out
@@ -342,18 +303,19 @@ class Peers:
     monotonic clock: a paused member becomes lost after the lease, never before, and nothing depends on the
     clocks of two nodes agreeing or on file times (which NFS caches)."""
 
-    members_dir: str
+    store: Store
     job: str
     me: str
     lease: float
+    clock: Callable[[], float] = time.monotonic  # this process's own clock; tests pass a fake one
     _seen: dict[str, tuple[int, float]] = field(default_factory=dict)
     _final: dict[str, dict[str, Any]] = field(default_factory=dict)  # final states do not change: read once
 
     def poll(self) -> list[dict[str, Any]]:
         """The other members, each with "lost": bool added."""
-        now = time.monotonic()
+        now = self.clock()
         out = list(self._final.values())
-        for d in read_members(self.members_dir, self.job, skip={self.me, *self._final}):
+        for d in read_members(self.store, self.job, skip={self.me, *self._final}):
             m = d["member"]
             if d.get("state") in FINAL_STATES:
                 self._final[m] = {**d, "lost": False}
@@ -362,7 +324,8 @@ class Peers:
             if seen is None or seen[0] != beat:
                 self._seen[m] = seen = (beat, now)
             final = d.get("state") in FINAL_STATES
-            d["lost"] = (not final) and (now - seen[1] >= self.lease or member_gone(self.members_dir, m))
+            d["gone"] = (not final) and member_gone(self.store, m)  # its lock is free: lost at once
+            d["lost"] = d["gone"] or ((not final) and now - seen[1] >= self.lease)
             out.append(d)
         return sorted(out, key=lambda d: d["member"])
 
@@ -373,7 +336,8 @@ class Peers:
 
 def takeover_candidates(peers: Iterable[dict[str, Any]], claims: Claims, num_units: int,
                         orphans: dict[str, list[Ticket]] | None = None) -> list[tuple[Ticket, str, str]]:
-    """(ticket, its holder, why) for units whose holder gave them back or is lost: the units it listed, and a
+    """(ticket, its holder, why) for units whose holder gave them back or is lost ("lost: its lock is free" when its
+    process is certainly gone, else "lost": silent for the lease): the units it listed, and a
     fresh claim it made after its last listing (found by scanning from its cursor to the first unclaimed unit;
     ``orphans`` caches that scan per member, since a lost member's claims do not change)."""
     out = []
@@ -383,8 +347,9 @@ def takeover_candidates(peers: Iterable[dict[str, Any]], claims: Claims, num_uni
             out.append((Ticket(u, g), d["member"], d.get("state", "stopped")))
         if not d.get("lost"):
             continue
+        why = "lost: its lock is free" if d.get("gone") else "lost"
         listed = {(u, g) for u, g in d.get("holding", [])}
-        out += [(Ticket(u, g), d["member"], "lost") for u, g in sorted(listed)]
+        out += [(Ticket(u, g), d["member"], why) for u, g in sorted(listed)]
         if d["member"] not in orphans:
             found, u = [], int(d.get("cursor", 0))
             while u < num_units and claims.exists(Ticket(u)):
@@ -392,5 +357,5 @@ def takeover_candidates(peers: Iterable[dict[str, Any]], claims: Claims, num_uni
                     found.append(Ticket(u))
                 u += 1
             orphans[d["member"]] = found
-        out += [(t, d["member"], "lost") for t in orphans[d["member"]]]
+        out += [(t, d["member"], why) for t in orphans[d["member"]]]
     return out

@@ -6,13 +6,17 @@ Layout under ``output.dir``::
     results.parquet            one row per manifest row that has a record, written by every merge
     config.yaml                the resolved config of the latest start
     .svd-batch/run.json        what finished videos depend on (config fingerprint, model identity)
-    .svd-batch/lock            flock: held exclusively by a launch while it plans or joins a job (seconds)
-    .svd-batch/active          flock: held shared by every member while it lives; exclusive means "alone"
-    .svd-batch/merge.lock      flock: one merge at a time
+    .svd-batch/lock            a lock (flock): held exclusively by a launch while it plans or joins a job
+    .svd-batch/active          a lock: held shared by every member while it lives; exclusive means "alone"
+    .svd-batch/merge.lock      a lock: one merge at a time
     .svd-batch/records.parquet every record made here, merged (the resume state), with a merge generation
     .svd-batch/merged.json     which part files (and how many rows of each) the latest merge folded in
     .svd-batch/parts/*.parquet records written since, per member, each file written whole
     .svd-batch/members, jobs   the ledger of who works on which units (ledger.py)
+
+Everything under ``.svd-batch`` that the protocol decides on (the locks, members, jobs, job.json, merged.json
+and the merge fence on records.parquet) goes through ``RunDir.store`` (store.py); the videos, part files and
+records are files of the folder.
 
 Each member appends its finished rows to its own part file and rewrites that small file under a temporary
 name, then renames it over the old one after every row: a row counts as done exactly when its record is in a
@@ -29,7 +33,6 @@ deletes every part.
 from __future__ import annotations
 
 import errno
-import fcntl
 import glob
 import json
 import os
@@ -47,15 +50,14 @@ from .ownership import RunDirError
 from .atomic import atomic_path, fsync_dir, write_text_atomic  # noqa: F401 - write_text_atomic: re-exported
 from .fields import RESULT_SCHEMA, Record
 from .hooks import pause_here
-from .ledger import FINAL_STATES, read_json, read_members
+from .ledger import FINAL_STATES, MEMBERS, JobInfo, read_json, read_key, read_members
+from .store import Lock, PosixStore, Store
 
 STATE = ownership.STATE
 GENERATION_KEY = b"svd-batch.generation"
+RECORDS = "records.parquet"  # the merged records: a key of the store, for the merge fence
+MERGED = "merged.json"  # which parts (and how many rows of each) the latest merge folded in
 INPUT_MAX_SIDE = 512
-
-
-class _Superseded(Exception):
-    """Another merge replaced records.parquet while this one worked."""
 
 
 _NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
@@ -88,12 +90,13 @@ def write_parquet_atomic(table: pa.Table, path: str) -> None:
 
 
 class FolderLock:
-    """One flock on one file of the run folder. flock dies with its process: a killed run leaves no stale
-    lock behind. With ``enabled=False`` (output.lock=false, filesystems without locks) every acquire succeeds."""
+    """One lock of the run folder's store (flock on POSIX: it dies with its process, so a killed run leaves no
+    stale lock behind). With ``enabled=False`` (output.lock=false, filesystems without locks) every acquire
+    succeeds."""
 
-    def __init__(self, path: str, root: str, enabled: bool = True):
-        self.path, self.root, self.enabled = path, root, enabled
-        self.fd: int | None = None
+    def __init__(self, store: Store, key: str, root: str, enabled: bool = True):
+        self.store, self.key, self.root, self.enabled = store, key, root, enabled
+        self.held: Lock | None = None
         self.mode: str | None = None
 
     def acquire(self, shared: bool = False, wait: float = 0.0, describe: bool = False) -> bool:
@@ -102,37 +105,30 @@ class FolderLock:
         if not self.enabled:
             self.mode = "shared" if shared else "exclusive"
             return True
-        if self.fd is None:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + wait
-        while True:
+        if self.held is None:
             try:
-                fcntl.flock(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-                break
+                self.held = self.store.lock(self.key)  # POSIX: the lock file opened (an unwritable folder raises)
             except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    holder = self.holder()
-                    self.release()
-                    raise lock_error(exc, self.root, holder) from None
+                if exc.errno not in _NO_LOCKS:
+                    raise
+                raise lock_error(exc, self.root, "unknown") from None  # a store without locks
+        try:
+            while not self.held.take(shared=shared):
                 if time.monotonic() >= deadline:
                     return False
                 time.sleep(0.05)
+        except OSError as exc:
+            holder = self.holder()
+            self.release()
+            raise lock_error(exc, self.root, holder) from None
         self.mode = "shared" if shared else "exclusive"
         if describe and not shared:
-            os.ftruncate(self.fd, 0)
-            os.pwrite(self.fd, f"host {socket.gethostname()} pid {os.getpid()}".encode(), 0)
+            self.held.note(f"host {socket.gethostname()} pid {os.getpid()}")
         return True
 
     def holder(self) -> str:
-        try:
-            fd = self.fd if self.fd is not None else os.open(self.path, os.O_RDONLY)
-            try:
-                return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
-            finally:
-                if fd != self.fd:
-                    os.close(fd)
-        except OSError:
-            return "unknown"
+        return (self.store.read(self.key) or b"").decode(errors="replace").strip() or "unknown"
 
     def require(self, shared: bool = False, wait: float = 0.0, describe: bool = False) -> None:
         """acquire, or RunDirError naming the holder."""
@@ -142,9 +138,9 @@ class FolderLock:
             raise lock_error(OSError(errno.EWOULDBLOCK, "held"), self.root, holder)
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        if self.held is not None:
+            self.held.close()
+            self.held = None
         self.mode = None
 
 
@@ -164,12 +160,14 @@ class RunDir:
         self.merged_path = os.path.join(self.state, "merged.json")
         self.results_path = os.path.join(self.root, "results.parquet")
         self.run_json = os.path.join(self.state, "run.json")
-        self.job_json = os.path.join(self.state, "job.json")
         self.config_path = os.path.join(self.root, "config.yaml")
         self.legacy_done = os.path.join(self.state, "done")  # completion markers of svd-batch <= 0.1 runs
-        self.plan_lock = FolderLock(os.path.join(self.state, "lock"), self.root, locks)
-        self.active_lock = FolderLock(os.path.join(self.state, "active"), self.root, locks)
-        self.merge_lock = FolderLock(os.path.join(self.state, "merge.lock"), self.root, locks)
+        # The ledger (claims, members, locks, job.json, the merge fence) goes through the store; the videos, parts
+        # and records are files of the folder.
+        self.store: Store = PosixStore(self.state)
+        self.plan_lock = FolderLock(self.store, "lock", self.root, locks)
+        self.active_lock = FolderLock(self.store, "active", self.root, locks)
+        self.merge_lock = FolderLock(self.store, "merge.lock", self.root, locks)
 
     def create(self) -> None:
         ownership.claim(self.root)  # a folder svd-batch did not make is refused before any write
@@ -230,25 +228,22 @@ class RunDir:
         """overwrite=true (alone in the folder): remove every earlier record and the videos it recorded, keep
         the folder and any file svd-batch did not write."""
         ownership.remove_recorded(self.root, self.read_records(["id"])["id"].to_pylist())
-        for path in self.part_files() + [self.records_path, self.results_path, self.run_json, self.merged_path,
-                                         self.job_json]:
+        for path in self.part_files() + [self.records_path, self.results_path, self.run_json]:
             ownership.remove_file(path)
+        self.store.delete(MERGED)
+        self.store.delete(JobInfo.KEY)
         self.forget_finished_work()
 
     def forget_finished_work(self) -> None:
         """Alone in the folder: earlier jobs' claims and members' files describe processes that are gone."""
-        import shutil
-
-        if os.path.isdir(self.jobs):
-            for entry in os.scandir(self.jobs):
-                shutil.rmtree(entry.path, ignore_errors=True)
-        for folder in (self.members, self.legacy_done):
-            if os.path.isdir(folder):
-                for entry in os.scandir(folder):
-                    try:
-                        os.unlink(entry.path)
-                    except OSError:
-                        pass
+        self.store.delete_all("jobs")
+        self.store.delete_all(MEMBERS)
+        if os.path.isdir(self.legacy_done):
+            for entry in os.scandir(self.legacy_done):
+                try:
+                    os.unlink(entry.path)
+                except OSError:
+                    pass
 
     # -- records ------------------------------------------------------------------------------------------
     def part_files(self) -> list[str]:
@@ -323,7 +318,7 @@ class RunDir:
     def sealed_parts(self) -> dict[str, int]:
         """Part file -> rows its member recorded when it finished: parts no member will write again."""
         sealed: dict[str, int] = {}
-        for info in read_members(self.members):
+        for info in read_members(self.store):
             if info.get("state") in FINAL_STATES:
                 sealed.update(info.get("parts") or {})
         if os.path.isdir(self.legacy_done):
@@ -335,7 +330,7 @@ class RunDir:
         """Whether the latest merge already holds every part as it is now (nothing for another merge to do)."""
         if not (os.path.exists(self.records_path) and os.path.exists(self.results_path)):
             return False
-        merged = (read_json(self.merged_path) or {}).get("parts")
+        merged = (read_key(self.store, MERGED) or {}).get("parts")
         if merged is None:
             return False
         now = {}
@@ -355,20 +350,19 @@ class RunDir:
         merged records, or None when another merge replaced records.parquet meanwhile (then nothing was
         written or deleted; merge again). The caller holds ``merge_lock`` where locks work."""
         gen = self.generation()
+        version = self.store.version(RECORDS)  # the fence: replaced only if no other merge replaced it meanwhile
         records, counts = self._read_all()
         sealed = self.sealed_parts()
         deletable = [p for p, n in counts.items() if all_parts or sealed.get(os.path.basename(p)) == n]
         if counts or not os.path.exists(self.records_path):
             table = records.replace_schema_metadata({**(records.schema.metadata or {}),
                                                      GENERATION_KEY: str(max(gen, 0) + 1).encode()})
-            try:
-                with atomic_path(self.records_path) as tmp:
-                    pq.write_table(table, tmp)
-                    pause_here("merge")  # test hook: a merge paused half-way (SIGSTOP, NFS hang)
-                    if self.generation() != gen:  # another merge won meanwhile: keep its table
-                        raise _Superseded
-            except _Superseded:
-                return None
+            def write(tmp: str) -> None:
+                pq.write_table(table, tmp)
+                pause_here("merge")  # test hook: a merge paused half-way (SIGSTOP, NFS hang)
+
+            if not self.store.replace_file(RECORDS, write, version):
+                return None  # another merge won meanwhile: keep its table
             for path in deletable:
                 try:
                     os.unlink(path)
@@ -376,7 +370,7 @@ class RunDir:
                     pass
             fsync_dir(self.parts)
         kept = {os.path.basename(p): n for p, n in counts.items() if p not in deletable}
-        write_text_atomic(json.dumps({"parts": kept, "at": time.time()}), self.merged_path)
+        self.store.put(MERGED, json.dumps({"parts": kept, "at": time.time()}).encode())
         if all_parts and os.path.isdir(self.legacy_done):
             for path in glob.glob(os.path.join(self.legacy_done, "*.json")):
                 os.unlink(path)

@@ -281,11 +281,11 @@ def _summarize(s: RunSettings, rundir: RunDir, plan: Plan, start, results, start
     if not_done:
         text += f"\n  {not_done} row(s) not done: run the same command again to finish them (exit code 3)."
     elif not unmerged:
-        job = JobInfo.read(rundir.job_json)
+        job = JobInfo.read(rundir.store)
         if job is not None and job.job == start.job.job and job.state != "complete":
             job.state = "complete"
             try:
-                job.write(rundir.job_json)
+                job.write(rundir.store)
             except OSError:
                 pass
     log(text)

@@ -4,25 +4,22 @@ The run is ``running`` (a member is alive), ``stopped`` (nobody works on it and 
 command; no ETA) or ``finished`` (the job is complete). The rate and ETA are those of the current run only
 (the latest launch), never averaged over the gap since an earlier one.
 
-Each member of a run (one rank of one launch) keeps ``.svd-batch/members/<member>.json`` up to date every
-couple of seconds and holds ``<member>.lock`` (flock) while it lives; ``.svd-batch/job.json`` says how many
-rows the job has and whether it is complete. ``read_members`` is the one place that knows that format. A
-folder from an older svd-batch has no member files: status then guesses from its records (see ``_legacy``).
+Each member of a run (one rank of one launch) keeps its member file in the ledger up to date every couple of
+seconds and holds its lock while it lives; job.json says how many rows the job has and whether it is complete.
+They are read as the run reads them (ledger.py, through the folder's store), and a member's liveness is decided
+as the run decides it (``liveness``): never from another node's clock. A folder from an older svd-batch has no
+member files: status then guesses from its records (see ``_legacy``).
 
 Read-only by design: it never takes the run's lock and never writes, so it is safe beside a running job
-(and on a read-only mount). Probing a member's lock on this host takes it only when its owner is gone.
+(and on a read-only mount). Probing a member's lock takes it only when its owner is gone.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import errno
-import fcntl
-import glob
-import json
 import os
-import socket
-from typing import Any
+import time
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -31,11 +28,10 @@ import pyarrow.compute as pc
 from .manifest import load_for
 from .results import epoch_seconds, float_values
 from .settings import RunSettings
-from .rundir import STATE, RunDir
+from .ledger import MEMBERS, JobInfo, read_key, read_members
+from .rundir import RunDir
+from .store import Store
 
-# A member whose file has not been rewritten for this long (it is rewritten every ~2 s) is gone, when its lock
-# cannot be probed from here (another host).
-BEAT_STALE_SECONDS = 30.0
 LIVE_STATES = ("working", "waiting")
 # A live member is stalled when its last row is this many times its median seconds per row old (and at least
 # STALL_MIN_SECONDS): one slow row is normal, several rows' worth of silence is not (a hung device).
@@ -53,47 +49,43 @@ def manifest_rows(root: str) -> int | None:
 
 
 # -- the run's own account of itself ---------------------------------------------------------------------------
-def _read_json(path: str) -> dict[str, Any] | None:
-    """A file rewritten whole by rename: complete or absent (None also when half-visible on a cached mount)."""
-    try:
-        with open(path) as f:
-            return dict(json.load(f))
-    except (OSError, ValueError):
-        return None
-
-
-def _lock_free(path: str) -> bool | None:
-    """Whether a member's lock is free (its owner is gone); None when it cannot be told from here."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return True
-    except OSError as exc:  # held (its member lives), or a filesystem without flock (then ask its beat)
-        return False if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else None
-    finally:
-        os.close(fd)
-
-
-def read_members(root: str, now: float) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """The run's members (each with ``alive``) and its job.json, as the ranks write them; ([], None) for a folder
-    without member files."""
-    state = os.path.join(root, STATE)
-    members = []
-    for path in sorted(glob.glob(os.path.join(state, "members", "*.json"))):
-        m = _read_json(path)
-        if m is None:
+def liveness(store: Store, members: list[dict[str, Any]], clock: Callable[[], float] = time.monotonic,
+             sleep: Callable[[float], None] = time.sleep) -> None:
+    """Set each member's ``alive`` the way the run decides (ledger.Peers), never from another node's clock: a
+    member in a final state is not alive; one whose lock is free is gone, one whose lock is held lives. Where the
+    lock cannot be told (a store without locks, a mount where it cannot be probed), status watches the members'
+    heartbeat counters on its own clock for two of their heartbeat intervals (and a second): a counter that moves
+    is a live member, one that does not would be a lost one by the end of the run's lease."""
+    undecided: dict[str, dict[str, Any]] = {}
+    for m in members:
+        m["alive"] = False
+        if m.get("state") not in LIVE_STATES:
             continue
-        alive = m.get("state") in LIVE_STATES
-        if alive:
-            free = _lock_free(path[:-len(".json")] + ".lock") if m.get("host") == socket.gethostname() else None
-            alive = (not free) if free is not None else now - float(m.get("beat_at") or 0.0) < BEAT_STALE_SECONDS
-        m["alive"] = alive
-        members.append(m)
-    return members, _read_json(os.path.join(state, "job.json"))
+        free = store.probe(f"{MEMBERS}/{m.get('member')}.lock")
+        if free is None:
+            undecided[str(m.get("member"))] = m
+        else:
+            m["alive"] = not free
+    if not undecided:
+        return
+    window = max(2.0 * float(m.get("heartbeat_seconds") or 2.0) + 1.0 for m in undecided.values())
+    deadline = clock() + window
+    while undecided and clock() < deadline:
+        sleep(min(0.25, window))
+        for d in read_members(store):
+            m = undecided.get(d["member"])
+            if m is not None and d.get("beat") != m.get("beat"):
+                m.update(d, alive=d.get("state") in LIVE_STATES)
+                del undecided[d["member"]]
+
+
+def collect_members(store: Store, clock: Callable[[], float] = time.monotonic,
+                    sleep: Callable[[float], None] = time.sleep) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The run's members (each with ``alive``) and its job, as the ranks write them; ([], None) for a folder
+    without member files."""
+    members = read_members(store)
+    liveness(store, members, clock, sleep)
+    return members, read_key(store, JobInfo.KEY)
 
 
 # -- figures ------------------------------------------------------------------------------------------------------
@@ -221,10 +213,13 @@ def _iso(t: float | None) -> str | None:
     return None if t is None else dt.datetime.fromtimestamp(float(t), dt.timezone.utc).isoformat()
 
 
-def collect(root: str, now: dt.datetime | None = None, total: int | None = None) -> dict[str, Any]:
+def collect(root: str, now: dt.datetime | None = None, total: int | None = None,
+            clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+    """``now``: the wall clock for people's figures (rates, "ago"); ``clock``/``sleep``: the monotonic clock that
+    liveness is judged on (tests pass fake ones)."""
     now_s = (now or dt.datetime.now(dt.timezone.utc)).timestamp()
     rd = RunDir(root)
-    members, job = read_members(rd.root, now_s)
+    members, job = collect_members(rd.store, clock, sleep)
     # results.parquet is looked at before the records, so that "finished" describes the same moment as the rows:
     # a run that finishes while this reads is still seen as running.
     try:

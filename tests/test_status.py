@@ -157,14 +157,30 @@ def test_a_run_whose_members_are_gone_is_stopped_with_no_eta(resumed_run):
     assert "ETA" not in text and "STALLED" not in text and "lost:" in text
 
 
-def test_members_on_another_host_are_judged_by_their_beat(resumed_run):
+def test_members_whose_lock_cannot_be_probed_are_judged_by_their_beat_moving_on_status_s_clock(resumed_run):
+    """As the run decides (ledger.Peers): never from another node's wall clock (``beat_at``), but from whether
+    the heartbeat counter moves, watched on this process's own clock."""
     root, start = resumed_run
+    members = root / ".svd-batch" / "members"
     for r in (0, 1):
         member(root, "L2", r, state="waiting", started=start, beat=NOW - 2, rows=15, host="gpu-node-7")
-    now = dt.datetime.fromtimestamp(NOW, dt.timezone.utc)
-    assert collect(str(root), now=now)["state"] == "running"  # beat 2 s ago
-    late = collect(str(root), now=now + dt.timedelta(minutes=5))
-    assert late["state"] == "stopped" and {m["state"] for m in late["members"]} == {"lost"}
+        (members / f"L2-r{r:05d}.lock").unlink()  # its lock is not visible from here (a store without locks)
+    clock = [100.0]
+
+    def sleep(seconds):  # rank 0 beats while status watches; rank 1 is silent
+        clock[0] += seconds
+        path = members / "L2-r00000.json"
+        d = json.loads(path.read_text())
+        path.write_text(json.dumps({**d, "beat": d["beat"] + 1}))
+
+    far = dt.datetime.fromtimestamp(NOW + 86400, dt.timezone.utc)  # a wall clock a day ahead changes nothing
+    st = collect(str(root), now=far, clock=lambda: clock[0], sleep=sleep)
+    assert st["state"] == "running" and [m["state"] for m in st["members"]] == ["waiting", "lost"]
+    assert 5.0 <= clock[0] - 100.0 <= 6.0  # watched two heartbeats (2 s each) and a second, not the lease
+    clock[0] = 0.0
+    quiet = collect(str(root), now=dt.datetime.fromtimestamp(NOW, dt.timezone.utc), clock=lambda: clock[0],
+                    sleep=lambda s: clock.__setitem__(0, clock[0] + s))
+    assert quiet["state"] == "stopped" and {m["state"] for m in quiet["members"]} == {"lost"}
 
 
 def test_a_hung_member_is_flagged_stalled(resumed_run):
