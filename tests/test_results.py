@@ -67,7 +67,7 @@ def test_rescore_refuses_while_a_merge_holds_the_folder_and_writes_nothing(tmp_p
 
     rd = scored_results(tmp_path, [{"id": "a", "status": "ok", "video_path": "videos/a.mp4", "motion_score": 0.5}])
     before = os.stat(rd.results_path).st_mtime_ns, (tmp_path / "results.parquet").read_bytes()
-    merging = FolderLock(rd.merge_lock.path, rd.root)  # another open file: conflicts even within this process
+    merging = FolderLock(rd.store, rd.merge_lock.key, rd.root)  # another open file: conflicts even within this process
     assert merging.acquire(describe=True)
     try:
         with pytest.raises(RunDirError, match="merging its records") as exc:
@@ -96,7 +96,7 @@ def test_rescore_writes_under_the_merge_lock_and_keeps_rows_merged_meanwhile(tmp
         return {c: 0.75 for c in results_mod.SCORE_COLUMNS}
 
     def write_checking_the_lock(table, path):
-        probe = FolderLock(rd.merge_lock.path, rd.root)
+        probe = FolderLock(rd.store, rd.merge_lock.key, rd.root)
         assert not probe.acquire(), "results.parquet rewritten without the merge lock"
         probe.release()
         real_write(table, path)
