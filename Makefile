@@ -27,7 +27,7 @@ test: setup browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow and not distributed and not browser" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not distributed and not browser and not process" $(PYTEST_ARGS)
 
 # The gallery test loads the page in headless Chromium (Debian package `chromium`).
 browser:

@@ -26,6 +26,8 @@ TINY = ["model=tiny", "generation.height=64", "generation.width=64", "generation
 
 
 MODEL_MARKS = {"slow", "distributed", "browser"}
+# Tests that start a process (ffmpeg, a CLI usage error) but never run the model: out of the fast set too.
+PROCESS_MARKS = MODEL_MARKS | {"process"}
 # Kept in the environment: test modules import this file as tests.conftest, pytest as conftest (two copies).
 MAY_RUN = "SVD_BATCH_TEST_MAY_RUN_MODEL"
 
@@ -59,14 +61,33 @@ def tiny_model(tiny_cache):
     return _build_tiny_model()
 
 
-def _marked(item) -> bool:
-    return bool({m.name for m in item.iter_markers()} & MODEL_MARKS)
+def _marked(item, marks=MODEL_MARKS) -> bool:
+    return bool({m.name for m in item.iter_markers()} & marks)
+
+
+_may_start_process = True
+
+
+def _guarded(real):
+    """A process start that fails in the fast set: `make test-fast` starts no process (issue 27)."""
+    def start(*args, **kwargs):
+        if not _may_start_process:
+            raise AssertionError(f"{os.environ.get('PYTEST_CURRENT_TEST', 'this test')} starts a process: mark it "
+                                 "process (or slow/distributed/browser), or test the logic without one")
+        return real(*args, **kwargs)
+    return start
+
+
+subprocess.Popen._execute_child = _guarded(subprocess.Popen._execute_child)
+os.fork = _guarded(os.fork)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
+    global _may_start_process
     # Before any fixture: a module-scoped fixture that runs svd-batch is set up within its first test's setup.
     os.environ[MAY_RUN] = item.nodeid if _marked(item) else ""
+    _may_start_process = _marked(item, PROCESS_MARKS)
 
 
 @pytest.fixture(autouse=True)

@@ -50,6 +50,7 @@ def test_csv_and_jsonl_sources(tmp_path):
     assert pq.read_table(tmp_path / "b.parquet")["id"].to_pylist() == ["j0", "j1", "j2"]
 
 
+@pytest.mark.process
 def test_invalid_values_are_refused_like_the_runner_does(tmp_path):
     (tmp_path / "img").mkdir()
     shutil.copy(SAMPLE / "cat.jpg", tmp_path / "img" / "cat.jpg")

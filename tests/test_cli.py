@@ -153,6 +153,7 @@ def test_bad_override_is_a_usage_error(tmp_path):
     assert "output.dir = '/x/${oops}'" in proc.stderr and "\n" not in proc.stderr.strip()
 
 
+@pytest.mark.process
 def test_help_lists_usage_groups_and_exit_codes():
     proc = subprocess.run([sys.executable, "-m", "svd_batch", "--help"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0
@@ -160,6 +161,7 @@ def test_help_lists_usage_groups_and_exit_codes():
     assert "model: svd, svd_xt, svd_xt_1_1, tiny" in proc.stdout and "memory: full, low_vram, offload" in proc.stdout
 
 
+@pytest.mark.process
 def test_multirun_is_refused_before_anything_runs(tmp_path):
     for flag in ("-m", "--multirun"):
         proc = subprocess.run([sys.executable, "-m", "svd_batch", flag, "generation.seed=1,2", "runtime.progress=false"],
@@ -236,6 +238,7 @@ def test_lone_process_warning_only_for_a_world_of_one_that_asked_for_more():
     assert lone_process_warning({}, ["bash"]) is None  # plain svd-batch
 
 
+@pytest.mark.process
 def test_library_info_lines_are_hidden_and_their_warnings_kept(tmp_path):
     """botocore logs "Found credentials in environment variables." at INFO through Hydra's root logger."""
     code = ("import logging, sys\n"

@@ -175,6 +175,7 @@ def test_hostile_image_sources_fail_their_rows_and_the_run_and_its_rerun_finish(
         assert tree(tmp_path, skip=out) == before  # nothing written or deleted outside output.dir
 
 
+@pytest.mark.process
 def test_deep_images_convert_within_their_stated_memory(tmp_path):
     """A 16-bit grey PNG compresses to almost nothing; decoding and converting it costs images.decoded_bytes
     (the old float64 conversion took 4-5x more). Over runtime.max_row_bytes it fails its row, naming the limit."""
@@ -208,6 +209,7 @@ def test_every_odd_read_is_a_row_error(tmp_path):
 
 
 # -- the manifest -----------------------------------------------------------------------------------------------
+@pytest.mark.process
 def test_sizes_the_model_or_the_machine_cannot_do_are_refused_up_front(tmp_path):
     cat = str(SAMPLE / "cat.jpg")
     rows = [
@@ -241,6 +243,7 @@ def test_sizes_the_model_or_the_machine_cannot_do_are_refused_up_front(tmp_path)
     assert dry.returncode == 0 and "2 selected" in dry.stdout, dry.stderr
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("case", ["duplicate image column", "list id column", "binary fps column", "fifo manifest"])
 def test_malformed_manifests_are_a_clean_usage_error(tmp_path, case):
     cat = str(SAMPLE / "cat.jpg")
@@ -370,6 +373,7 @@ def test_an_extra_column_parquet_cannot_store_is_dropped_with_one_warning():
 
 
 # -- row errors are not device errors ---------------------------------------------------------------------------
+@pytest.mark.process
 def test_a_streak_of_equal_shape_errors_fails_the_rows_and_the_rank_goes_on(tmp_path):
     import types
 

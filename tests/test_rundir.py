@@ -132,6 +132,7 @@ def test_a_held_lock_refuses_a_second_holder_and_shared_holders_block_exclusive(
     assert second.active_lock.acquire()
 
 
+@pytest.mark.process
 def test_the_video_rename_is_durable_before_its_record(tmp_path, monkeypatch):
     import svd_batch.atomic as atomic
     from svd_batch.video import write_mp4

@@ -27,6 +27,7 @@ def test_bench_gpu_parts_in_the_development_venv(tmp_path):
     assert proc.returncode == 2 and "unknown part(s) warp" in proc.stderr
 
 
+@pytest.mark.process
 def test_bench_bookkeeping_small(tmp_path):
     proc = subprocess.run([sys.executable, "scripts/bench_bookkeeping.py", "--rows", "5000", "--done", "4000",
                            "--repeats", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -68,6 +68,7 @@ def test_status_while_two_processes_write(tmp_path):
     assert snapshot(out) == before
 
 
+@pytest.mark.process
 def test_status_of_a_folder_that_is_not_a_run(tmp_path):
     st = status(tmp_path)
     assert st.returncode == 2 and "not an svd-batch output folder" in st.stderr

@@ -24,6 +24,7 @@ def test_hash_is_of_the_c_contiguous_uint8_array():
     assert frames_sha256(b) != frames_sha256(a)
 
 
+@pytest.mark.process
 def test_mp4_has_the_frames_size_and_fps(tmp_path):
     y, x = np.mgrid[0:40, 0:72]
     base = np.stack([x * 3, y * 5, (x + y) * 2], axis=-1).astype(np.uint8)  # smooth: survives yuv420p
@@ -47,6 +48,7 @@ def test_failed_write_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.process
 def test_a_full_disk_raises_and_leaves_no_video(tmp_path, small_fs):
     from svd_batch.video import VideoWriteError, is_output_error
 
@@ -59,6 +61,7 @@ def test_a_full_disk_raises_and_leaves_no_video(tmp_path, small_fs):
     assert sorted(os.listdir(small_fs)) == ["filler"]  # nothing half-written left, nothing renamed into place
 
 
+@pytest.mark.process
 def test_a_truncated_mp4_is_told_apart(tmp_path):
     from svd_batch.video import mp4_problem
 
@@ -74,6 +77,7 @@ def test_a_truncated_mp4_is_told_apart(tmp_path):
     assert mp4_problem(str(cut)) is not None
 
 
+@pytest.mark.process
 def test_ffmpeg_hit_by_a_stop_signal_encodes_once_more(tmp_path, monkeypatch):
     """SLURM's --signal (no B:) reaches every process of the job step, ffmpeg too: it exits 255 after SIGTERM
     (or dies of SIGUSR1). The rank decides about the unit in hand, so the video is encoded once more."""

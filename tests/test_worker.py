@@ -119,6 +119,7 @@ def test_images_in_flight_are_bounded(tmp_path, monkeypatch):
     assert peak[0] <= (prefetch + 1) * batch_size
 
 
+@pytest.mark.process
 def test_a_row_that_fails_after_a_stop_signal_is_left_for_the_next_run(tmp_path):
     """Ctrl-C reaches the whole process group: a row failing after it may have failed because of it, so it
     is given back (its unit unfinished), never recorded failed."""
