@@ -72,13 +72,13 @@ class Sample:
 
 
 class TarShard:
-    """``<key>.mp4``, ``<key>.json``, ``<key>.jpg`` per sample (PAX tar: names of any length), plus the rows for
+    """``<key>.mp4``, ``<key>.json``, ``<key>.jpg`` per sample (GNU tar: names of any length), plus the rows for
     the sidecar."""
 
     suffix = ".tar"
 
     def __init__(self, path: str, schema: pa.Schema):
-        self.tar = tarfile.open(path, "w", format=tarfile.PAX_FORMAT)
+        self.tar = tarfile.open(path, "w", format=tarfile.GNU_FORMAT)
         self.schema = pa.schema([("key", pa.string()), *schema])
         self.rows: list[dict[str, Any]] = []
         self.count = 0

@@ -88,13 +88,14 @@ def _file_names(folder: str) -> set[str]:
 
 
 def _paths(root: str, ids: list[str], given: list[str | None], default_dir: str, ext: str,
-           present: set[str], fallback: list[str | None] | None = None) -> list[Any]:
-    """Per row: 1 when <default_dir>/<id>.<ext> exists (the page builds the name), else a relative path or 0."""
+           present: set[str], fallback: list[str | None] | None = None, spread: bool = False) -> list[Any]:
+    """Per row: 1 when <default_dir>/<id>.<ext> exists (the page builds the name), else a relative path or 0.
+    In a spread folder ``present`` holds <subfolder>/<name>, and the path is given."""
     out: list[Any] = []
     for k, rid in enumerate(ids):
-        name = f"{rid}.{ext}"
+        name = f"{ownership.subfolder(rid)}/{rid}.{ext}" if spread else f"{rid}.{ext}"
         if name in present:
-            out.append(1)
+            out.append(f"{default_dir}/{name}" if spread else 1)
             continue
         p = given[k] if given is not None else None
         if p is None and fallback is not None and fallback[k] and not str(fallback[k]).startswith(("http://", "https://")):
@@ -111,6 +112,10 @@ def write_data_chunks(root: str, results: pa.Table, hosts: list[str], chunk_rows
     folder = os.path.join(root, REPORT_DIR)
     os.makedirs(folder, exist_ok=True)
     videos, inputs = _file_names(os.path.join(root, ownership.VIDEOS)), _file_names(os.path.join(root, INPUTS))
+    spread = ownership.layout(root) == ownership.SPREAD
+    if spread:  # one listing per subfolder (256), not a stat per row
+        inputs = {f"{sub.split('/')[-1]}/{n}" for sub in ownership.subfolders(root, INPUTS)
+                  for n in _file_names(os.path.join(root, sub))}
     host_index = {h: i for i, h in enumerate(hosts)}
     n = results.num_rows
     chunks = max(1, math.ceil(n / chunk_rows)) if n else 0
@@ -139,7 +144,7 @@ def write_data_chunks(root: str, results: pa.Table, hosts: list[str], chunk_rows
         vp = part["video_path"].to_pylist()
         cols["vid"] = _js_values([1 if (not f and f"{i}.mp4" in videos and p == f"videos/{i}.mp4") else (p if not f else 0)
                                   for i, p, f in zip(ids, vp, failed)])
-        cols["img"] = _js_values(_paths(root, ids, None, INPUTS, "jpg", inputs, part["image"].to_pylist()))
+        cols["img"] = _js_values(_paths(root, ids, None, INPUTS, "jpg", inputs, part["image"].to_pylist(), spread))
         text = f"SVD.chunk({k},{json.dumps(cols, separators=(',', ':'), allow_nan=True)});\n"
         write_text_atomic(text, os.path.join(folder, f"data-{k:05d}.js"))
     own = ownership.real_folder(root, REPORT_DIR)  # never delete through a link out of the folder
