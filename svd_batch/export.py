@@ -168,8 +168,9 @@ class _Open:
     def commit(self) -> int:
         self.writer.close()
         size = self.writer.bytes_written()
-        self.dest.write_table(f"{INDEX_DIR}/shard-{self.n:06d}.parquet",
-                              pa.Table.from_pylist(self.index, schema=INDEX_SCHEMA))
+        self.table = pa.Table.from_pylist(self.index, schema=INDEX_SCHEMA)
+        self.index = []
+        self.dest.write_table(f"{INDEX_DIR}/shard-{self.n:06d}.parquet", self.table)
         sidecar = self.writer.sidecar()
         if sidecar is not None:
             self.dest.write_table(f"shard-{self.n:06d}.parquet", sidecar)
@@ -208,14 +209,14 @@ def export(run_dir: str, to: str, fmt: str = "webdataset", *, shard_size: int = 
         _check_meta(dest, fmt, rd)
         index, counted = load_index(dest, fmt)
         with pa.OSFile(rd.results_path, "rb") as handle:  # one open file: a run may replace results.parquet meanwhile
-            pf = pq.ParquetFile(handle)
+            pf = pq.ParquetFile(handle, pre_buffer=False, buffer_size=1 << 20)  # streamed: a page at a time
             todo = plan(pf, index, rd.root, summary)
             schema = pa.schema(list(pf.schema_arrow))  # without pandas' metadata
             new = _write(pf, todo, schema, rd, dest, fmt, max(counted, default=-1) + 1, shard_size, shard_bytes,
                          summary, stopped, tqdm(total=int(todo.sum()), unit="sample", desc="export",
                                                 disable=None if progress is None else not progress))
         if new:
-            index = pa.concat_tables([index, pa.Table.from_pylist(new, schema=INDEX_SCHEMA)])
+            index = pa.concat_tables([index, *new]).combine_chunks()
             dest.write_table(INDEX_FILE, index)
         dest.sync()
     summary.total_shards = len(counted) + summary.shards
@@ -225,10 +226,10 @@ def export(run_dir: str, to: str, fmt: str = "webdataset", *, shard_size: int = 
 
 
 def _write(pf: pq.ParquetFile, todo: np.ndarray, schema: pa.Schema, rd: RunDir, dest: Dest, fmt: str, n: int,
-           shard_size: int, shard_bytes: int, summary: Summary, stopped: Callable[[], bool], bar) -> list[dict]:
-    """Pack the rows marked in ``todo`` into shards n, n+1, ...; returns their index rows."""
+           shard_size: int, shard_bytes: int, summary: Summary, stopped: Callable[[], bool], bar) -> list[pa.Table]:
+    """Pack the rows marked in ``todo`` into shards n, n+1, ...; returns their index rows (a table per shard)."""
     shard: _Open | None = None
-    new: list[dict] = []
+    new: list[pa.Table] = []
     offset = 0
     try:
         for b in pf.iter_batches(batch_size=READ_ROWS):
@@ -254,7 +255,7 @@ def _write(pf: pq.ParquetFile, todo: np.ndarray, schema: pa.Schema, rd: RunDir, 
                                           or shard.writer.bytes_written() + s.size > shard_bytes):
                     summary.bytes += shard.commit()
                     summary.shards += 1
-                    new += shard.index
+                    new.append(shard.table)
                     shard, n = None, n + 1
                 if shard is None:
                     shard = _Open(dest, fmt, n, schema)
@@ -270,7 +271,7 @@ def _write(pf: pq.ParquetFile, todo: np.ndarray, schema: pa.Schema, rd: RunDir, 
                 raise Stopped
             summary.bytes += shard.commit()
             summary.shards += 1
-            new += shard.index
+            new.append(shard.table)
             shard = None
     except BaseException:
         if shard is not None:

@@ -379,3 +379,30 @@ def test_the_first_screen_reaches_the_videos_and_the_charts_fit(big_report, brow
         assert c["out"] == [] and c["legendClear"], c
     # Each card names what its seconds figure is.
     assert browser.wait("document.querySelector('#grid .card:not(.failed) .sc')?.textContent.includes(' · made in ')")
+
+
+def test_a_spread_folder_s_report_points_at_the_subfolders(tmp_path):
+    """Videos and input images in videos/<ab>/, inputs/<ab>/ (new folders): the page gets their paths."""
+    import json
+
+    from svd_batch import ownership
+    from svd_batch.report.data import write_data_chunks
+    from svd_batch.rundir import RunDir
+    from tests.conftest import record
+
+    rd = RunDir(str(tmp_path / "run"))
+    rd.create()
+    for rid in ("a.1", "b"):
+        for path in (rd.video_path(rid), rd.input_path(rid)):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            open(path, "wb").close()
+    rows = [record(id=rid, row=k, video_path=os.path.relpath(rd.video_path(rid), rd.root)).as_dict()
+            for k, rid in enumerate(("a.1", "b"))]
+    from svd_batch.fields import RESULT_SCHEMA
+
+    write_data_chunks(rd.root, pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), ["h"])
+    text = (tmp_path / "run" / "report" / "data-00000.js").read_text()
+    cols = json.loads(text[text.index(",") + 1:text.rindex(")")])
+    subs = [ownership.subfolder(r) for r in ("a.1", "b")]
+    assert cols["vid"] == [f"videos/{subs[0]}/a.1.mp4", f"videos/{subs[1]}/b.mp4"]
+    assert cols["img"] == [f"inputs/{subs[0]}/a.1.jpg", f"inputs/{subs[1]}/b.jpg"]
