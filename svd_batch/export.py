@@ -50,7 +50,7 @@ INDEX_SCHEMA = pa.schema([("id", pa.string()), ("key", pa.string()), ("shard", p
                           ("frames_sha256", pa.string()), ("video_size", pa.int64()), ("video_mtime_ns", pa.int64())])
 _DATA = {"webdataset": re.compile(r"^shard-(\d{6})\.tar$"), "parquet": re.compile(r"^train-(\d{6})\.parquet$")}
 _PIECE = re.compile(r"^shard-(\d{6})\.parquet$")
-SCAN_ROWS, READ_ROWS = 65536, 256
+SCAN_ROWS, READ_ROWS = 8192, 256
 
 
 def data_name(fmt: str, n: int) -> str:
@@ -100,11 +100,12 @@ def _check_meta(dest: Dest, fmt: str, rd: RunDir) -> None:
                           "their ids could collide. Export each run to its own --to.")
 
 
-def load_index(dest: Dest, fmt: str) -> tuple[pa.Table, set[int]]:
-    """The index rows of every counted shard (its data file is in place), and the counted shard numbers."""
+def load_index(dest: Dest, fmt: str) -> tuple[pa.Table, set[int], bool]:
+    """The index rows of every counted shard (its data file is in place), the counted shard numbers, and whether
+    pieces not yet folded into index.parquet were read."""
     folder = os.path.dirname(data_name(fmt, 0))
     counted = {int(m.group(1)) for name in dest.names(folder) if (m := _DATA[fmt].match(name))}
-    tables, covered = [], set()
+    tables, covered, pieces = [], set(), 0
     if dest.exists(INDEX_FILE):
         t = dest.read_table(INDEX_FILE)
         covered = set(pc.unique(t["shard"]).to_pylist())
@@ -113,9 +114,10 @@ def load_index(dest: Dest, fmt: str) -> tuple[pa.Table, set[int]]:
         m = _PIECE.match(name)
         if m and int(m.group(1)) in counted and int(m.group(1)) not in covered:
             tables.append(dest.read_table(f"{INDEX_DIR}/{name}"))
+            pieces += 1
     index = pa.concat_tables([t.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA) for t in tables]) if tables \
         else INDEX_SCHEMA.empty_table()
-    return index, counted
+    return index, counted, pieces > 0
 
 
 def _stat(path: str) -> tuple[int, int] | None:
@@ -184,8 +186,8 @@ class _Open:
 
 
 def export(run_dir: str, to: str, fmt: str = "webdataset", *, shard_size: int = 1000, shard_bytes: int | None = None,
-           tmp_dir: str | None = None, progress: bool | None = None, stopped: Callable[[], bool] = lambda: False,
-           log: Callable[[str], None] = print) -> Summary:
+           tmp_dir: str | None = None, progress: bool | None = None,
+           stopped: Callable[[], bool] = lambda: False) -> Summary:
     """Export the run's ok rows not yet at ``to`` (see the module docstring). Raises ExportError (its ``code``) or
     Stopped; rows that could not be read are in ``Summary.missing``."""
     from tqdm import tqdm
@@ -207,7 +209,7 @@ def export(run_dir: str, to: str, fmt: str = "webdataset", *, shard_size: int = 
     with _dest_lock(dest):
         dest.sweep(["", "data", STATE_DIR, INDEX_DIR])
         _check_meta(dest, fmt, rd)
-        index, counted = load_index(dest, fmt)
+        index, counted, pieces = load_index(dest, fmt)
         with pa.OSFile(rd.results_path, "rb") as handle:  # one open file: a run may replace results.parquet meanwhile
             pf = pq.ParquetFile(handle, pre_buffer=False, buffer_size=1 << 20)  # streamed: a page at a time
             todo = plan(pf, index, rd.root, summary)
@@ -215,7 +217,7 @@ def export(run_dir: str, to: str, fmt: str = "webdataset", *, shard_size: int = 
             new = _write(pf, todo, schema, rd, dest, fmt, max(counted, default=-1) + 1, shard_size, shard_bytes,
                          summary, stopped, tqdm(total=int(todo.sum()), unit="sample", desc="export",
                                                 disable=None if progress is None else not progress))
-        if new:
+        if new or pieces:
             index = pa.concat_tables([index, *new]).combine_chunks()
             dest.write_table(INDEX_FILE, index)
         dest.sync()

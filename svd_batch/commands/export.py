@@ -60,8 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(sig, on_signal)
     try:
         s = export(args.run_dir, args.to, args.format, shard_size=args.shard_size, shard_bytes=args.shard_bytes,
-                   tmp_dir=args.tmp_dir, progress=False if args.no_progress else None, stopped=lambda: bool(caught),
-                   log=print)
+                   tmp_dir=args.tmp_dir, progress=False if args.no_progress else None, stopped=lambda: bool(caught))
     except ExportError as exc:
         print(f"svd-batch-export: {exc}", file=sys.stderr)
         sys.exit(exc.code)
@@ -80,8 +79,8 @@ def main(argv: list[str] | None = None) -> None:
               "are not exported twice; export to a new --to for a set with the new videos.", file=sys.stderr)
     if s.missing:
         print(f"svd-batch-export: {len(s.missing)} ok row(s) were not exported because their video (results' "
-              f"video_path) could not be read: {_named(s.missing)}. Regenerate them (delete their records with "
-              "overwrite, or restore the files), then run the same command again.", file=sys.stderr)
+              f"video_path) could not be read: {_named(s.missing)}. Restore the files (or make those rows again in "
+              "a new output.dir), then run the same command again: it adds them.", file=sys.stderr)
         sys.exit(1)
 
 
