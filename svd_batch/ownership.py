@@ -11,6 +11,7 @@ pattern ``atomic.atomic_path`` gives them. Its subfolders must be real folders: 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -22,6 +23,14 @@ from typing import Iterable
 STATE = ".svd-batch"
 VIDEOS, INPUTS, REPORT, STATS, THUMBS = "videos", "inputs", "report", "stats", f"{STATE}/thumbs"
 MARKER = os.path.join(STATE, "owner.json")
+# How a folder lays out its per-row files. Version 2 (folders made since): videos/<ab>/<id>.mp4, inputs/<ab>/<id>.jpg
+# and thumbs/<ab>/<id>.png, <ab> the first two hex digits of the id's SHA-1: 256 subfolders, about 4,000 files each
+# at a million rows (listing a folder of a million files is slow on NFS and Lustre, and the Hub takes at most
+# 10,000 per folder). Version 1 (no layout file: folders of earlier versions) keeps them flat, as they were.
+LAYOUT = os.path.join(STATE, "layout.json")
+FLAT, SPREAD = 1, 2
+SPREAD_FOLDERS = (VIDEOS, INPUTS, THUMBS)
+_SUBFOLDER = re.compile(r"^[0-9a-f]{2}$")
 
 # The folders svd-batch writes into, relative to output.dir ("" is output.dir itself).
 FOLDERS = ("", VIDEOS, INPUTS, REPORT, STATS, STATE, f"{STATE}/parts", f"{STATE}/done", THUMBS,
@@ -37,7 +46,7 @@ NAMES = {
     INPUTS: rf"{_ID}\.jpg",
     REPORT: r"data-\d{5}\.js",
     STATS: r"rank-\d{5}\.json",
-    STATE: r"run\.json|records\.parquet|lock|owner\.json|active|merge\.lock|merged\.json|job\.json",
+    STATE: r"run\.json|records\.parquet|lock|owner\.json|active|merge\.lock|merged\.json|job\.json|layout\.json",
     f"{STATE}/parts": rf"{_MEMBER}-\d{{5}}\.parquet|{_SESSION}-rank\d{{5}}-\d{{5}}\.parquet",
     f"{STATE}/members": rf"{_MEMBER}\.(?:json|lock|token\d+)",
     f"{STATE}/jobs": _SESSION,
@@ -51,6 +60,59 @@ _FINAL = {folder: re.compile(rf"^(?:{names})$") for folder, names in NAMES.items
 OLD_PAGE = re.compile(r"^index-\d+\.html$")
 # What a folder made by svd-batch before the marker existed holds.
 _LEGACY = ("run.json", "records.parquet", "lock", "parts")
+
+
+def subfolder(row_id: str) -> str:
+    """The subfolder of a row's files in the spread layout."""
+    return hashlib.sha1(row_id.encode()).hexdigest()[:2]
+
+
+def layout(root: str) -> int | None:
+    """The folder's layout version; None when it has no layout file (an earlier version's folder: flat)."""
+    try:
+        with open(os.path.join(root, LAYOUT)) as f:
+            return int(json.load(f).get("version", FLAT))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return FLAT
+
+
+def set_layout(root: str, version: int) -> None:
+    from .atomic import write_text_atomic
+
+    write_text_atomic(json.dumps({"version": version, "subfolders": "sha1(id)[:2]" if version == SPREAD else None}),
+                      os.path.join(root, LAYOUT))
+
+
+def make_layout(root: str, fresh: bool) -> None:
+    """Record the layout of a folder that has none (spread when ``fresh``: nothing recorded yet, else flat), and
+    make every video subfolder before any rank writes, durably (no writer has to create one)."""
+    from .atomic import fsync_dir
+
+    if layout(root) is None:
+        set_layout(root, SPREAD if fresh else FLAT)
+    videos = os.path.join(root, VIDEOS)
+    if layout(root) == SPREAD and not os.path.isdir(os.path.join(videos, "ff")):
+        for k in range(256):
+            os.makedirs(os.path.join(videos, f"{k:02x}"), exist_ok=True)
+        fsync_dir(videos)
+
+
+def subfolders(root: str, folder: str) -> list[str]:
+    """The spread layout's real subfolders of ``folder`` (relative to output.dir); links are never followed."""
+    path = real_folder(root, folder)
+    if path is None:
+        return []
+    return [f"{folder}/{e.name}" for e in os.scandir(path)
+            if _SUBFOLDER.match(e.name) and e.is_dir(follow_symlinks=False)]
+
+
+def _spread(root: str) -> list[tuple[str, str]]:
+    """(subfolder, the folder whose names it holds) for every spread subfolder of a spread-layout folder."""
+    if layout(root) != SPREAD:
+        return []
+    return [(sub, folder) for folder in SPREAD_FOLDERS for sub in subfolders(root, folder)]
 
 
 def is_temporary(folder: str, name: str) -> bool:
@@ -91,6 +153,12 @@ def _links(root: str) -> list[str]:
             bad.append(f"{folder} (a symlink to {os.readlink(path)})")
         elif os.path.lexists(path) and not os.path.isdir(path):
             bad.append(f"{folder} (not a folder)")
+    if layout(root) == SPREAD:
+        for folder in SPREAD_FOLDERS:
+            path = real_folder(root, folder)
+            for entry in os.scandir(path) if path else ():
+                if _SUBFOLDER.match(entry.name) and entry.is_symlink():
+                    bad.append(f"{folder}/{entry.name} (a symlink to {os.readlink(entry.path)})")
     for folder in ("", STATE):
         where = os.path.join(root, folder) if folder else root
         if os.path.isdir(where) and not os.path.islink(where):
@@ -157,19 +225,21 @@ def mark(root: str) -> None:
 def remove_temporaries(root: str) -> None:
     """Delete what a killed writer left half-written: only names matching the temporary pattern of the folder,
     only in real folders, and only files or links (removing a link never touches what it points to)."""
-    for folder in FOLDERS:
+    for folder, names in [(f, f) for f in FOLDERS] + _spread(root):
         path = real_folder(root, folder)
         if path is None:
             continue
         for entry in os.scandir(path):
-            if is_temporary(folder, entry.name) and (entry.is_symlink() or entry.is_file(follow_symlinks=False)):
+            if is_temporary(names, entry.name) and (entry.is_symlink() or entry.is_file(follow_symlinks=False)):
                 _unlink(entry.path)
 
 
 def remove_recorded(root: str, ids: Iterable[str]) -> None:
     """Delete the videos, input images and thumbnails of recorded ids (overwrite=true); nothing else there."""
     ids = set(ids)
-    for folder, ext in ((VIDEOS, ".mp4"), (INPUTS, ".jpg"), (THUMBS, ".png")):
+    spread = _spread(root)
+    for folder, ext in [(VIDEOS, ".mp4"), (INPUTS, ".jpg"), (THUMBS, ".png")] + [
+            (sub, {VIDEOS: ".mp4", INPUTS: ".jpg", THUMBS: ".png"}[parent]) for sub, parent in spread]:
         path = real_folder(root, folder)
         if path is None:
             continue

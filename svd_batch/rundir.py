@@ -2,7 +2,8 @@
 
 Layout under ``output.dir``::
 
-    videos/<id>.mp4            one per finished row, renamed into place only when complete
+    videos/<ab>/<id>.mp4       one per finished row, renamed into place only when complete (<ab>: ownership.subfolder;
+                               folders made before the spread layout keep videos/<id>.mp4: .svd-batch/layout.json)
     results.parquet            one row per manifest row that has a record, written by every merge
     config.yaml                the resolved config of the latest start
     .svd-batch/run.json        what finished videos depend on (config fingerprint, model identity)
@@ -168,6 +169,7 @@ class RunDir:
         self.plan_lock = FolderLock(self.store, "lock", self.root, locks)
         self.active_lock = FolderLock(self.store, "active", self.root, locks)
         self.merge_lock = FolderLock(self.store, "merge.lock", self.root, locks)
+        self._spread: bool | None = None
 
     def create(self) -> None:
         ownership.claim(self.root)  # a folder svd-batch did not make is refused before any write
@@ -175,17 +177,27 @@ class RunDir:
         ownership.mark(self.root)
         for d in (self.videos, self.parts, self.members, self.jobs):
             os.makedirs(d, exist_ok=True)
+        # A new folder spreads its files over subfolders; one with results of an earlier version stays flat.
+        ownership.make_layout(self.root, fresh=not self.has_previous_work())
+
+    def _place(self, folder: str, row_id: str, ext: str) -> str:
+        if self._spread is None:  # read once it is known (a folder being made has no layout file yet)
+            version = ownership.layout(self.root)
+            self._spread = None if version is None else version == ownership.SPREAD
+        sub = ownership.subfolder(row_id) if self._spread else ""
+        return os.path.join(folder, sub, f"{row_id}{ext}")
 
     def video_path(self, row_id: str) -> str:
-        return os.path.join(self.videos, f"{row_id}.mp4")
+        """Where a row's video is written; readers take results' video_path (relative to the folder) instead."""
+        return self._place(self.videos, row_id, ".mp4")
 
     def input_path(self, row_id: str) -> str:
         """The conditioning image as the model saw it (resized), for the report and for rescoring."""
-        return os.path.join(self.inputs, f"{row_id}.jpg")
+        return self._place(self.inputs, row_id, ".jpg")
 
     def thumb_path(self, row_id: str) -> str:
         """First, middle and last frame of a row, cut while its frames are in memory (the contact sheet)."""
-        return os.path.join(self.thumbs, f"{row_id}.png")
+        return self._place(self.thumbs, row_id, ".png")
 
     def stats_path(self, rank: int) -> str:
         return os.path.join(self.stats, f"rank-{int(rank):05d}.json")
@@ -199,8 +211,9 @@ class RunDir:
         if max(img.size) > INPUT_MAX_SIDE:
             scale = INPUT_MAX_SIDE / max(img.size)
             img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
-        os.makedirs(self.inputs, exist_ok=True)
-        with atomic_path(self.input_path(row_id)) as tmp:
+        path = self.input_path(row_id)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with atomic_path(path) as tmp:
             img.save(tmp, format="JPEG", quality=90)
 
     def release_locks(self) -> None:

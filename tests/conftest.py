@@ -250,3 +250,21 @@ def make_row(**values):
                 min_guidance_scale=1.0, max_guidance_scale=3.0, decode_chunk_size=8)
     base.update(values)
     return Row(**base)
+
+
+def video_file(out: Path, row_id: str) -> Path:
+    """Where a row's video is in this folder's layout (videos/<ab>/<id>.mp4, or videos/<id>.mp4 in old folders)."""
+    from svd_batch.rundir import RunDir
+
+    return Path(RunDir(str(out)).video_path(row_id))
+
+
+def input_file(out: Path, row_id: str) -> Path:
+    from svd_batch.rundir import RunDir
+
+    return Path(RunDir(str(out)).input_path(row_id))
+
+
+def video_names(out: Path) -> list[str]:
+    """The names of the files under videos/, in any subfolder."""
+    return sorted(f for _, _, fs in os.walk(out / "videos") for f in fs)

@@ -10,7 +10,7 @@ import pytest
 
 from svd_batch.fields import CONDITIONING_FIELDS
 from svd_batch.plan import derive_seed
-from tests.conftest import REPO, read_results, run_cli, write_manifest
+from tests.conftest import REPO, read_results, run_cli, video_names, write_manifest
 from tests.test_video import read_mp4
 
 
@@ -24,7 +24,7 @@ def test_bundled_sample_job_runs_every_row(tmp_path):
     out = tmp_path / "outputs" / "sample-tiny"
     results = read_results(out)
     assert results.num_rows == 8 and set(results["status"].to_pylist()) == {"ok"}
-    assert sorted(os.listdir(out / "videos")) == sorted(f"{i}.mp4" for i in results["id"].to_pylist())
+    assert video_names(out) == sorted(f"{i}.mp4" for i in results["id"].to_pylist())
     assert "8 ok, 0 failed of 8 rows" in proc.stderr
     # The same command again reaches the same folder and finds nothing left to do.
     again = subprocess.run([sys.executable, "-m", "svd_batch", "runtime.progress=false"], cwd=tmp_path,

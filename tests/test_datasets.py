@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from svd_batch.manifest import ManifestError, load_for, load_manifest
 from svd_batch.manifest_files import read_table
 from svd_batch.settings import RunSettings
-from tests.conftest import SAMPLE, read_results, run_cli, write_manifest
+from tests.conftest import SAMPLE, read_results, run_cli, video_names, write_manifest
 
 
 def read_manifest(cfg):
@@ -68,7 +68,7 @@ def test_config_entry_maps_filters_and_keeps_extras(dataset):
     assert t["fps"].to_pylist() == [4] + [10] * (len(val) - 1)  # row value beats dataset default
     assert set(t["noise_aug_strength"].to_pylist()) == {0.05}
     assert set(t["status"].to_pylist()) == {"ok"}
-    assert sorted(p.name for p in (out / "videos").iterdir()) == sorted(f"{i}.mp4" for i in val)
+    assert video_names(out) == sorted(f"{i}.mp4" for i in val)
     # Default output folder is named after the entry.
     dry = run_cli(f"--config-dir={dataset / 'myconf'}", "manifest=mydata", "dry_run=true", "manifest.limit=2")
     assert dry.returncode == 0 and "manifest: 'mydata'" in dry.stdout and "2 selected" in dry.stdout

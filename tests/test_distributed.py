@@ -14,6 +14,8 @@ from tests.conftest import (
     run_cli,
     start_cli,
     tmp_files,
+    video_file,
+    video_names,
     wait_for_records,
     write_manifest,
 )
@@ -62,7 +64,7 @@ def test_two_processes_match_one(manifest, reference, tmp_path):
                                                      "inputs", "report", "results.parquet", "stats", "videos"]
     assert sorted(p.name for p in (out / "stats").iterdir()) == ["rank-00000.json", "rank-00001.json"]
     assert (proc.stdout + proc.stderr).count(f"{N_ROWS} ok, 0 failed") == 1
-    assert not tmp_files(out) and len(os.listdir(out / "videos")) == N_ROWS
+    assert not tmp_files(out) and len(video_names(out)) == N_ROWS
 
 
 def test_two_nodes_on_localhost(manifest, reference, tmp_path):
@@ -114,7 +116,7 @@ def test_sigterm_on_two_processes_then_resume_on_one(manifest, reference, tmp_pa
     recorded = part_records(out)
     assert 0 < recorded.num_rows < N_ROWS and set(recorded["status"].to_pylist()) == {"ok"}
     for row_id in recorded["id"].to_pylist():  # each flushed record has its finished video
-        assert (out / "videos" / f"{row_id}.mp4").stat().st_size > 0
+        assert video_file(out, row_id).stat().st_size > 0
     again = run_cli(f"manifest.path={manifest}", f"output.dir={out}")
     assert again.returncode == 0, again.stderr
     assert hashes(out) == reference and not tmp_files(out)
@@ -243,7 +245,7 @@ def test_a_node_with_another_model_revision_stops_the_run_before_work(manifest, 
     logs = [p.communicate(timeout=300)[0] for p in nodes]
     assert [p.returncode for p in nodes] == [1, 1] and all("exitcode: 2" in x for x in logs), logs
     assert "rank 1 on host" in logs[0] and "another revision in this node's cache" in logs[0]
-    assert not list((out / "videos").iterdir()) and not (out / "results.parquet").exists()
+    assert not video_names(out) and not (out / "results.parquet").exists()
 
 
 def test_a_broken_device_stops_its_rank_and_leaves_its_rows_to_others(manifest, reference, tmp_path):

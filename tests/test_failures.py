@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from svd_batch.tiny import default_cache_dir
-from tests.conftest import read_results, run_cli, tmp_files, write_manifest
+from tests.conftest import read_results, run_cli, tmp_files, video_names, write_manifest
 from tests.test_images import server  # noqa: F401  (the HTTP fixture)
 
 pytestmark = pytest.mark.slow
@@ -61,7 +61,7 @@ def test_mixed_manifest_finishes_good_rows_and_records_bad_ones(tmp_path, server
         assert r["status"] == "failed" and r["frames_sha256"] is None and r["video_path"] is None
         assert r["error"].startswith(f"row bad{i}: image ") and path in r["error"] and reason in r["error"]
         assert "\n" not in r["error"]
-    assert sorted(os.listdir(out / "videos")) == sorted(f"good{i}.mp4" for i in range(len(good)))
+    assert video_names(out) == sorted(f"good{i}.mp4" for i in range(len(good)))
     assert [p for p in tree(tmp_path) if not p.startswith("out")] == before  # nothing written outside
     assert not tmp_files(out)
 

@@ -83,5 +83,6 @@ def test_post_run_tools_depend_on_the_run_folder_not_the_runner():
         return seen
 
     for tool in ("svd_batch.commands.report", "svd_batch.commands.score", "svd_batch.commands.status",
-                 "svd_batch.commands.verify", "svd_batch.results", "svd_batch.status", "svd_batch.verify"):
+                 "svd_batch.commands.verify", "svd_batch.commands.export", "svd_batch.export", "svd_batch.results",
+                 "svd_batch.status", "svd_batch.verify"):
         assert "svd_batch.runner" not in reach(tool, set()), tool

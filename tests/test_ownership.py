@@ -90,7 +90,7 @@ def test_its_own_folder_loses_only_what_it_recorded_or_was_writing(tmp_path):
     assert not [rel for rel in left if (out / rel).exists()]
     again = {r["id"]: r["finished_at"] for r in read_results(out).to_pylist()}
     assert set(again) == {"r0", "r1"} and all(again[k] > first[k] for k in again)  # redone
-    assert sorted(p.name for p in (out / "videos").glob("r*.mp4")) == ["r0.mp4", "r1.mp4"]
+    assert sorted(p.name for p in (out / "videos").rglob("r*.mp4")) == ["r0.mp4", "r1.mp4"]
     assert (out / ownership.MARKER).is_file()
 
 
@@ -110,6 +110,29 @@ def test_a_symlinked_videos_folder_is_refused_and_its_target_untouched(tmp_path)
         assert proc.returncode == 2, proc.stderr
         assert "videos (a symlink to" in proc.stderr and "never through a link" in proc.stderr
         assert snapshot(elsewhere) == before and snapshot(out) == folder and peak < RUN_PEAK
+
+
+def test_a_spread_folder_sweeps_and_overwrites_in_its_subfolders_only_what_is_its_own(tmp_path):
+    from svd_batch.rundir import RunDir, RunDirError
+
+    rd = RunDir(str(tmp_path / "out"))
+    rd.create()
+    a, b = ownership.subfolder("r0"), ownership.subfolder("r1")
+    out = tmp_path / "out"
+    plant(out, {f"videos/{a}/r0.mp4": b"v", f"inputs/{a}/r0.jpg": b"i", f".svd-batch/thumbs/{a}/r0.png": b"t",
+                f"videos/{b}/.r1.mp4.tmp-424242.mp4": b"half", f"inputs/{b}/r1.jpg.tmp-424242": b"half",
+                f"videos/{a}/holiday.mp4": b"mine", f"videos/{b}/clip.tmp-1.mp4": b"mine", "videos/zz/r0.mp4": b"mine"})
+    ownership.remove_temporaries(str(out))
+    ownership.remove_recorded(str(out), ["r0"])
+    left = {rel for rel in snapshot(out) if rel.startswith(("videos/", "inputs/", ".svd-batch/thumbs"))}
+    assert left == {f"videos/{a}/holiday.mp4", f"videos/{b}/clip.tmp-1.mp4", "videos/zz/r0.mp4"}
+    # A subfolder that is a link out of the folder is refused like a linked videos/.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.rmtree(out / "videos" / b)
+    (out / "videos" / b).symlink_to(elsewhere)
+    with pytest.raises(RunDirError, match=f"videos/{b} \\(a symlink to"):
+        RunDir(str(out)).create()
 
 
 def test_the_temporary_pattern_is_exactly_atomic_paths_names(tmp_path):

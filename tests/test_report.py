@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, SAMPLE, read_results, run_cli, write_manifest
+from tests.conftest import REPO, SAMPLE, input_file, read_results, run_cli, video_file, write_manifest
 
 PAGE = 24  # videos per page in the big report
 
@@ -99,8 +99,8 @@ def big_report(run_dir, tmp_path_factory):
     for k, (rid, status) in enumerate(zip(t["id"].to_pylist(), t["status"].to_pylist())):
         if status == "ok":
             src = real[k % 3]
-            os.symlink(run_dir / "videos" / f"{src}.mp4", root / "videos" / f"{rid}.mp4")
-            os.symlink(run_dir / "inputs" / f"{src}.jpg", root / "inputs" / f"{rid}.jpg")
+            os.symlink(video_file(run_dir, src), root / "videos" / f"{rid}.mp4")
+            os.symlink(input_file(run_dir, src), root / "inputs" / f"{rid}.jpg")
     for c in ("width", "height"):
         t = t.set_column(t.schema.get_field_index(c), c, pa.array(np.full(t.num_rows, sizes["cat"][c]), pa.int64()))
     pq.write_table(t, root / "results.parquet")
@@ -204,12 +204,12 @@ def test_contact_sheet_shows_input_then_first_middle_last_frames(run_dir, tmp_pa
     from svd_batch.report.sheet import CAPTION_HEIGHT, COLUMNS, LABEL_WIDTH, PAD
 
     # Thumbnails were kept while the frames were in memory, so the sheet decodes nothing.
-    assert sorted(p.name for p in (run_dir / ".svd-batch" / "thumbs").iterdir()) == ["cat.png", "coffee.png", "rocket.png"]
+    assert sorted(p.name for p in (run_dir / ".svd-batch" / "thumbs").rglob("*.png")) == ["cat.png", "coffee.png", "rocket.png"]
     sheet = Image.open(run_dir / "contact_sheet.png")
     assert sheet.mode == "RGB" and sheet.height >= 4 * 128  # four rows, the failed one labelled
     top = PAD + CAPTION_HEIGHT  # the pictures sit under their column names
     # First column: the conditioning image as the model saw it.
-    inp = np.asarray(Image.open(run_dir / "inputs" / "cat.jpg").convert("RGB").resize((128, 128)), dtype=float)
+    inp = np.asarray(Image.open(input_file(run_dir, "cat")).convert("RGB").resize((128, 128)), dtype=float)
     first = np.asarray(sheet.crop((LABEL_WIDTH, top, LABEL_WIDTH + 128, top + 128)), dtype=float)
     assert np.abs(first - inp).mean() < 12
     strip = sheet.crop((LABEL_WIDTH + 128 + PAD, top, sheet.width, top + 128)).convert("L")
@@ -379,3 +379,30 @@ def test_the_first_screen_reaches_the_videos_and_the_charts_fit(big_report, brow
         assert c["out"] == [] and c["legendClear"], c
     # Each card names what its seconds figure is.
     assert browser.wait("document.querySelector('#grid .card:not(.failed) .sc')?.textContent.includes(' · made in ')")
+
+
+def test_a_spread_folder_s_report_points_at_the_subfolders(tmp_path):
+    """Videos and input images in videos/<ab>/, inputs/<ab>/ (new folders): the page gets their paths."""
+    import json
+
+    from svd_batch import ownership
+    from svd_batch.report.data import write_data_chunks
+    from svd_batch.rundir import RunDir
+    from tests.conftest import record
+
+    rd = RunDir(str(tmp_path / "run"))
+    rd.create()
+    for rid in ("a.1", "b"):
+        for path in (rd.video_path(rid), rd.input_path(rid)):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            open(path, "wb").close()
+    rows = [record(id=rid, row=k, video_path=os.path.relpath(rd.video_path(rid), rd.root)).as_dict()
+            for k, rid in enumerate(("a.1", "b"))]
+    from svd_batch.fields import RESULT_SCHEMA
+
+    write_data_chunks(rd.root, pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), ["h"])
+    text = (tmp_path / "run" / "report" / "data-00000.js").read_text()
+    cols = json.loads(text[text.index(",") + 1:text.rindex(")")])
+    subs = [ownership.subfolder(r) for r in ("a.1", "b")]
+    assert cols["vid"] == [f"videos/{subs[0]}/a.1.mp4", f"videos/{subs[1]}/b.mp4"]
+    assert cols["img"] == [f"inputs/{subs[0]}/a.1.jpg", f"inputs/{subs[1]}/b.jpg"]

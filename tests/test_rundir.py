@@ -144,4 +144,32 @@ def test_the_video_rename_is_durable_before_its_record(tmp_path, monkeypatch):
     monkeypatch.setattr(atomic, "fsync_dir", lambda path: (synced.append(os.path.basename(path)), real(path)))
     write_mp4(np.zeros((2, 16, 16, 3), np.uint8), rd.video_path("v"), fps=7)
     PartWriter(rd, rank=0).add(record(id="v", status="ok"))
-    assert synced == ["videos", "parts"]
+    assert synced == [os.path.basename(os.path.dirname(rd.video_path("v"))), "parts"]  # its own subfolder
+
+
+def test_a_new_folder_spreads_its_files_over_subfolders_and_an_older_one_stays_flat(tmp_path):
+    from collections import Counter
+
+    from svd_batch import ownership
+
+    rd = RunDir(str(tmp_path / "new"))
+    rd.create()
+    sub = ownership.subfolder("a.b")
+    assert os.path.relpath(rd.video_path("a.b"), rd.root) == f"videos/{sub}/a.b.mp4"
+    assert os.path.relpath(rd.input_path("a.b"), rd.root) == f"inputs/{sub}/a.b.jpg"
+    assert os.path.relpath(rd.thumb_path("a.b"), rd.root) == f".svd-batch/thumbs/{sub}/a.b.png"
+    assert len(os.listdir(rd.videos)) == 256  # made before any rank writes
+    # A million rows: 256 folders of about 3,900 files, none past a few thousand.
+    per_folder = Counter(ownership.subfolder(f"img{i:07d}") for i in range(1_000_000))
+    assert len(per_folder) == 256 and max(per_folder.values()) < 4300
+    # A folder an earlier version made (records, no layout file) stays flat, also after a new start.
+    old = RunDir(str(tmp_path / "old"))
+    old.create()
+    os.unlink(os.path.join(old.root, ownership.LAYOUT))
+    for k in range(256):
+        os.rmdir(os.path.join(old.videos, f"{k:02x}"))
+    PartWriter(old, rank=0).add(record(id="x", status="ok", video_path="videos/x.mp4"))
+    again = RunDir(old.root)
+    again.create()
+    assert again.video_path("x") == os.path.join(old.videos, "x.mp4") and os.listdir(old.videos) == []
+    assert ownership.layout(old.root) == ownership.FLAT

@@ -14,6 +14,7 @@ from tests.conftest import (
     run_cli,
     start_cli,
     tmp_files,
+    video_file,
     wait_for_records,
     write_manifest,
 )
@@ -87,14 +88,14 @@ def test_failed_rows_are_kept_until_retry_failed(tmp_path, images):
     t = {r["id"]: r for r in read_results(out).to_pylist()}
     assert t["good"]["status"] == "ok" and t["late"]["status"] == "failed"
     assert "late" in t["late"]["error"] and "file not found" in t["late"]["error"]
-    assert t["late"]["video_path"] is None and not (out / "videos" / "late.mp4").exists()
+    assert t["late"]["video_path"] is None and not video_file(out, "late").exists()
     (images / "later.jpg").write_bytes((images / "coffee.jpg").read_bytes())
     proc = run_cli(f"manifest.path={m}", f"output.dir={out}")
     assert proc.returncode == 1 and "1 failed earlier" in proc.stderr  # not retried by default
     proc = run_cli(f"manifest.path={m}", f"output.dir={out}", "retry_failed=true")
     assert proc.returncode == 0, proc.stderr
     t = {r["id"]: r for r in read_results(out).to_pylist()}
-    assert t["late"]["status"] == "ok" and (out / "videos" / "late.mp4").exists()
+    assert t["late"]["status"] == "ok" and video_file(out, "late").exists()
     assert read_results(out).num_rows == 2
 
 
@@ -103,11 +104,45 @@ def test_video_without_record_is_regenerated(tmp_path):
     m, out = small_manifest(tmp_path, n=2), tmp_path / "out"
     assert run_cli(f"manifest.path={m}", f"output.dir={out}", "manifest.limit=1").returncode == 0
     # A crash between the video's rename and its record leaves a video nobody vouches for.
-    (out / "videos" / "r1.mp4").write_bytes(b"not a finished video")
+    video_file(out, "r1").write_bytes(b"not a finished video")
     proc = run_cli(f"manifest.path={m}", f"output.dir={out}")
     assert proc.returncode == 0, proc.stderr
-    assert (out / "videos" / "r1.mp4").read_bytes()[4:8] == b"ftyp"
+    assert video_file(out, "r1").read_bytes()[4:8] == b"ftyp"
     assert read_results(out).num_rows == 2
+
+
+@pytest.mark.slow
+def test_a_flat_folder_of_an_earlier_version_resumes_flat(tmp_path):
+    """A folder made before the spread layout (videos/<id>.mp4, no layout file) keeps its layout: resume skips its
+    rows, and new rows go beside them, where earlier versions put them."""
+    import pyarrow as pa
+
+    from svd_batch import ownership
+    from svd_batch.rundir import RunDir
+
+    m, out = small_manifest(tmp_path, n=3), tmp_path / "out"
+    assert run_cli(f"manifest.path={m}", f"output.dir={out}", "manifest.limit=2", "report.enabled=false").returncode == 0
+    rd = RunDir(str(out))
+    assert read_results(out)["video_path"].to_pylist() == [os.path.relpath(rd.video_path(i), out) for i in ("r0", "r1")]
+    # Make it the folder an earlier version left: files in the old places, records saying so, no layout file.
+    for rid in ("r0", "r1"):
+        os.rename(rd.video_path(rid), out / "videos" / f"{rid}.mp4")
+        os.rename(rd.input_path(rid), out / "inputs" / f"{rid}.jpg")
+    for sub in ownership.subfolders(str(out), "videos") + ownership.subfolders(str(out), "inputs"):
+        os.rmdir(out / sub)
+    for path in (rd.records_path, rd.results_path):
+        t = pq.read_table(path)
+        flat = pa.array([f"videos/{i}.mp4" for i in t["id"].to_pylist()])
+        pq.write_table(t.set_column(t.schema.get_field_index("video_path"), "video_path", flat), path)
+    os.unlink(out / ownership.LAYOUT)
+    before = {rid: (out / "videos" / f"{rid}.mp4").stat().st_mtime_ns for rid in ("r0", "r1")}
+    proc = run_cli(f"manifest.path={m}", f"output.dir={out}")
+    assert proc.returncode == 0, proc.stderr
+    assert "1 rows in" in proc.stderr or "this run: 1 rows" in proc.stderr, proc.stderr
+    assert read_results(out)["video_path"].to_pylist() == [f"videos/r{i}.mp4" for i in range(3)]
+    assert {rid: (out / "videos" / f"{rid}.mp4").stat().st_mtime_ns for rid in ("r0", "r1")} == before
+    assert sorted(os.listdir(out / "videos")) == ["r0.mp4", "r1.mp4", "r2.mp4"]
+    assert (out / "inputs" / "r2.jpg").is_file() and ownership.layout(str(out)) == ownership.FLAT
 
 
 @pytest.mark.slow
@@ -262,7 +297,7 @@ def test_a_full_output_disk_stops_the_run_and_blames_no_row(tmp_path, small_fs):
 
     records = RunDir(str(out)).read_records()
     assert set(records["status"].to_pylist()) <= {"ok"} and records.num_rows < 14  # none failed for the disk
-    for v in (out / "videos").iterdir():  # whatever is in videos/ plays
+    for v in (p for p in (out / "videos").rglob("*") if p.is_file()):  # whatever is in videos/ plays
         assert v.name.endswith(".mp4") and not v.name.startswith(".") and mp4_problem(str(v)) is None
     filler.unlink()  # space freed
     subprocess.run(["mount", "-o", "remount,size=4m", str(small_fs)], check=True)

@@ -14,7 +14,7 @@ from svd_batch.fields import RESULT_SCHEMA
 from svd_batch.rundir import RunDir
 from svd_batch.scores import flicker_score, motion_score, score_video
 from svd_batch.video import write_mp4
-from tests.conftest import REPO, SAMPLE, read_results, run_cli, write_manifest
+from tests.conftest import REPO, SAMPLE, input_file, read_results, run_cli, write_manifest
 
 W = H = 64
 F = 8
@@ -138,7 +138,7 @@ def test_a_run_records_scores_and_report_scores_false_turns_them_off(tmp_path):
     r = read_results(tmp_path / "on").to_pylist()[0]
     assert r["motion_score"] > 0 and -1 <= r["image_similarity"] <= 1 and r["flicker_score"] >= 0
     # The conditioning image as the model saw it (resized to the row's size) is kept for the gallery.
-    assert Image.open(tmp_path / "on" / "inputs" / "cat.jpg").size == (64, 64)
+    assert Image.open(input_file(tmp_path / "on", "cat")).size == (64, 64)
     proc = run_cli(f"manifest.path={m}", f"output.dir={tmp_path / 'off'}", "report.enabled=false", "report.scores=false")
     assert proc.returncode == 0, proc.stderr
     r = read_results(tmp_path / "off").to_pylist()[0]

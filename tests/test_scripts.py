@@ -33,3 +33,12 @@ def test_bench_bookkeeping_small(tmp_path):
                            "--repeats", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "5000 selected, 4000 done" in proc.stdout and "1000 to run on 8 process(es)" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_export_small():
+    proc = subprocess.run([sys.executable, "scripts/bench_export.py", "--rows", "100", "--shard-size", "40"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "full export: 100 samples" in proc.stdout and "after 1% more rows: 1 samples" in proc.stdout
+    assert "again, nothing new: 0 samples" in proc.stdout

@@ -89,11 +89,27 @@ def _file_names(folder: str) -> set[str]:
         return set()
 
 
+def _where(ids: list[str], present: set[str], ext: str, spread: bool, ok: list[bool] | None = None) -> list[Any]:
+    """Per row: where its file is, for the page to build the name from: 1 for <dir>/<id>.<ext>, the subfolder
+    (two hex digits) for <dir>/<sub>/<id>.<ext> in a spread folder, 0 when svd-batch wrote no such file."""
+    out: list[Any] = []
+    for k, rid in enumerate(ids):
+        sub = ownership.subfolder(rid) if spread else None
+        there = (ok is None or ok[k]) and (f"{sub}/{rid}.{ext}" if spread else f"{rid}.{ext}") in present
+        out.append((sub if spread else 1) if there else 0)
+    return out
+
+
 def write_data_chunks(root: str, results: pa.Table, hosts: list[str], chunk_rows: int = CHUNK_ROWS) -> int:
     """report/data-NNNNN.js, one per ``chunk_rows`` rows, each a single ``SVD.chunk(k, {...})`` call."""
     folder = os.path.join(root, REPORT_DIR)
     os.makedirs(folder, exist_ok=True)
-    videos, inputs = _file_names(os.path.join(root, ownership.VIDEOS)), _file_names(os.path.join(root, INPUTS))
+    spread = ownership.layout(root) == ownership.SPREAD
+    if spread:  # one listing per subfolder (256), not a stat per row
+        videos, inputs = ({f"{sub.split('/')[-1]}/{n}" for sub in ownership.subfolders(root, top)
+                           for n in _file_names(os.path.join(root, sub))} for top in (ownership.VIDEOS, INPUTS))
+    else:
+        videos, inputs = _file_names(os.path.join(root, ownership.VIDEOS)), _file_names(os.path.join(root, INPUTS))
     host_index = {h: i for i, h in enumerate(hosts)}
     n = results.num_rows
     chunks = max(1, math.ceil(n / chunk_rows)) if n else 0
@@ -119,16 +135,15 @@ def write_data_chunks(root: str, results: pa.Table, hosts: list[str], chunk_rows
             secs = pc.divide(pc.cast(pc.subtract(pc.cast(fin, pa.int64()), pa.scalar(int(t0.timestamp() * 1e6))),
                                      pa.float64()), 1e6)
             cols["t"] = _js_values(np.round(float_values(secs), 1))
-        # The page loads only files svd-batch wrote in the run folder (videos/<id>.mp4, inputs/<id>.jpg), never
-        # a row's own image reference: that may be a URL, a device or a FIFO, and opening the page would fetch
-        # it. A row without its saved input shows the reference as text ("src").
-        cols["vid"] = _js_values(np.array([int(not f and f"{i}.mp4" in videos) for i, f in zip(ids, failed)],
-                                          dtype=np.int8))
-        img = np.array([int(f"{i}.jpg" in inputs) for i in ids], dtype=np.int8)
+        # The page loads only files svd-batch wrote in the run folder (videos/[<sub>/]<id>.mp4, inputs/...jpg),
+        # never a row's own image reference: that may be a URL, a device or a FIFO, and opening the page would
+        # fetch it. A row without its saved input shows the reference as text ("src").
+        cols["vid"] = _js_values(_where(ids, videos, "mp4", spread, [not f for f in failed]))
+        img = _where(ids, inputs, "jpg", spread)
         cols["img"] = _js_values(img)
         refs = part["image"].to_pylist()
         # sparse (row in chunk -> reference): most rows have their input saved
-        cols["src"] = {str(j): refs[j][:300] for j in np.flatnonzero(img == 0) if refs[j]}
+        cols["src"] = {str(j): refs[j][:300] for j, v in enumerate(img) if v == 0 and refs[j]}
         text = f"SVD.chunk({k},{json.dumps(cols, separators=(',', ':'), allow_nan=True)});\n"
         write_text_atomic(text, os.path.join(folder, f"data-{k:05d}.js"))
     own = ownership.real_folder(root, REPORT_DIR)  # never delete through a link out of the folder

@@ -50,9 +50,13 @@ function label(i) {
     `guidance ${g('min_guidance_scale')}-${g('max_guidance_scale')} · rank ${g('rank')} on ${M.hosts[g('host')]}`;
 }
 // Only files svd-batch wrote in the run folder are ever loaded: <dir>/<id>.<ext> when the data says the file is
-// there (1); a row's own image reference (a URL, a device, any path) is shown as text, never fetched.
+// there (1), <dir>/<sub>/<id>.<ext> in a spread folder (the two-hex-digit subfolder); a row's own image reference
+// (a URL, a device, any path) is shown as text, never fetched.
 const fileName = s => String(s).replace(/[^A-Za-z0-9._=+,@-]/g, encodeURIComponent);
-function path(col, dir, ext, i) { return val(col, i) === 1 ? `${dir}/${fileName(val('id', i))}.${ext}` : ''; }
+function path(col, dir, ext, i) {
+  const v = val(col, i), name = `${fileName(val('id', i))}.${ext}`;
+  return v === 1 ? `${dir}/${name}` : (typeof v === 'string' && /^[0-9a-f]{2}$/.test(v) ? `${dir}/${v}/${name}` : '');
+}
 function card(i) {
   const id = esc(val('id', i)), ok = val('st', i) === 0, img = path('img', M.inputs, 'jpg', i), vid = path('vid', 'videos', 'mp4', i);
   const ar = `--ar:${val('width', i)}/${val('height', i)}`;
