@@ -382,7 +382,8 @@ def test_the_first_screen_reaches_the_videos_and_the_charts_fit(big_report, brow
 
 
 def test_a_spread_folder_s_report_points_at_the_subfolders(tmp_path):
-    """Videos and input images in videos/<ab>/, inputs/<ab>/ (new folders): the page gets their paths."""
+    """Videos and input images in videos/<ab>/, inputs/<ab>/ (new folders): the page gets their subfolders and
+    builds videos/<ab>/<id>.mp4 itself (the browser tests play such a folder's videos)."""
     import json
 
     from svd_batch import ownership
@@ -404,5 +405,8 @@ def test_a_spread_folder_s_report_points_at_the_subfolders(tmp_path):
     text = (tmp_path / "run" / "report" / "data-00000.js").read_text()
     cols = json.loads(text[text.index(",") + 1:text.rindex(")")])
     subs = [ownership.subfolder(r) for r in ("a.1", "b")]
-    assert cols["vid"] == [f"videos/{subs[0]}/a.1.mp4", f"videos/{subs[1]}/b.mp4"]
-    assert cols["img"] == [f"inputs/{subs[0]}/a.1.jpg", f"inputs/{subs[1]}/b.jpg"]
+    assert cols["vid"] == subs and cols["img"] == subs
+    os.remove(rd.video_path("b"))
+    write_data_chunks(rd.root, pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), ["h"])
+    text = (tmp_path / "run" / "report" / "data-00000.js").read_text()
+    assert json.loads(text[text.index(",") + 1:text.rindex(")")])["vid"] == [subs[0], 0]
