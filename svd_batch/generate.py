@@ -23,6 +23,7 @@ from .device_errors import OutOfMemory, device_failure, is_device_poisoned, is_o
 from .model import ModelUnavailable, compile_models, configure_compile, resolve_dtype, set_forward_chunking
 from .fields import Row
 from .hooks import Injection
+from .samplers import row_generator, use_sampler
 from .settings import MemorySettings, ModelSettings, RunSettings, RuntimeSettings
 from .util import (first_line, peak_vram_bytes, quiet_hf_logging,
                    reset_peak_vram)
@@ -74,9 +75,10 @@ class Generator:
 
     @classmethod
     def load(cls, local_path: str, *, device, model: ModelSettings, memory: MemorySettings,
-             runtime: RuntimeSettings) -> "Generator":
+             runtime: RuntimeSettings, sampler: str = "euler") -> "Generator":
         """The pipeline at ``local_path`` on ``device``, in the settings' dtype and memory mode, compiled and with
-        its attention kernel as set. The settings were checked before (model.check_settings)."""
+        its attention kernel and sampler (generation.sampler) as set. The settings were checked before
+        (model.check_settings)."""
         quiet_hf_logging()  # before the pipeline import, which is where transformers warns
         from diffusers import StableVideoDiffusionPipeline
 
@@ -96,6 +98,7 @@ class Generator:
                 "incomplete: download it again (or delete the folder to rebuild the tiny model) and rerun."
             ) from None
         pipe.set_progress_bar_config(disable=True)
+        use_sampler(pipe, sampler)
         if memory.cpu_offload and device.type == "cuda":
             pipe.enable_model_cpu_offload(device=device)
         else:
@@ -121,7 +124,8 @@ class Generator:
         """The run's model (model_path resolves, builds or downloads it), loaded as its settings say."""
         from .model import model_path
 
-        return cls.load(model_path(s.model), device=device, model=s.model, memory=s.memory, runtime=s.runtime)
+        return cls.load(model_path(s.model), device=device, model=s.model, memory=s.memory, runtime=s.runtime,
+                        sampler=s.generation.sampler)
 
     def set_attention(self, name: str) -> None:
         """The SDPA kernel the UNet tries first (runtime.attention; checked by model.check_attention)."""
@@ -295,11 +299,12 @@ class Generator:
         import torch
 
         width, height = int(row.width), int(row.height)
-        with self._pass([row]):
+        generator = torch.Generator("cpu").manual_seed(int(row.seed))
+        with self._pass([row]), row_generator(self.pipe, generator):
             out = self.pipe(
                 image.resize((width, height)),
                 **row.pipeline_kwargs(),
-                generator=torch.Generator("cpu").manual_seed(int(row.seed)),
+                generator=generator,
                 output_type="pt",
             )
             return batching.to_host(batching.quantize_on_device(out.frames))[0]

@@ -148,7 +148,8 @@ def _work(s: RunSettings, manifest: Manifest, rundir: RunDir, ex: Executor, stop
         return "done", {}, {}
     t = time.perf_counter()
     try:
-        gen = Generator.load(model_path(s.model), device=device, model=s.model, memory=s.memory, runtime=s.runtime)
+        gen = Generator.load(model_path(s.model), device=device, model=s.model, memory=s.memory, runtime=s.runtime,
+                             sampler=s.generation.sampler)
     except ModelUnavailable as exc:
         say(f"svd-batch: {exc}")
         ex.abort(f"model: {exc}")

@@ -42,7 +42,8 @@ def verify(root: str, sample: int = 5, seed: int = 0, ids: list[str] | None = No
     if s.runtime.threads:
         torch.set_num_threads(s.runtime.threads)
     device = torch.device(device_type(s.runtime))
-    gen = Generator.load(model_path(s.model), device=device, model=s.model, memory=s.memory, runtime=s.runtime)
+    gen = Generator.load(model_path(s.model), device=device, model=s.model, memory=s.memory, runtime=s.runtime,
+                         sampler=s.generation.sampler)
     lines, matches = [], 0
     for r in rows:
         note = ""
