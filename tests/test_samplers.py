@@ -158,6 +158,15 @@ def test_schedule_equals_the_reference_and_refuses_more_than_40_steps():
         animatelcm_scheduler().set_timesteps(41)
 
 
+def test_more_steps_than_animatelcm_was_distilled_on_are_refused_before_the_run():
+    from svd_batch.model import SettingRefused, check_settings
+
+    check_settings(RunSettings.compose("generation.sampler=animatelcm", "generation.num_inference_steps=40"), "cpu")
+    check_settings(RunSettings.compose("generation.num_inference_steps=41"), "cpu")  # euler: any count
+    with pytest.raises(SettingRefused, match="sampler=animatelcm takes 1 to 40 steps.*is 41"):
+        check_settings(RunSettings.compose("generation.sampler=animatelcm", "generation.num_inference_steps=41"), "cpu")
+
+
 # -- slow: rows through svd-batch against the stock pipeline with the reference scheduler ------------------------
 STEPS = (1, 2, 4, 8)
 GUIDANCE = (1.0, 1.2)  # off, and the published app's maximum
