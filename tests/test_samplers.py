@@ -108,7 +108,8 @@ def test_animatelcm_presets(preset, path, weights):
     assert (g.num_frames, g.height, g.width, g.fps, g.motion_bucket_id, g.noise_aug_strength, g.decode_chunk_size) == \
         (25, 576, 1024, 7, 80, 0.02, 4)
     # The command line still wins over the preset.
-    assert RunSettings.compose(f"model={preset}", "generation.num_inference_steps=8").generation.num_inference_steps == 8
+    steps = RunSettings.compose(f"model={preset}", "generation.num_inference_steps=8").generation.num_inference_steps
+    assert steps == 8
     assert RunSettings.compose("model=svd_xt").model.unet_weights is None
 
 
