@@ -11,6 +11,11 @@ part) and DIR/summary.txt the moment it is measured, and printed: a part cut sho
 one H200, in brackets) no longer fits:
 
   versions   [~5]   python, torch, CUDA, cuDNN, driver, GPU, diffusers, transformers, SDPA's default order
+  fast       [~330] the fast path: generation.sampler=animatelcm, 4 steps, guidance off (the UNet at batch 1),
+                    with AnimateLCM's conditioning: seconds per video eager with the per-stage timeline; svd-batch's
+                    own loop on --fast-e2e-rows rows (MP4s and scores on: GPU idle at steady state); the UNet
+                    compiled (cold) with its timeline and frames against eager; then, if the budget holds, the loop
+                    again with that compiled UNet
   eager      [~80]  model build, UNet FLOPs (torch's counter, one step), seconds per video through
                     Generator.run and the MP4 writer, the per-stage timeline (CUDA events: CLIP, VAE encode,
                     UNet steps, decode, uint8, copy; MP4 on the host), the UNet's TFLOP/s and share of 790
@@ -50,9 +55,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 H200_DENSE_FP16_FLOPS = 790e12  # measured dense fp16/bf16 matrix rate on this workplace's H200
-PARTS = {"versions": 5, "eager": 80, "attention": 70, "e2e": 70, "compiled": 240, "levers": 420, "frames": 15,
-         "memory": 60}
+PARTS = {"versions": 5, "fast": 330, "eager": 80, "attention": 70, "e2e": 70, "compiled": 240, "levers": 420,
+         "frames": 15, "memory": 60}
 LEVERS = {"compile_vae": 150, "max-autotune-no-cudagraphs": 270}  # estimated seconds each, on one H200
+# The fast path's row: AnimateLCM's sampler and its app's conditioning (conf/model/animatelcm_svd_xt.yaml).
+FAST_ROW = {"num_inference_steps": 4, "min_guidance_scale": 1.0, "max_guidance_scale": 1.0, "motion_bucket_id": 80,
+            "decode_chunk_size": 4}
+FAST_OVERRIDES = ["generation.sampler=animatelcm"] + [f"generation.{k}={v}" for k, v in FAST_ROW.items()]
+FAST_LOOP_COMPILED_S = 60  # the loop again with the UNet compiled (and warmed up) before it
 # memory mode -> (model CPU offload, forward chunking, decode chunk cap), as conf/memory/*.yaml
 MEMORY_MODES = {"offload": (True, False, None), "low_vram": (True, True, 2)}
 ATTENTION_SETTINGS = ("auto", "cudnn", "flash", "efficient", "math")
@@ -359,25 +369,32 @@ class Bench:
 
         return Generator(pipe=self.pipe, device=self.device, **{"memory_mode": "full", **kw})
 
-    def passes(self, gen, part: str, key: str, label: str, repeats: int, reference: dict | None = None):
-        """``repeats`` production passes with the timeline on; the figures of their median pass."""
+    def passes(self, gen, part: str, key: str, label: str, repeats: int, reference: dict | None = None,
+               row: dict | None = None):
+        """``repeats`` production passes with the timeline on; the figures of their median pass. ``row``: values
+        of the timed row other than the bench's (the fast path's)."""
         flops = self.flops
+        timed = bench_row(self.args, 1, **(row or {}))
+        # One UNet call's FLOPs: guidance runs it on a batch of two, without it on one (half, as FLOPs are linear).
+        step_flops = flops["unet_step_cfg_batch2"] / (1 if timed.max_guidance_scale > 1 else 2)
         timeline = Timeline(gen.pipe, self.device)
         results = []
         try:
             with tempfile.TemporaryDirectory() as d:
                 for i in range(repeats):
-                    results.append(production_pass(gen, bench_row(self.args, 1), self.image, d, timeline))
+                    results.append(production_pass(gen, timed, self.image, d, timeline))
         finally:
             timeline.close()
         mid = sorted(results, key=lambda r: r["generate_s"])[(len(results) - 1) // 2]  # the lower median
         table, lines = timeline_table(mid["timeline"], mid["mp4_s"])
         step = table["unet"]["per_step_median_s"]
-        unet_tflops = flops["unet_step_cfg_batch2"] / step / 1e12
+        unet_tflops = step_flops / step / 1e12
         value = {"seconds_per_video": mid["generate_s"], "seconds_per_video_with_mp4": mid["generate_s"] + mid["mp4_s"],
                  "all_passes_s": [r["generate_s"] for r in results], "timeline": table,
                  "unet_tflops": unet_tflops, "unet_share_of_790": unet_tflops * 1e12 / H200_DENSE_FP16_FLOPS,
-                 "video_tflops": flops["video_total"] / mid["generate_s"] / 1e12, "attention": mid["attention"]}
+                 "attention": mid["attention"], "unet_calls": table["unet"]["calls"]}
+        if row is None:  # the bench's own row: 25 guided steps, what video_total counts
+            value["video_tflops"] = flops["video_total"] / mid["generate_s"] / 1e12
         if self.device.type == "cuda":
             value["peak_vram_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
             value["peak_vram_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
@@ -388,7 +405,7 @@ class Bench:
                    + (f"; frames vs eager: {value['frames_vs_eager']}" if "frames_vs_eager" in value else ""))
         value["timeline_table"] = lines
         self.report.put(part, key, value, summary)
-        if part == "eager":  # the one table on the summary screen; the others in a line each
+        if part == "eager":  # the one table on the summary screen (one screen); the others in a line each
             self.report.note(part, ["    " + line for line in lines])
         else:
             self.report.note(part, ["    " + " | ".join(
@@ -529,10 +546,22 @@ class ModuleKernels:
 
 
 def part_e2e(b: Bench) -> None:
-    """svd-batch's own run loop (runner, worker, loader and writer threads) on --e2e-rows rows, in this process
-    with the model already built (no 4 GB save and reload). GPU busy time is the stages' device time (the
-    timeline above) in each pipeline call; the steady state runs from the end of the first call to the end of
-    the last, so model start-up, the first row and the writer's final MP4 drain are outside it."""
+    value = svd_batch_loop(b, b.args.e2e_rows)
+    b.report.put("e2e", "svd_batch_loop", value, loop_line(value))
+
+
+def loop_line(value: dict[str, Any]) -> str:
+    return (f"{value['rows']} rows through svd-batch: steady {value['steady_seconds_per_video']:.2f} s/video, GPU idle "
+            f"{value['gpu_idle_fraction']:.1%} at steady state ({value['gpu_idle_outside_pipeline_call']:.1%} "
+            f"outside the pipeline call), final drain {value['final_drain_s']:.1f} s")
+
+
+def svd_batch_loop(b: Bench, rows: int, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """svd-batch's own run loop (runner, worker, loader and writer threads) on ``rows`` rows, in this process
+    with the model already built (no 4 GB save and reload); ``extra``: overrides after the bench's (they win).
+    GPU busy time is the stages' device time (the timeline above) in each pipeline call; the steady state runs
+    from the end of the first call to the end of the last, so model start-up, the first row and the writer's
+    final MP4 drain are outside it. MP4s are written and scored (report.scores) as in a real run."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from unittest import mock
@@ -542,7 +571,7 @@ def part_e2e(b: Bench) -> None:
     from svd_batch.generate import Generator
     from svd_batch.settings import compose_config
 
-    rows, pipe = b.args.e2e_rows, b.pipe
+    pipe = b.pipe
     calls: list[dict[str, float]] = []
     timeline = Timeline(pipe, b.device)
     real_run = Generator.run
@@ -569,7 +598,7 @@ def part_e2e(b: Bench) -> None:
                      f"output.dir={out}", f"generation.height={b.args.height}", f"generation.width={b.args.width}",
                      f"generation.num_frames={b.args.frames}", f"generation.num_inference_steps={b.args.steps}",
                      f"model.dtype={'float32' if b.args.tiny else 'float16'}", "runtime.progress=false",
-                     "report.enabled=false"]
+                     "report.enabled=false", *extra]
         cfg = compose_config(*overrides)
         t = time.perf_counter()
         try:
@@ -582,7 +611,8 @@ def part_e2e(b: Bench) -> None:
         stats = json.load(open(os.path.join(out, "stats", "rank-00000.json")))
         res = pq.read_table(os.path.join(out, "results.parquet")).to_pylist()
     if code != 0 or len(calls) < 2:
-        raise RuntimeError(f"svd-batch exited {code} after {len(calls)} pipeline calls")
+        errors = sorted({str(r["error"]) for r in res if r["error"]})
+        raise RuntimeError(f"svd-batch exited {code} after {len(calls)} pipeline calls; row errors: {errors[:3]}")
     steady = calls[1:]
     window = steady[-1]["end"] - calls[0]["end"]
     busy = sum(c["busy"] for c in steady)
@@ -598,15 +628,16 @@ def part_e2e(b: Bench) -> None:
         "median_generate_s": float(np.median([r["generate_seconds"] for r in res])),
         "median_write_s": float(np.median([r["write_seconds"] for r in res])),
         "attention_recorded": sorted({str(r["attention"]) for r in res}),
+        "sampler_recorded": sorted({str(r["sampler"]) for r in res}),
+        "scored_rows": sum(r["motion_score"] is not None for r in res),
+        "steps_recorded": sorted({int(r["num_inference_steps"]) for r in res}),
     }
-    b.report.put("e2e", "svd_batch_loop", value,
-                 f"{rows} rows through svd-batch: steady {value['steady_seconds_per_video']:.2f} s/video, GPU idle "
-                 f"{value['gpu_idle_fraction']:.1%} at steady state ({value['gpu_idle_outside_pipeline_call']:.1%} "
-                 f"outside the pipeline call), final drain {value['final_drain_s']:.1f} s")
+    return value
 
 
-def compiled_generator(b: Bench, mode: str | None, compile_vae: bool = False):
-    """The pipeline with svd-batch's own compile (model.compile_models) and warm-up, cold for this mode."""
+def compiled_generator(b: Bench, mode: str | None, compile_vae: bool = False, row: dict | None = None):
+    """The pipeline with svd-batch's own compile (model.compile_models) and warm-up (of the bench's row shape, or
+    of ``row``'s), cold for this mode."""
     import torch._dynamo
 
     from svd_batch.model import compile_models, configure_compile
@@ -618,7 +649,7 @@ def compiled_generator(b: Bench, mode: str | None, compile_vae: bool = False):
     compile_models(b.pipe, backend, mode, compile_vae)
     gen = b.generator(compiled=True)
     t = time.perf_counter()
-    gen.warmup([(bench_row(b.args, 0), 1)])
+    gen.warmup([(bench_row(b.args, 0, **(row or {})), 1)])
     return gen, time.perf_counter() - t, eager
 
 
@@ -642,6 +673,47 @@ def part_compiled(b: Bench) -> None:
         b.report.put("compiled", "recompiles_after_warmup", gen.recompiles())
     finally:
         restore(b, eager)
+
+
+def part_fast(b: Bench) -> None:
+    """The fast path (issue 24): AnimateLCM's sampler at 4 steps without guidance, on the same random SVD-XT
+    weights (the cost is the architecture's; the frames are noise either way). Each figure is written as it is
+    measured, the eager ones first, so a window cut short keeps them."""
+    from svd_batch.samplers import use_sampler
+
+    b.report.put("fast", "row", FAST_ROW, "generation.sampler=animatelcm, " + ", ".join(
+        f"{k} {v}" for k, v in FAST_ROW.items()) + f", {b.args.height}x{b.args.width}, {b.args.frames} frames")
+    euler, eager_models = b.pipe.scheduler, (b.pipe.unet, b.pipe.vae.decoder)
+    use_sampler(b.pipe, "animatelcm")
+    fast_reference: dict[str, Any] = {}
+    try:
+        gen = b.generator()
+        t = time.perf_counter()
+        warm = gen.run([bench_row(b.args, 0, **FAST_ROW)], [b.image])[0]
+        if warm.error:
+            raise RuntimeError(warm.error)
+        b.report.put("fast", "warmup_s", time.perf_counter() - t)
+        _, fast_reference["bench-1"] = b.passes(gen, "fast", "animatelcm_eager", "fast eager (animatelcm, 4 steps, "
+                                                "no guidance)", b.args.repeats, row=FAST_ROW)
+        loop = svd_batch_loop(b, b.args.fast_e2e_rows, tuple(FAST_OVERRIDES))
+        b.report.put("fast", "svd_batch_loop_eager", loop, "eager: " + loop_line(loop))
+        gen, compile_s, _ = compiled_generator(b, b.args.compile_mode, row=FAST_ROW)
+        b.report.put("fast", "compile_s", compile_s, f"compile (warm-up) {b.args.compile_mode}: {compile_s:.0f} s")
+        b.passes(gen, "fast", f"animatelcm_compiled_{b.args.compile_mode}", f"fast compiled {b.args.compile_mode}",
+                 b.args.repeats, reference=fast_reference, row=FAST_ROW)
+        b.report.put("fast", "recompiles_after_warmup", gen.recompiles())
+        if not b.args.tiny and b.report.left() < FAST_LOOP_COMPILED_S:
+            b.report.put("fast", "svd_batch_loop_compiled", {"skipped": f"{b.report.left():.0f} s left"},
+                         f"compiled loop: skipped ({b.report.left():.0f} s left, needs ~{FAST_LOOP_COMPILED_S} s)")
+            return
+        # The loop with the UNet compiled and warmed up above (runtime.compile=true would compile it again, under
+        # the timeline's hooks, which a fullgraph compile cannot take): rows record compiled=false.
+        loop = svd_batch_loop(b, b.args.fast_e2e_rows, tuple(FAST_OVERRIDES))
+        loop["unet_compiled_by_the_bench"] = b.args.compile_mode
+        b.report.put("fast", "svd_batch_loop_compiled", loop, "compiled UNet: " + loop_line(loop))
+    finally:
+        restore(b, eager_models)  # compiled_generator put a compiled UNet in the shared pipeline
+        b.pipe.scheduler = euler
 
 
 def part_levers(b: Bench) -> None:
@@ -710,7 +782,7 @@ def part_memory(b: Bench) -> None:
 
 
 RUNNERS: dict[str, Callable[[Bench], None]] = {
-    "versions": part_versions, "eager": part_eager, "attention": part_attention, "e2e": part_e2e,
+    "versions": part_versions, "fast": part_fast, "eager": part_eager, "attention": part_attention, "e2e": part_e2e,
     "compiled": part_compiled, "levers": part_levers, "frames": part_frames, "memory": part_memory}
 
 
@@ -727,6 +799,7 @@ def main() -> int:
     ap.add_argument("--attention", default=",".join(ATTENTION_SETTINGS), help="runtime.attention settings to try")
     ap.add_argument("--attention-calls", type=int, default=2, help="timed UNet steps per attention setting")
     ap.add_argument("--e2e-rows", type=int, default=4)
+    ap.add_argument("--fast-e2e-rows", type=int, default=8, help="rows of the fast part's svd-batch loop")
     ap.add_argument("--compile-mode", default="reduce-overhead", help="runtime.compile_mode of the compiled part")
     ap.add_argument("--skip-levers", default="", help="comma-separated levers to leave out")
     args = ap.parse_args()

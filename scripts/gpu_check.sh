@@ -11,11 +11,15 @@
 # lands in $OUT/gpu_check.json and $OUT/summary.txt as soon as it is measured; $OUT/log.txt has the whole output.
 #
 # Parts (estimated seconds on one H200; 'all' runs them in this order, most important first):
-#   versions ~5, eager ~80, attention ~70, e2e ~70, compiled ~240, levers ~420, frames ~15, memory ~60
+#   versions ~5, fast ~330, eager ~80, attention ~70, e2e ~70, compiled ~240, levers ~420, frames ~15, memory ~60
 #   plus about 30 s before the first part: kit install ~10, imports ~10, model build ~10.
-# The first window:  bash scripts/gpu_check.sh all       (budget 540 s: about 9 minutes in all;
-#                    versions..compiled fit, levers run what is left, then frames and memory)
-# A second window:   bash scripts/gpu_check.sh levers frames memory
+#   fast: the fast path (AnimateLCM's sampler, 4 steps, no guidance; fp16, 576x1024, 25 frames): eager with the
+#   per-stage timeline, svd-batch's own loop on 8 rows (MP4s and scores on: GPU idle at steady state), the UNet
+#   compiled, then the loop again with it; each figure is written the moment it is measured.
+# The first window:  bash scripts/gpu_check.sh all       (budget 540 s: about 9 minutes in all; the fast
+#                    path's figures first, then eager, then what fits of the rest)
+# A second window:   bash scripts/gpu_check.sh attention e2e compiled
+# A third window:    bash scripts/gpu_check.sh levers frames memory
 #
 # Options: --budget-s S (default 540: seconds for the whole command, this script's set-up included),
 #          --kit DIR (default gpu-kit), --dry-run, -h.
@@ -104,7 +108,7 @@ if ((DRY)); then
   if unshare -n true 2>/dev/null; then NONET=(unshare -n); echo "   network cut for the device steps (unshare -n)"
   else echo "   unshare -n unavailable: device steps run offline by --no-index and HF_HUB_OFFLINE only"; fi
   # max-autotune is the compiled part's code with another mode, which the CPU rehearsal's eager backend ignores.
-  BENCH_ARGS=(--tiny --repeats 1 --attention auto,math,cudnn --attention-calls 1 --e2e-rows 2
+  BENCH_ARGS=(--tiny --repeats 1 --attention auto,math,cudnn --attention-calls 1 --e2e-rows 2 --fast-e2e-rows 2
               --skip-levers max-autotune-no-cudagraphs)
 else
   PY=python3 SITE=/tmp/site BENCH_ARGS=()

@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from .fields import SHAPE_FIELDS, Row
+from .samplers import is_animatelcm
 
 
 def batch_key(row: Row) -> tuple:
@@ -121,8 +122,9 @@ def _batched_frames(pipe, images: Sequence, rows: Sequence[Row]) -> list[np.ndar
     guidance = _append_dims(guidance.to(device, latents.dtype), latents.ndim)
     pipe._guidance_scale = guidance
 
-    # 6. Denoising loop, as the pipeline's.
+    # 6. Denoising loop, as the pipeline's; AnimateLCM's step draws its noise from each row's generator.
     pipe._num_timesteps = len(timesteps)
+    step_kwargs = {"generator": generators if n > 1 else generators[0]} if is_animatelcm(pipe.scheduler) else {}
     for t in timesteps:
         model_input = torch.cat([latents] * 2) if cfg else latents
         model_input = pipe.scheduler.scale_model_input(model_input, t)
@@ -132,7 +134,7 @@ def _batched_frames(pipe, images: Sequence, rows: Sequence[Row]) -> list[np.ndar
         if cfg:
             uncond, cond = noise_pred.chunk(2)
             noise_pred = uncond + guidance * (cond - uncond)
-        latents = pipe.scheduler.step(noise_pred, t, latents).prev_sample
+        latents = pipe.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
 
     # 7. Decode each video on its own, with its own chunk size.
     if needs_upcasting:

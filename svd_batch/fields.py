@@ -114,6 +114,7 @@ RESULT_SCHEMA = pa.schema(
         ("batch_size", pa.int32()),
         ("compiled", pa.bool_()),
         ("attention", pa.string()),  # runtime.attention the row ran with (auto: torch's choice)
+        ("sampler", pa.string()),  # generation.sampler: euler (the checkpoint's) or animatelcm
         ("model", pa.string()),
         ("device", pa.string()),
         ("rank", pa.int32()),
@@ -198,6 +199,7 @@ class Record:
     batch_size: int | None
     compiled: bool
     attention: str | None
+    sampler: str
     model: str
     device: str
     rank: int

@@ -42,8 +42,9 @@ def fingerprint(s: RunSettings, identity: str | Mapping[str, str], device_type: 
 
 
 # Keys added by a later svd-batch whose value an earlier one always had: a fingerprint without the key is read as
-# holding this value (a folder made before model.unet_weights existed ran the checkpoint's own UNet).
-IMPLIED = {"model.unet_weights": None}
+# holding this value (a folder made before model.unet_weights existed ran the checkpoint's own UNet, and one made
+# before generation.sampler existed the checkpoint's own scheduler).
+IMPLIED = {"model.unet_weights": None, "generation.sampler": "euler"}
 
 
 def fingerprint_changes(before: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:

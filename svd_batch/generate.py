@@ -24,6 +24,7 @@ from .model import (ModelUnavailable, compile_models, configure_compile, load_un
                     set_forward_chunking)
 from .fields import Row
 from .hooks import Injection
+from .samplers import row_generator, use_sampler
 from .settings import MemorySettings, ModelSettings, RuntimeSettings
 from .util import (first_line, peak_vram_bytes, quiet_hf_logging,
                    reset_peak_vram)
@@ -75,10 +76,11 @@ class Generator:
 
     @classmethod
     def load(cls, local_path: str, *, device, model: ModelSettings, memory: MemorySettings,
-             runtime: RuntimeSettings, unet_weights: str | None = None) -> "Generator":
+             runtime: RuntimeSettings, unet_weights: str | None = None, sampler: str = "euler") -> "Generator":
         """The pipeline at ``local_path`` on ``device``, in the settings' dtype and memory mode, compiled and with
-        its attention kernel as set; with ``unet_weights`` (model.unet_weights as a local file) its UNet's state
-        dict replaced by that file's. The settings were checked before (model.check_settings)."""
+        its attention kernel and sampler (generation.sampler) as set; with ``unet_weights`` (model.unet_weights as
+        a local file) its UNet's state dict replaced by that file's. The settings were checked before
+        (model.check_settings)."""
         quiet_hf_logging()  # before the pipeline import, which is where transformers warns
         from diffusers import StableVideoDiffusionPipeline
 
@@ -100,6 +102,7 @@ class Generator:
         pipe.set_progress_bar_config(disable=True)
         if unet_weights is not None:
             load_unet_weights(pipe.unet, unet_weights, model.unet_weights)
+        use_sampler(pipe, sampler)
         if memory.cpu_offload and device.type == "cuda":
             pipe.enable_model_cpu_offload(device=device)
         else:
@@ -292,11 +295,12 @@ class Generator:
         import torch
 
         width, height = int(row.width), int(row.height)
-        with self._pass([row]):
+        generator = torch.Generator("cpu").manual_seed(int(row.seed))
+        with self._pass([row]), row_generator(self.pipe, generator):
             out = self.pipe(
                 image.resize((width, height)),
                 **row.pipeline_kwargs(),
-                generator=torch.Generator("cpu").manual_seed(int(row.seed)),
+                generator=generator,
                 output_type="pt",
             )
             return batching.to_host(batching.quantize_on_device(out.frames))[0]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 from .attention import ATTENTION, CUDA_ONLY_ATTENTION, supports_priority
+from .samplers import ANIMATELCM_MAX_STEPS
 from .settings import ModelSettings, RunSettings, RuntimeSettings
 from .util import first_line
 
@@ -214,6 +215,13 @@ def check_settings(s: RunSettings, device_type_: str) -> None:
             "or drop runtime.compile_vae. Nothing was run."
         )
     check_attention(rt.attention, device_type_)
+    g = s.generation
+    if g.sampler == "animatelcm" and g.num_inference_steps > ANIMATELCM_MAX_STEPS:
+        raise SettingRefused(
+            f"generation.sampler=animatelcm takes 1 to {ANIMATELCM_MAX_STEPS} steps (AnimateLCM was distilled on "
+            f"{ANIMATELCM_MAX_STEPS} timesteps; 4 is typical) and generation.num_inference_steps is "
+            f"{g.num_inference_steps}. Set generation.num_inference_steps=4 (or up to {ANIMATELCM_MAX_STEPS}), or "
+            "use generation.sampler=euler. Nothing was run.")
 
 
 def check_attention(name: str, device_type: str) -> None:

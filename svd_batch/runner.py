@@ -152,7 +152,7 @@ def _work(s: RunSettings, manifest: Manifest, rundir: RunDir, ex: Executor, stop
     t = time.perf_counter()
     try:
         gen = Generator.load(model_path(s.model), device=device, model=s.model, memory=s.memory, runtime=s.runtime,
-                             unet_weights=unet_weights_path(s.model))
+                             unet_weights=unet_weights_path(s.model), sampler=s.generation.sampler)
     except ModelUnavailable as exc:
         say(f"svd-batch: {exc}")
         ex.abort(f"model: {exc}")

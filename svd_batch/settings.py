@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .attention import ATTENTION
 from .fields import INT_FIELDS, RULES
+from .samplers import SAMPLERS
 
 Rule = tuple[Callable[[Any], bool], str]  # (accepts a value, what is allowed)
 
@@ -108,6 +109,7 @@ class ModelSettings:
     variant: str | None = key(_nullable(_str()), frames=True)
     unet_weights: str | None = key(_nullable(_str()), frames=True)  # its content's sha256 is in the fingerprint too
     dtype: str = key(_choice("auto", "float16", "bfloat16", "float32"))  # the fingerprint holds it resolved
+    unet_weights: str | None = key(_nullable(_str()), frames=True)  # a UNet state dict replacing the checkpoint's
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,8 @@ class GenerationSettings:
     noise_aug_strength: float = key(_generation("noise_aug_strength"), frames=True)
     min_guidance_scale: float = key(_generation("min_guidance_scale"), frames=True)
     max_guidance_scale: float = key(_generation("max_guidance_scale"), frames=True)
+    # The whole run's sampler (not a row's column): samplers.py.
+    sampler: str = key(_choice(*SAMPLERS), frames=True)
 
 
 @dataclass(frozen=True)

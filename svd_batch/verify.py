@@ -141,7 +141,7 @@ def verify(root: str, sample: int = 5, seed: int = 0, ids: list[str] | None = No
         torch.set_num_threads(s.runtime.threads)
     device = torch.device(device_type(s.runtime))
     gen = Generator.load(model_path(s.model), device=device, model=s.model, memory=s.memory, runtime=s.runtime,
-                         unet_weights=unet_weights_path(s.model))
+                         unet_weights=unet_weights_path(s.model), sampler=s.generation.sampler)
     lines, matches = [], 0
     for r in p.rows:
         note = ""

@@ -360,7 +360,8 @@ class RankWorker:
             total_seconds=o.load_seconds + (o.generate_seconds or 0.0) + write_seconds,
             peak_vram_bytes=o.peak_vram_bytes, peak_host_memory_bytes=peak_host_memory_bytes(),
             memory_mode=o.memory_mode, batch_size=o.batch_size, compiled=s.runtime.compile, attention=o.attention,
-            model=s.model.name, device=str(self.gen.device), rank=self.rank, world_size=self.world,
+            sampler=s.generation.sampler, model=s.model.name, device=str(self.gen.device), rank=self.rank,
+            world_size=self.world,
             host=self.stats.host, started_at=o.started_at, finished_at=_now(), **scores)
         try:
             self.parts.add(record)

@@ -236,7 +236,7 @@ def record(**values):
                   noise_aug_strength=0.02, num_frames=2, num_inference_steps=1, height=16, width=16,
                   min_guidance_scale=1.0, max_guidance_scale=1.0, decode_chunk_size=2, load_seconds=0.0,
                   write_seconds=0.0, total_seconds=0.0, peak_host_memory_bytes=0, memory_mode="full", compiled=False,
-                  model="tiny", device="cpu", rank=0, world_size=1, host="h", started_at=now, finished_at=now)
+                  sampler="euler", model="tiny", device="cpu", rank=0, world_size=1, host="h", started_at=now, finished_at=now)
     filler.update(values)
     return Record(**filler)
 

@@ -158,7 +158,7 @@ def test_help_lists_usage_groups_and_exit_codes():
     proc = subprocess.run([sys.executable, "-m", "svd_batch", "--help"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0
     assert "Usage: svd-batch" in proc.stdout and "Exit codes" in proc.stdout
-    assert "model: svd, svd_xt, svd_xt_1_1, tiny" in proc.stdout and "memory: full, low_vram, offload" in proc.stdout
+    assert "model: animatelcm_svd_xt, animatelcm_svd_xt_1_1, svd, svd_xt, svd_xt_1_1, tiny" in proc.stdout and "memory: full, low_vram, offload" in proc.stdout
 
 
 @pytest.mark.process

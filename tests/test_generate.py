@@ -55,6 +55,7 @@ def test_runner_row_equals_guide_snippet(tmp_path, images):
     assert got["cat"]["frames_sha256"] == frames_sha256(cat)
     assert got["rocket"]["frames_sha256"] == frames_sha256(rocket)
     assert got["cat"]["frames_sha256"] != got["rocket"]["frames_sha256"]
+    assert got["cat"]["sampler"] == got["rocket"]["sampler"] == "euler"  # the default: the checkpoint's scheduler
 
 
 class RecordingPipe:

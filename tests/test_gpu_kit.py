@@ -37,7 +37,7 @@ def test_make_gpu_kit_then_the_device_steps_rehearsed_on_cpu(tmp_path):
     assert "transformers 5.17.0; accelerate 1.15.0; huggingface_hub 1.33.0; hydra-core 1.3.8" in log
     assert "gpu-kit installed offline" in log and "differs from this tree" not in log
     report = json.loads((out / "gpu_check.json").read_text())
-    assert list(report) == ["versions", "eager", "attention", "e2e", "compiled", "levers", "frames", "memory"]
+    assert list(report) == ["versions", "fast", "eager", "attention", "e2e", "compiled", "levers", "frames", "memory"]
     assert not [p for p, v in report.items() if "error" in v or "skipped" in v]
     assert report["versions"]["versions"]["svd_batch_from"].endswith("/site/svd_batch")  # the kit's, not the tree
 
@@ -47,6 +47,17 @@ def test_make_gpu_kit_then_the_device_steps_rehearsed_on_cpu(tmp_path):
     assert {"clip", "vae_encode", "unet", "vae_decode", "uint8", "copy"} <= set(stages)
     assert stages["unet"]["calls"] == 2 and stages["pass_s"] >= sum(stages[s]["seconds"] for s in ("clip", "vae_encode", "unet", "vae_decode"))
     assert stages["mp4_s"] > 0 and any(line.startswith("unet ") for line in eager["timeline_table"])
+
+    fast = report["fast"]  # the fast path first: AnimateLCM's sampler, 4 steps, the UNet at batch 1
+    assert fast["animatelcm_eager"]["seconds_per_video"] > 0 and fast["animatelcm_eager"]["unet_calls"] == 4
+    assert fast["animatelcm_eager"]["timeline"]["mp4_s"] > 0
+    assert fast["animatelcm_compiled_reduce-overhead"]["frames_vs_eager"]["identical"] and fast["compile_s"] > 0
+    for loop in ("svd_batch_loop_eager", "svd_batch_loop_compiled"):
+        assert fast[loop]["exit_code"] == 0 and fast[loop]["steady_rows"] == 1, loop
+        assert fast[loop]["sampler_recorded"] == ["animatelcm"] and fast[loop]["steps_recorded"] == [4], loop
+        assert fast[loop]["scored_rows"] == 2, loop
+        assert 0 <= fast[loop]["gpu_idle_fraction"] < 1, loop
+    assert report["e2e"]["svd_batch_loop"]["sampler_recorded"] == ["euler"]  # the fast part put euler back
 
     att = report["attention"]
     assert att["auto"]["row_records"] == "flash" and att["math"]["row_records"] == "math"
@@ -66,7 +77,7 @@ def test_make_gpu_kit_then_the_device_steps_rehearsed_on_cpu(tmp_path):
     assert report["memory"]["offload"]["frames_vs_eager"]["identical"]  # offload only moves models (none on CPU)
     assert report["memory"]["low_vram"]["seconds_per_video"] > 0
     summary = (out / "summary.txt").read_text()
-    assert "eager fp16:" in summary and "GPU idle" in summary and len(summary.splitlines()) < 60  # one screen
+    assert "eager fp16:" in summary and "fast eager" in summary and "GPU idle" in summary and len(summary.splitlines()) < 60  # one screen
 
 
 def test_gpu_check_needs_out_and_a_kit(tmp_path):
@@ -77,4 +88,4 @@ def test_gpu_check_needs_out_and_a_kit(tmp_path):
                           env={**env, "OUT": str(tmp_path / "out")}, capture_output=True, text=True)
     assert proc.returncode == 2 and "make gpu-kit" in (tmp_path / "out" / "log.txt").read_text()
     proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--help"], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0 and "eager ~80" in proc.stdout and "--dry-run" in proc.stdout
+    assert proc.returncode == 0 and "fast ~330" in proc.stdout and "eager ~80" in proc.stdout and "--dry-run" in proc.stdout
