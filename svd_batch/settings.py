@@ -109,7 +109,6 @@ class ModelSettings:
     variant: str | None = key(_nullable(_str()), frames=True)
     unet_weights: str | None = key(_nullable(_str()), frames=True)  # its content's sha256 is in the fingerprint too
     dtype: str = key(_choice("auto", "float16", "bfloat16", "float32"))  # the fingerprint holds it resolved
-    unet_weights: str | None = key(_nullable(_str()), frames=True)  # a UNet state dict replacing the checkpoint's
 
 
 @dataclass(frozen=True)
