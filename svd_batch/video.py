@@ -73,9 +73,12 @@ def mp4_problem(path: str) -> str | None:
 
 
 def write_mp4(frames: np.ndarray, path: str, fps: int, *, crf: int = 18, codec: str = "libx264",
-              pix_fmt: str = "yuv420p", preset: str = "medium", threads: int = 1) -> None:
+              pix_fmt: str = "yuv420p", preset: str = "medium", threads: int = 1,
+              comment: str | None = None) -> None:
     """H.264 + yuv420p + faststart: what every browser plays. The file at ``path`` is always complete:
-    raises VideoWriteError (and leaves nothing) when ffmpeg fails or its output does not read back whole."""
+    raises VideoWriteError (and leaves nothing) when ffmpeg fails or its output does not read back whole.
+    ``comment`` goes into the container's standard ``comment`` tag (``ffprobe`` shows it), in the same ffmpeg
+    call: the frames, and so their hash, do not depend on it."""
     import imageio_ffmpeg
 
     n, height, width, _ = frames.shape
@@ -83,6 +86,8 @@ def write_mp4(frames: np.ndarray, path: str, fps: int, *, crf: int = 18, codec: 
            "-vcodec", "rawvideo", "-s", f"{width}x{height}", "-pix_fmt", "rgb24", "-r", f"{fps:.02f}",
            "-i", "-", "-an", "-vcodec", codec, "-pix_fmt", pix_fmt, "-r", f"{fps:.02f}",
            "-crf", str(crf), "-preset", preset, "-movflags", "+faststart", "-threads", str(threads)]
+    if comment is not None:
+        cmd += ["-metadata", f"comment={comment}"]
     data = np.ascontiguousarray(frames, dtype=np.uint8).tobytes()
     # Hidden and ending in .mp4: ffmpeg picks the container from the name, and nobody mistakes it for a video.
     with atomic_path(path, hidden=True, keep_extension=True) as tmp:
@@ -103,6 +108,14 @@ def write_mp4(frames: np.ndarray, path: str, fps: int, *, crf: int = 18, codec: 
         problem = mp4_problem(tmp)
         if problem:
             raise VideoWriteError(f"ffmpeg's output is not a whole MP4 ({problem})")
+
+
+def recipe_comment(record: dict) -> str:
+    """The row's generation settings as one line of JSON, for the MP4's ``comment`` tag: a video copied out of
+    its run folder still says how to make it again."""
+    import json
+
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 def read_mp4(path: str) -> np.ndarray:

@@ -72,3 +72,43 @@ def test_a_truncated_mp4_is_told_apart(tmp_path):
     assert "past the end of the file" in mp4_problem(str(cut))
     cut.write_bytes(data[:20])
     assert mp4_problem(str(cut)) is not None
+
+
+def ffmpeg_tags(path) -> dict:
+    """The container's tags as ffmpeg itself prints them (``ffmpeg -i file -f ffmetadata -``: what ffprobe shows),
+    unescaped as the ffmetadata format says (a backslash before '=', ';', '#', '\\' and newline)."""
+    import subprocess
+
+    out = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-i", str(path),
+                          "-f", "ffmetadata", "-"], capture_output=True, check=True).stdout.decode()
+    tags, key, value, escaped = {}, None, [], False
+    for ch in out.split("\n", 1)[1]:  # after the ";FFMETADATA1" header
+        if escaped:
+            value.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == "\n":
+            if key is not None:
+                tags[key] = "".join(value)
+            key, value = None, []
+        elif ch == "=" and key is None:
+            key, value = "".join(value), []
+        else:
+            value.append(ch)
+    return tags
+
+
+def test_the_recipe_rides_in_the_comment_tag_and_changes_no_frame(tmp_path):
+    import json
+
+    from svd_batch.video import read_mp4 as decode, recipe_comment
+
+    frames = np.random.default_rng(1).integers(0, 255, (4, 32, 48, 3), dtype=np.uint8)
+    recipe = {"id": "a=b;c#d\\e ü", "seed": 7, "model": "svd_xt", "sampler": "euler", "fps": 6,
+              "max_guidance_scale": 3.0, "svd_batch": "0.1.0"}
+    write_mp4(frames, str(tmp_path / "plain.mp4"), fps=6)
+    write_mp4(frames, str(tmp_path / "tagged.mp4"), fps=6, comment=recipe_comment(recipe))
+    assert json.loads(ffmpeg_tags(tmp_path / "tagged.mp4")["comment"]) == recipe
+    assert "comment" not in ffmpeg_tags(tmp_path / "plain.mp4")
+    assert np.array_equal(decode(str(tmp_path / "plain.mp4")), decode(str(tmp_path / "tagged.mp4")))
