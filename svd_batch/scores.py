@@ -130,12 +130,16 @@ def pipeline_embedder(pipe) -> Embed | None:
     enc, fx = getattr(pipe, "image_encoder", None), getattr(pipe, "feature_extractor", None)
     if enc is None or fx is None:
         return None
+    import threading
+
     embed = clip_embedder(enc, fx)
+    one_at_a_time = threading.Lock()  # several writer threads score at once; the encoder is one module
 
     def guarded(images: list[np.ndarray]) -> np.ndarray:
         if hasattr(enc, "_hf_hook") or next(enc.parameters()).device.type == "meta":
             raise _Offloaded
-        return embed(images)
+        with one_at_a_time:
+            return embed(images)
 
     return guarded
 
