@@ -233,8 +233,10 @@ class RowWriter:
             try:
                 frames_hash = frames_sha256(o.frames)
                 v = s.video
-                write_mp4(o.frames, rd.video_path(row.id), int(row.fps), crf=v.crf, codec=v.codec,
-                          pix_fmt=v.pix_fmt, preset=v.preset, comment=recipe_comment(self.recipe(row)))
+                # With scores on, the same ffmpeg decodes what it wrote: the frames any reader of the file gets.
+                decoded = write_mp4(o.frames, rd.video_path(row.id), int(row.fps), crf=v.crf, codec=v.codec,
+                                    pix_fmt=v.pix_fmt, preset=v.preset, comment=recipe_comment(self.recipe(row)),
+                                    decode=s.report.scores)
                 # The conditioning image as the model saw it: the same resize generate.py does, off the model's thread.
                 seen = o.input_image.resize((int(row.width), int(row.height))) if o.input_image is not None else None
                 if row.row <= self.thumb_max_row:
@@ -243,7 +245,8 @@ class RowWriter:
                     rd.save_input(row.id, seen)
                 if s.report.scores:  # from the files just written: what svd-batch-score reads too
                     scores = scores_for_record(rd.video_path(row.id),
-                                               rd.input_path(row.id) if seen is not None else None, self.embed)
+                                               rd.input_path(row.id) if seen is not None else None, self.embed,
+                                               decoded)
                 status, error, video_path = "ok", None, os.path.relpath(rd.video_path(row.id), rd.root)
             except Exception as exc:  # noqa: BLE001 - e.g. ffmpeg failing on this row
                 if is_output_error(exc) or self._folder_refuses_writes():

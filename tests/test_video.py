@@ -112,3 +112,23 @@ def test_the_recipe_rides_in_the_comment_tag_and_changes_no_frame(tmp_path):
     assert json.loads(ffmpeg_tags(tmp_path / "tagged.mp4")["comment"]) == recipe
     assert "comment" not in ffmpeg_tags(tmp_path / "plain.mp4")
     assert np.array_equal(decode(str(tmp_path / "plain.mp4")), decode(str(tmp_path / "tagged.mp4")))
+
+
+def test_the_frames_ffmpeg_decodes_while_writing_are_those_a_reader_of_the_file_gets(tmp_path):
+    """The run scores what the encoder's loopback decoder gives; svd-batch-score reads the file: both must see the
+    same frames (the run's and the rescore's values are equal), and asking for them changes no byte of the file."""
+    from svd_batch.video import read_mp4 as decode
+
+    rng = np.random.default_rng(3)
+    y, x = np.mgrid[0:40, 0:72]
+    base = np.stack([x * 3, y * 5, (x + y) * 2], axis=-1).astype(np.uint8)
+    cases = {"noise": rng.integers(0, 256, (9, 48, 64, 3), dtype=np.uint8),
+             "smooth": np.stack([np.roll(base, 2 * i, axis=1) for i in range(11)]),
+             "odd size": rng.integers(0, 256, (5, 30, 46, 3), dtype=np.uint8)}
+    for name, frames in cases.items():
+        for fps in (6, 9):
+            back = write_mp4(frames, str(tmp_path / "a.mp4"), fps=fps, decode=True)
+            write_mp4(frames, str(tmp_path / "b.mp4"), fps=fps)
+            assert back is not None and np.array_equal(back, decode(str(tmp_path / "a.mp4"))), (name, fps)
+            assert (tmp_path / "a.mp4").read_bytes() == (tmp_path / "b.mp4").read_bytes(), (name, fps)
+            assert write_mp4(frames, str(tmp_path / "c.mp4"), fps=fps) is None
