@@ -291,3 +291,24 @@ def test_several_encodes_in_flight_give_the_files_and_records_of_one_writer(tmp_
         outs[name] = (t["id"].to_pylist(), t["frames_sha256"].to_pylist(), t["status"].to_pylist(),
                       [(tmp_path / name / "out" / p).read_bytes() for p in t["video_path"].to_pylist()])
     assert outs["three"] == outs["inline"] and set(outs["three"][2]) == {"ok"}
+
+
+def test_writers_are_sized_from_the_cores_each_local_rank_has(monkeypatch):
+    import os
+
+    from svd_batch.writer import cores_per_rank, writer_counts
+
+    def machine(affinity, cpus, local):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)), raising=False)
+        monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
+        return cores_per_rank()
+
+    assert machine(16, 16, 2) == 8  # two ranks share the node's 16 cores
+    assert machine(4, 16, 4) == 4  # the launcher pinned each rank to 4 cores of its own
+    assert machine(2, 2, 1) == 2 and machine(1, 16, 8) == 1
+    auto = settings_for()
+    assert writer_counts(auto, cores=8) == (7, 14)  # a core for the model's thread and the loaders
+    assert writer_counts(auto, cores=64) == (8, 16) and writer_counts(auto, cores=1) == (1, 2)
+    assert writer_counts(settings_for("runtime.writers=3"), cores=64) == (3, 6)
+    assert writer_counts(settings_for("runtime.writers=3", "runtime.write_queue=1"), cores=1) == (3, 1)
