@@ -163,11 +163,13 @@ class RowWriter:
         if not self.threaded:
             self._write_batch(done)
             return
-        for o in done:
-            if o.frames is not None and o.error is None:
-                self.slots.take()
-                o.files = self._pool.submit(self._files_released, o)
-        self._queue.put(done)
+        try:
+            for o in done:
+                if o.frames is not None and o.error is None:
+                    self.slots.take()
+                    o.files = self._pool.submit(self._files_released, o)
+        finally:  # stopped while waiting: the rows are computed, the record thread writes the rest itself
+            self._queue.put(done)
 
     def end(self) -> None:
         """The rank's work ended normally: rows still held by the outage guard failed on their own."""
