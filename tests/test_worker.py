@@ -312,3 +312,31 @@ def test_writers_are_sized_from_the_cores_each_local_rank_has(monkeypatch):
     assert writer_counts(auto, cores=64) == (8, 16) and writer_counts(auto, cores=1) == (1, 2)
     assert writer_counts(settings_for("runtime.writers=3"), cores=64) == (3, 6)
     assert writer_counts(settings_for("runtime.writers=3", "runtime.write_queue=1"), cores=1) == (3, 1)
+
+
+def test_a_full_disk_in_one_encode_stops_the_stage_and_the_model_is_not_left_waiting(tmp_path):
+    """An output-folder error in an encoder thread reaches the model's thread (RankWorker raises it), the rows
+    before it are recorded, none after it, and a model blocked on the full write queue is let go."""
+    from svd_batch.feed import ListSource
+    from svd_batch.ledger import Ticket
+    from svd_batch.video import OutputFolderError
+    from svd_batch.writer import Files
+
+    rd, w = stage(tmp_path, "runtime.writers=2", "runtime.write_queue=2")
+
+    def encode(o):
+        if o.row.row == 3:
+            raise OutputFolderError("disk full")
+        return Files("ok", None, f"videos/{o.row.id}.mp4", "h", {"motion_score": None, "image_similarity": None,
+                                                                  "flicker_score": None}, 0.0)
+
+    w._files = encode
+    n = 12
+    w.start(ListSource(range(n)), threaded=True)
+    for t in range(n):
+        w.pending[Ticket(t)] = 1
+    for b in computed(tiny_rows(n)):  # never blocks for good: failed encodes give their slots back too
+        w.put(b)
+    w.close()
+    assert isinstance(w.error, OutputFolderError)
+    assert rd.read_records()["id"].to_pylist() == ["r0", "r1", "r2"] and w.slots.held == 0
