@@ -1,6 +1,7 @@
 """svd-batch against the diffusers guide's snippet as a plain loop, on the same tiny-model rows (CPU).
 
     .venv/bin/pip install imageio && .venv/bin/python scripts/bench_cpu.py [--rows 12] [--repeats 3]
+        [--variants "guide loop" svd-batch] [--tree OTHER_CHECKOUT]
 
 Each variant is a whole process (imports, model load, every row, every MP4), run --repeats times,
 interleaved so machine drift hits all alike; medians are reported, and ratios against the plain loop.
@@ -9,12 +10,15 @@ interleaved so machine drift hits all alike; medians are reported, and ratios ag
                   bookkeeping, gallery and contact sheet
   svd-batch b4    runtime.batch_size=4
   svd-batch ovl   runtime.overlap=true
+  svd-batch @tree svd-batch's defaults from another checkout (--tree: e.g. a git worktree of an earlier commit),
+                  with this checkout's interpreter, for a before/after in one interleaved run
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -49,20 +53,25 @@ GUIDE_LOOP = textwrap.dedent("""
 """).format(W=W, H=H, F=F, STEPS=STEPS)
 
 
-def timed(cmd: list[str], out: str) -> float:
+def timed(cmd: list[str], out: str, cwd: str = REPO) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the process and every process it waited for: ffmpeg included)."""
     shutil.rmtree(out, ignore_errors=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
     elapsed = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return elapsed
+    return elapsed, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--variants", nargs="+", help="only these variants (names as printed)")
+    ap.add_argument("--tree", help="also run svd-batch's defaults from this checkout")
     args = ap.parse_args()
     try:
         import imageio  # noqa: F401  (diffusers' export_to_video needs it)
@@ -90,18 +99,26 @@ def main() -> None:
             "svd-batch b4": common + ["runtime.batch_size=4"],
             "svd-batch ovl": common + ["runtime.overlap=true"],
         }
-        times: dict[str, list[float]] = {k: [] for k in variants}
-        timed(variants["svd-batch"], out)  # warm the tiny-model cache and the page cache first
+        if args.variants:
+            variants = {k: v for k, v in variants.items() if k in args.variants or k == "guide loop"}
+        cwd = {k: REPO for k in variants}
+        if args.tree:  # python -m svd_batch from that folder imports its svd_batch package first
+            variants["svd-batch @tree"], cwd["svd-batch @tree"] = common, os.path.abspath(args.tree)
+        times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
+        timed(common, out)  # warm the tiny-model cache and the page cache first
         for _ in range(args.repeats):
             for name, cmd in variants.items():
-                times[name].append(timed(cmd, out))
-        base = statistics.median(times["guide loop"])
+                times[name].append(timed(cmd, out, cwd[name]))
+        base = statistics.median(w for w, _ in times["guide loop"])
+        cpu_base = statistics.median(c for _, c in times["guide loop"])
         print(f"{args.rows} rows, {W}x{H}, {F} frames, {STEPS} steps, tiny model, torch threads "
-              f"{os.environ.get('OMP_NUM_THREADS', 'default')}, {args.repeats} runs each, whole-process seconds")
+              f"{os.environ.get('OMP_NUM_THREADS', 'default')}, {args.repeats} runs each, whole-process seconds "
+              "(CPU: user + system of the process and its children, ffmpeg included; steadier on a loaded machine)")
         for name, ts in times.items():
-            med = statistics.median(ts)
-            print(f"  {name:14s} median {med:6.2f} s  ({', '.join(f'{t:.2f}' for t in ts)})  "
-                  f"{med / base:.3f} x guide loop")
+            med, cpu = statistics.median(w for w, _ in ts), statistics.median(c for _, c in ts)
+            print(f"  {name:15s} wall median {med:6.2f} s ({', '.join(f'{w:.2f}' for w, _ in ts)}) "
+                  f"{med / base:.3f} x guide loop | CPU median {cpu:6.2f} s ({', '.join(f'{c:.2f}' for _, c in ts)}) "
+                  f"{cpu / cpu_base:.3f} x")
 
 
 if __name__ == "__main__":

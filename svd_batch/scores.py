@@ -11,8 +11,9 @@
   from frame to frame (the flicker users report) gives a large second difference.
 
 Scores describe the files a run leaves: the MP4 as decoded and the input as saved (``inputs/<id>.jpg``), in
-the run (from the writer thread, right after writing them) and in ``svd-batch-score`` alike, so both give the
-same values for the same video. Scoring the frames in memory instead gave other values than any later
+the run (from the writer, right after writing them; the ffmpeg that encodes the MP4 also decodes it, with
+the frames a reader of the file gets) and in ``svd-batch-score`` alike, so both give the same values for the
+same video. Scoring the frames in memory instead gave other values than any later
 rescoring could (H.264 is lossy, the saved input is a JPEG): image_similarity 0.9518 in the run, 0.9563 from
 the files. The decode costs the writer thread tens to hundreds of milliseconds per video, beside the model
 (BENCHMARKS.md); the embedding runs where the encoder lives (the GPU in a real run), so the model never waits
@@ -133,12 +134,16 @@ def pipeline_embedder(pipe) -> Embed | None:
     enc, fx = getattr(pipe, "image_encoder", None), getattr(pipe, "feature_extractor", None)
     if enc is None or fx is None:
         return None
+    import threading
+
     embed = clip_embedder(enc, fx)
+    one_at_a_time = threading.Lock()  # several writer threads score at once; the encoder is one module
 
     def guarded(images: list[np.ndarray]) -> np.ndarray:
         if hasattr(enc, "_hf_hook") or next(enc.parameters()).device.type == "meta":
             raise _Offloaded
-        return embed(images)
+        with one_at_a_time:
+            return embed(images)
 
     return guarded
 
@@ -147,13 +152,16 @@ class _Offloaded(Exception):
     pass
 
 
-def score_files(video_path: str, image, embed: Embed | None) -> dict[str, float | None]:
+def score_files(video_path: str, image, embed: Embed | None,
+                decoded: np.ndarray | None = None) -> dict[str, float | None]:
     """The scores of a video as written and its conditioning image as saved (None: pixel scores only): what the
-    run records and what svd-batch-score recomputes, read the same way."""
-    return score_video(read_mp4(video_path), image, embed)
+    run records and what svd-batch-score recomputes, read the same way. ``decoded``: the file's frames as
+    ``read_mp4`` gives them, already in hand (the writer's ffmpeg decoded what it encoded: video.write_mp4)."""
+    return score_video(read_mp4(video_path) if decoded is None else decoded, image, embed)
 
 
-def scores_for_record(video_path: str, image_path: str | None, embed: Embed | None) -> dict[str, float | None]:
+def scores_for_record(video_path: str, image_path: str | None, embed: Embed | None,
+                      decoded: np.ndarray | None = None) -> dict[str, float | None]:
     """For the writer, once the row's video and input image are in place: scores never fail a row (a video that
     exists is worth more than its score)."""
     def image():
@@ -165,9 +173,9 @@ def scores_for_record(video_path: str, image_path: str | None, embed: Embed | No
 
     try:
         try:
-            return score_files(video_path, image(), embed)
+            return score_files(video_path, image(), embed, decoded)
         except _Offloaded:
-            return score_files(video_path, None, None)
+            return score_files(video_path, None, None, decoded)
     except Exception:  # noqa: BLE001 - a broken scorer leaves the columns empty; svd-batch-score can redo them
         return {c: None for c in SCORE_COLUMNS}
 

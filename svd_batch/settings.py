@@ -172,6 +172,8 @@ class RuntimeSettings:
     lease_seconds: float = key(_number(positive=True))
     heartbeat_seconds: float = key(_number(positive=True))
     grace_seconds: float = key(_number(lo=0))
+    writers: int | str = key((lambda v: v == "auto" or (type(v) is int and v >= 1), "auto or an integer >= 1"))
+    write_queue: int | str = key((lambda v: v == "auto" or (type(v) is int and v >= 1), "auto or an integer >= 1"))
 
     @property
     def overlap_setting(self) -> bool | None:

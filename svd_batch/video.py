@@ -73,16 +73,30 @@ def mp4_problem(path: str) -> str | None:
 
 
 def write_mp4(frames: np.ndarray, path: str, fps: int, *, crf: int = 18, codec: str = "libx264",
-              pix_fmt: str = "yuv420p", preset: str = "medium", threads: int = 1) -> None:
+              pix_fmt: str = "yuv420p", preset: str = "medium", threads: int = 1,
+              comment: str | None = None, decode: bool = False) -> np.ndarray | None:
     """H.264 + yuv420p + faststart: what every browser plays. The file at ``path`` is always complete:
-    raises VideoWriteError (and leaves nothing) when ffmpeg fails or its output does not read back whole."""
+    raises VideoWriteError (and leaves nothing) when ffmpeg fails or its output does not read back whole.
+    ``comment`` goes into the container's standard ``comment`` tag (``ffprobe`` shows it), in the same ffmpeg
+    call: the frames, and so their hash, do not depend on it.
+
+    ``decode``: also return the video as a reader of the file decodes it (``read_mp4``), from the same ffmpeg
+    process: a loopback decoder (ffmpeg >= 7) decodes the packets the encoder wrote, and they go through the
+    same conversion to RGB. Scores then need no second ffmpeg per video. None when that gave another number
+    of frames than were written (the caller reads the file instead)."""
     import imageio_ffmpeg
 
     n, height, width, _ = frames.shape
     cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-hide_banner", "-loglevel", "error", "-f", "rawvideo",
            "-vcodec", "rawvideo", "-s", f"{width}x{height}", "-pix_fmt", "rgb24", "-r", f"{fps:.02f}",
-           "-i", "-", "-an", "-vcodec", codec, "-pix_fmt", pix_fmt, "-r", f"{fps:.02f}",
+           "-i", "-", "-map", "0:v", "-an", "-vcodec", codec, "-pix_fmt", pix_fmt, "-r", f"{fps:.02f}",
            "-crf", str(crf), "-preset", preset, "-movflags", "+faststart", "-threads", str(threads)]
+    if comment is not None:
+        cmd += ["-metadata", f"comment={comment}"]
+    # The loopback decoder's frames as rawvideo on stdout; passthrough keeps their count (rawvideo would
+    # otherwise fill to 25 fps).
+    back = ["-dec", "0:0", "-filter_complex", "[dec:0]null[back]", "-map", "[back]", "-fps_mode", "passthrough",
+            "-f", "rawvideo", "-pix_fmt", "rgb24", "-"] if decode else []
     data = np.ascontiguousarray(frames, dtype=np.uint8).tobytes()
     # Hidden and ending in .mp4: ffmpeg picks the container from the name, and nobody mistakes it for a video.
     with atomic_path(path, hidden=True, keep_extension=True) as tmp:
@@ -90,8 +104,8 @@ def write_mp4(frames: np.ndarray, path: str, fps: int, *, crf: int = 18, codec: 
             try:
                 # A session of its own: a launcher stopping this rank signals the rank's process group (torchrun
                 # does), and the rank, not the signal, decides whether the video in hand is finished (StopFlag).
-                proc = subprocess.run([*cmd, tmp], input=data, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                      start_new_session=True)
+                proc = subprocess.run([*cmd, tmp, *back], input=data, stderr=subprocess.PIPE, start_new_session=True,
+                                      stdout=subprocess.PIPE if decode else subprocess.DEVNULL)
             except OSError as exc:  # ffmpeg missing or not executable; a broken pipe when it dies early
                 raise VideoWriteError(f"ffmpeg could not run: {exc}") from None
             # SLURM's --signal (no B:) reaches every process of the job step, ffmpeg too (255: it handled SIGTERM
@@ -109,6 +123,17 @@ def write_mp4(frames: np.ndarray, path: str, fps: int, *, crf: int = 18, codec: 
         problem = mp4_problem(tmp)
         if problem:
             raise VideoWriteError(f"ffmpeg's output is not a whole MP4 ({problem})")
+    if not decode or len(proc.stdout) != len(data):
+        return None
+    return np.frombuffer(proc.stdout, np.uint8).reshape(n, height, width, 3)
+
+
+def recipe_comment(record: dict) -> str:
+    """The row's generation settings as one line of JSON, for the MP4's ``comment`` tag: a video copied out of
+    its run folder still says how to make it again."""
+    import json
+
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 def read_mp4(path: str) -> np.ndarray:

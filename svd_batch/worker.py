@@ -2,9 +2,9 @@
 
 The rank asks for the next unit (one row, or one batch) just before the model needs it (feed.py). With overlap
 on (the default on CUDA) the next unit is claimed a little ahead, timed so its images have loaded when the model
-is free, and one writer thread encodes MP4s, hashes frames and records results (bounded queue); with
-``runtime.overlap=false`` the same steps run one after the other in the calling thread. Either way the writer is
-the only thread that records results, so a row counts as done only after its video is in place.
+is free, and the write stage (writer.py) encodes several MP4s at once while one thread records results in order,
+with a cap on the videos waiting in memory; with ``runtime.overlap=false`` the same steps run one after the other
+in the calling thread. Either way a row counts as done only after its video is in place.
 
 What the rank does about failures: a bad row is recorded failed and the run goes on; an error that breaks the
 device (or ``runtime.max_same_failures`` rows in a row failing the same way on a device that no longer
@@ -18,36 +18,25 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import queue
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-import numpy as np
-
 from .atomic import write_text_atomic
-from .device_errors import device_answers, is_row_error
+from .device_errors import DeviceFailure, device_answers, is_row_error
 from .feed import Feed, UnitSource, _Inline
-from .fields import Record, Row
-from .device_errors import DeviceFailure
+from .fields import Row
 from .generate import Generator
 from .hooks import slow_factor
 from .images import ImageError, load_image_digest
 from .ledger import Ticket
-from .outage import OutageGuard
 from .plan import Plan, with_seed
-from .report.sheet import save_thumbnails
-from .rundir import PartWriter, RunDir
-from .scores import pipeline_embedder, scores_for_record
+from .rundir import RunDir
+from .scores import pipeline_embedder
 from .settings import RunSettings
-from .util import first_line, peak_host_memory_bytes
-from .video import frames_sha256, is_output_error, output_folder_error, write_mp4
-
-# The rank's last batch: rows the outage guard held back below its threshold are recorded after everything else.
-_END: list = []
+from .writer import Done, RowWriter
 
 
 def _now() -> dt.datetime:
@@ -83,27 +72,6 @@ class RankStats:
                                               "warmup_seconds", "pipeline_seconds", "wall_seconds")}
 
 
-@dataclass
-class Done:
-    """One row between the model and the writer: its frames, or why it has none, and how they were made."""
-
-    row: Row
-    ticket: Ticket | None
-    error: str | None
-    loaded: bool
-    load_seconds: float
-    started_at: dt.datetime
-    memory_mode: str
-    decode_chunk_size: int
-    frames: np.ndarray | None = None
-    input_image: Any = None       # the conditioning image as loaded (resized by the writer, for report and scores)
-    batch_size: int | None = None
-    generate_seconds: float | None = None
-    peak_vram_bytes: int | None = None
-    attention: str | None = None
-    signature: str | None = None  # the error with the row's id taken out: equal failures in a row compare equal
-
-
 class RankWorker:
     def __init__(self, gen: Generator, rundir: RunDir, settings: RunSettings, *, rank: int, world: int, stop,
                  progress, log: Callable[[str], None], thumb_max_row: int = -1, member: str | None = None):
@@ -113,33 +81,26 @@ class RankWorker:
         # auto: overlap on GPUs, where the CPU is otherwise idle while the model runs; on CPU the model already
         # uses every core and loader/writer threads would only compete with it (BENCHMARKS.md).
         self.overlap = gen.device.type == "cuda" if overlap is None else overlap
-        self.parts = PartWriter(rundir, rank, settings.runtime.results_chunk_rows, member=member)
-        self.units: UnitSource = UnitSource()
-        self._pending: dict[Ticket, int] = {}  # rows of each unit in hand not yet recorded (or dropped)
-        self._dropped: set[Ticket] = set()
         self.stats = RankStats(rank=rank, world_size=world, host=socket.gethostname(), device=str(gen.device))
-        self._write_error: BaseException | None = None
         self._seconds_per_cost: list[float] = []
         self.slow = slow_factor(rank)  # test and benchmark hook (hooks.py): an older or throttled GPU
-        self.thumb_max_row = thumb_max_row
-        self.embed = pipeline_embedder(getattr(gen, "pipe", None)) if settings.report.scores else None
-        img = settings.images
-        self.outage = OutageGuard(
-            lambda uri: load_image_digest(uri, timeout=img.timeout, max_bytes=img.max_bytes,
-                                          max_pixels=img.max_pixels),
-            failures=img.outage_failures, wait_seconds=img.outage_wait, log=log,
-            stopped=lambda: getattr(stop, "signum", None) is not None)
+        # Scores embed with the pipeline's own CLIP encoder, where it lives: on the GPU in a GPU run.
+        embed = pipeline_embedder(getattr(gen, "pipe", None)) if settings.report.scores else None
+        self.writer = RowWriter(rundir, settings, device=str(gen.device), rank=rank, world=world, stats=self.stats,
+                                stop=stop, progress=progress, log=log, embed=embed, thumb_max_row=thumb_max_row,
+                                member=member)
+
+    @property
+    def parts(self):
+        return self.writer.parts
 
     # -- the loop -----------------------------------------------------------------------------------------
     def run(self, plan: Plan, units: UnitSource) -> RankStats:
         """Run units of ``plan`` as ``units`` hands them out, until it has none left for this rank."""
         started = time.perf_counter()
-        self.units = units
+        writer = self.writer
         loader = ThreadPoolExecutor(2, thread_name_prefix="load") if self.overlap else _Inline()
-        writes: queue.Queue = queue.Queue(maxsize=2)
-        writer = threading.Thread(target=self._writer_loop, args=(writes,), daemon=True, name="write")
-        if self.overlap:
-            writer.start()
+        writer.start(units, threaded=self.overlap)
         base_seed = self.settings.generation.seed
         feed = Feed(plan, units, lambda rows: [loader.submit(self._load, r) for r in rows],
                     base_seed=base_seed, lookahead=self.overlap)
@@ -150,7 +111,7 @@ class RankWorker:
                 if item is None:
                     break
                 ticket, rows, futures, cost = item
-                self._pending[ticket] = len(rows)
+                writer.pending[ticket] = len(rows)
                 self.stats.units += 1
                 if self.settings.runtime.compile and not self.stats.warmup_seconds:
                     # Any rank may claim any unit: warm up every (shape, unit size) of the plan.
@@ -169,36 +130,28 @@ class RankWorker:
                 finally:
                     self.stop.idle()
                 self._seconds_per_cost.append((time.perf_counter() - t) / max(cost, 1e-9))
-                self._put(writes, self._screen(done, held_back))
-                if self._write_error:
-                    raise self._write_error
+                writer.put(self._screen(done, held_back))  # waits while runtime.write_queue videos wait
+                if writer.error:
+                    raise writer.error
             # The rank ends normally: rows held back in a streak of equal failures did fail.
             if held_back:
-                self._put(writes, held_back)
-            self._put(writes, _END)
+                writer.put(held_back)
+            writer.end()
         except DeviceFailure:
             raise  # the streak's rows and the unit in hand stay unrecorded: their units are given back
         except BaseException:
             if held_back:
-                self._put(writes, held_back)
+                writer.put(held_back)
             raise
         finally:
             feed.close()
             loader.shutdown(wait=True)
-            if self.overlap:
-                writes.put(None)  # finish what is queued: those rows are computed, keep them
-                writer.join()
+            writer.close()  # finish what is queued: those rows are computed, keep them
             self.stats.wall_seconds = time.perf_counter() - started
             self.save_stats()
-        if self._write_error:
-            raise self._write_error
+        if writer.error:
+            raise writer.error
         return self.stats
-
-    def _put(self, writes: queue.Queue, done: list[Done]) -> None:
-        if self.overlap:
-            writes.put(done)
-        else:
-            self._write_batch(done)
 
     def _expected_seconds(self, cost: float) -> float | None:
         recent = self._seconds_per_cost[-8:]
@@ -283,120 +236,6 @@ class RankWorker:
                     o.input_image = image
             self.stats.recompiles_after_warmup = gen.recompiles() if gen.compiled else None
         return out
-
-    # -- writing ------------------------------------------------------------------------------------------
-    def _writer_loop(self, writes: queue.Queue) -> None:
-        while True:
-            done = writes.get()
-            if done is None:
-                return
-            if self._write_error is None:
-                try:
-                    self._write_batch(done)
-                except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
-                    self._write_error = exc
-
-    def _write_batch(self, done: list[Done]) -> None:
-        # A source that is down is the run's error, not the rows': their records are held back (outage.py), and
-        # SourceOutage stops the run if it does not come back. Held rows keep their units in hand.
-        rows = self.outage.release() if done is _END else self.outage.screen(
-            (o.row.image_uri, None if o.loaded else o.error, o) for o in done)
-        for o in rows:
-            ticket = o.ticket
-            if ticket is not None and self.units.superseded(ticket):
-                # Another member took this unit over while this one was paused or cut off: its record stands.
-                if ticket not in self._dropped:
-                    self._dropped.add(ticket)
-                    self.log(f"svd-batch: unit {ticket.unit} was taken over by another process while this one "
-                             "was not heard from; its result here is dropped")
-            elif not self._write_row(o):
-                continue  # given back: its unit stays in hand, unfinished
-            if ticket is not None:
-                self._pending[ticket] -= 1
-                if self._pending[ticket] == 0:
-                    del self._pending[ticket]
-                    self.units.finished(ticket)
-
-    def _write_row(self, o: Done) -> bool:
-        """Write the row's video and record; False when the row is given back instead (see below)."""
-        row, s, rd = o.row, self.settings, self.rundir
-        t = time.perf_counter()
-        status, error, video_path, frames_hash = "failed", o.error, None, None
-        scores: dict[str, float | None] = {"motion_score": None, "image_similarity": None, "flicker_score": None}
-        if o.frames is not None and o.error is None:
-            try:
-                frames_hash = frames_sha256(o.frames)
-                v = s.video
-                write_mp4(o.frames, rd.video_path(row.id), int(row.fps), crf=v.crf, codec=v.codec,
-                          pix_fmt=v.pix_fmt, preset=v.preset)
-                # The conditioning image as the model saw it: the same resize generate.py does, off the model's thread.
-                seen = o.input_image.resize((int(row.width), int(row.height))) if o.input_image is not None else None
-                if row.row <= self.thumb_max_row:
-                    save_thumbnails(rd.thumb_path(row.id), o.frames, seen)
-                if seen is not None:
-                    rd.save_input(row.id, seen)
-                if s.report.scores:  # from the files just written: what svd-batch-score reads too
-                    scores = scores_for_record(rd.video_path(row.id),
-                                               rd.input_path(row.id) if seen is not None else None, self.embed)
-                status, error, video_path = "ok", None, os.path.relpath(rd.video_path(row.id), rd.root)
-            except Exception as exc:  # noqa: BLE001 - e.g. ffmpeg failing on this row
-                if is_output_error(exc) or self._folder_refuses_writes():
-                    raise output_folder_error(exc, rd.root) from None
-                frames_hash, error = None, f"row {row.id}: write failed: {type(exc).__name__}: {first_line(exc)}"
-        write_seconds = time.perf_counter() - t
-        if status == "failed" and self.stop():
-            # A stop signal reaches the whole process group (Ctrl-C, a scheduler): whatever failed after it may
-            # have failed because of it. The row is left for the next run instead of recorded failed.
-            self.log(f"svd-batch: row {row.id} failed after a stop signal ({error}); left for the next run")
-            return False
-        record = Record(
-            id=row.id, status=status, error=error, video_path=video_path, image=row.image, image_uri=row.image_uri,
-            row=row.row, seed=row.seed, fps=row.fps, motion_bucket_id=row.motion_bucket_id,
-            noise_aug_strength=row.noise_aug_strength, num_frames=row.num_frames,
-            num_inference_steps=row.num_inference_steps, height=row.height, width=row.width,
-            min_guidance_scale=row.min_guidance_scale, max_guidance_scale=row.max_guidance_scale,
-            decode_chunk_size=o.decode_chunk_size, frames_sha256=frames_hash, image_sha256=row.image_sha256,
-            load_seconds=o.load_seconds, generate_seconds=o.generate_seconds, write_seconds=write_seconds,
-            total_seconds=o.load_seconds + (o.generate_seconds or 0.0) + write_seconds,
-            peak_vram_bytes=o.peak_vram_bytes, peak_host_memory_bytes=peak_host_memory_bytes(),
-            memory_mode=o.memory_mode, batch_size=o.batch_size, compiled=s.runtime.compile, attention=o.attention,
-            sampler=s.generation.sampler, model=s.model.name, device=str(self.gen.device), rank=self.rank,
-            world_size=self.world,
-            host=self.stats.host, started_at=o.started_at, finished_at=_now(), **scores)
-        try:
-            self.parts.add(record)
-        except OSError as exc:
-            if is_output_error(exc):
-                raise output_folder_error(exc, rd.root) from None
-            raise
-        self.stats.rows += 1
-        if record.status == "ok":
-            self.stats.ok += 1
-            self.stats.ok_seconds.append(record.total_seconds)
-        else:
-            self.stats.failed += 1
-            self.log(f"svd-batch: {record.error}")
-        self.units.recorded(self.parts.written, rows=self.stats.rows, ok=self.stats.ok, failed=self.stats.failed)
-        self.progress.update(1)
-        return True
-
-    def _folder_refuses_writes(self) -> bool:
-        """After a failed video write: can the output folder still take a small file? If not, the disk is to
-        blame (ffmpeg does not always say so), not the row."""
-        probe = os.path.join(self.rundir.videos, f".probe.tmp-{os.getpid()}")
-        try:
-            with open(probe, "wb") as f:
-                f.write(b"\0" * 65536)
-                f.flush()
-                os.fsync(f.fileno())
-            return False
-        except OSError as exc:
-            return is_output_error(exc)
-        finally:
-            try:
-                os.unlink(probe)
-            except OSError:
-                pass
 
     def save_stats(self) -> None:
         """Statistics are for people: a full disk must not hide the error that stopped the run behind this one."""

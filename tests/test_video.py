@@ -96,3 +96,65 @@ def test_ffmpeg_hit_by_a_stop_signal_encodes_once_more(tmp_path, monkeypatch):
     monkeypatch.setattr(video.subprocess, "run", run)
     write_mp4(np.zeros((3, 16, 16, 3), np.uint8), str(tmp_path / "v.mp4"), fps=7)
     assert len(calls) == 2 and os.listdir(tmp_path) == ["v.mp4"]
+
+
+def ffmpeg_tags(path) -> dict:
+    """The container's tags as ffmpeg itself prints them (``ffmpeg -i file -f ffmetadata -``: what ffprobe shows),
+    unescaped as the ffmetadata format says (a backslash before '=', ';', '#', '\\' and newline)."""
+    import subprocess
+
+    out = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-i", str(path),
+                          "-f", "ffmetadata", "-"], capture_output=True, check=True).stdout.decode()
+    tags, key, value, escaped = {}, None, [], False
+    for ch in out.split("\n", 1)[1]:  # after the ";FFMETADATA1" header
+        if escaped:
+            value.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == "\n":
+            if key is not None:
+                tags[key] = "".join(value)
+            key, value = None, []
+        elif ch == "=" and key is None:
+            key, value = "".join(value), []
+        else:
+            value.append(ch)
+    return tags
+
+
+@pytest.mark.process
+def test_the_recipe_rides_in_the_comment_tag_and_changes_no_frame(tmp_path):
+    import json
+
+    from svd_batch.video import read_mp4 as decode, recipe_comment
+
+    frames = np.random.default_rng(1).integers(0, 255, (4, 32, 48, 3), dtype=np.uint8)
+    recipe = {"id": "a=b;c#d\\e ü", "seed": 7, "model": "svd_xt", "sampler": "euler", "fps": 6,
+              "max_guidance_scale": 3.0, "svd_batch": "0.1.0"}
+    write_mp4(frames, str(tmp_path / "plain.mp4"), fps=6)
+    write_mp4(frames, str(tmp_path / "tagged.mp4"), fps=6, comment=recipe_comment(recipe))
+    assert json.loads(ffmpeg_tags(tmp_path / "tagged.mp4")["comment"]) == recipe
+    assert "comment" not in ffmpeg_tags(tmp_path / "plain.mp4")
+    assert np.array_equal(decode(str(tmp_path / "plain.mp4")), decode(str(tmp_path / "tagged.mp4")))
+
+
+@pytest.mark.process
+def test_the_frames_ffmpeg_decodes_while_writing_are_those_a_reader_of_the_file_gets(tmp_path):
+    """The run scores what the encoder's loopback decoder gives; svd-batch-score reads the file: both must see the
+    same frames (the run's and the rescore's values are equal), and asking for them changes no byte of the file."""
+    from svd_batch.video import read_mp4 as decode
+
+    rng = np.random.default_rng(3)
+    y, x = np.mgrid[0:40, 0:72]
+    base = np.stack([x * 3, y * 5, (x + y) * 2], axis=-1).astype(np.uint8)
+    cases = {"noise": rng.integers(0, 256, (9, 48, 64, 3), dtype=np.uint8),
+             "smooth": np.stack([np.roll(base, 2 * i, axis=1) for i in range(11)]),
+             "odd size": rng.integers(0, 256, (5, 30, 46, 3), dtype=np.uint8)}
+    for name, frames in cases.items():
+        for fps in (6, 9):
+            back = write_mp4(frames, str(tmp_path / "a.mp4"), fps=fps, decode=True)
+            write_mp4(frames, str(tmp_path / "b.mp4"), fps=fps)
+            assert back is not None and np.array_equal(back, decode(str(tmp_path / "a.mp4"))), (name, fps)
+            assert (tmp_path / "a.mp4").read_bytes() == (tmp_path / "b.mp4").read_bytes(), (name, fps)
+            assert write_mp4(frames, str(tmp_path / "c.mp4"), fps=fps) is None
