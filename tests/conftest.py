@@ -268,3 +268,23 @@ def input_file(out: Path, row_id: str) -> Path:
 def video_names(out: Path) -> list[str]:
     """The names of the files under videos/, in any subfolder."""
     return sorted(f for _, _, fs in os.walk(out / "videos") for f in fs)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, through /proc: torchrun starts its workers in sessions of their own, and
+    SLURM signals all of a job step's processes."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    todo, found = list(children.get(pid, [])), []
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo += children.get(p, [])
+    return found

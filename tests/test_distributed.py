@@ -7,6 +7,7 @@ import pyarrow.compute as pc
 import pytest
 
 from tests.conftest import (
+    descendants,
     free_port,
     launch,
     part_records,
@@ -123,25 +124,6 @@ def test_sigterm_on_two_processes_then_resume_on_one(manifest, reference, tmp_pa
 
 
 # -- the executor (issue 10): claims, no waiting on lost ranks, one clean exit ------------------------------
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid``, through /proc: torchrun starts its workers in sessions of their own."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    todo, tree = list(children.get(pid, [])), []
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo += children.get(p, [])
-    return tree
-
 
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and every descendant, found through /proc (they may sit in other sessions)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (REPO, SAMPLE, cli_args, free_port, needs_model, part_records, read_results, run_cli,
+from tests.conftest import (REPO, SAMPLE, cli_args, descendants, free_port, needs_model, part_records, read_results, run_cli,
                             tmp_files, write_manifest)
 
 N_ROWS = 8
@@ -89,21 +89,7 @@ def members(out: Path) -> list[dict]:
 
 def tree(pid: int) -> list[int]:
     """``pid`` and every process below it: what SLURM signals for a job step (all of the step's processes)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        found.append(p)
-        todo.extend(children.get(p, []))
-    return found
+    return [pid, *descendants(pid)]
 
 
 def wait_until(pred, what: str, proc: subprocess.Popen, timeout: float = 240.0):
