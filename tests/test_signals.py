@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (REPO, SAMPLE, cli_args, descendants, free_port, needs_model, part_records, read_results, run_cli,
-                            tmp_files, write_manifest)
+from tests.conftest import (REPO, SAMPLE, cli_args, descendants, free_port, needs_model, part_records, read_results,
+                            run_cli, tmp_files, write_manifest)
 
 N_ROWS = 8
 FAST = ["runtime.lease_seconds=4", "runtime.heartbeat_seconds=0.5", "report.enabled=false"]
