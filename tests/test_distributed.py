@@ -185,7 +185,9 @@ def test_a_lost_node_s_units_are_finished_by_the_survivor(manifest, reference, t
 
     out = tmp_path / "out"
     nodes = two_nodes(f"manifest.path={manifest}", f"output.dir={out}", "report.enabled=false",
-                      "runtime.lease_seconds=600", env={"SVD_BATCH_INJECT_SLOW": "1:3"})  # node 1 mostly mid-row
+                      "runtime.lease_seconds=600", env={"SVD_BATCH_INJECT_SLOW": "1:40"})
+    # Node 1 idles 40x a row's time after each unit, holding the unit it claimed ahead: killed while it holds one
+    # for certain (at 1:3 it could finish its share between the check below and the kill, and nothing was lost).
 
     def member(rank):
         for p in (out / ".svd-batch" / "members").glob("*.json"):
