@@ -185,9 +185,7 @@ def test_a_lost_node_s_units_are_finished_by_the_survivor(manifest, reference, t
 
     out = tmp_path / "out"
     nodes = two_nodes(f"manifest.path={manifest}", f"output.dir={out}", "report.enabled=false",
-                      "runtime.lease_seconds=600", env={"SVD_BATCH_INJECT_SLOW": "1:40"})
-    # Node 1 idles 40x a row's time after each unit, holding the unit it claimed ahead: killed while it holds one
-    # for certain (at 1:3 it could finish its share between the check below and the kill, and nothing was lost).
+                      "runtime.lease_seconds=600", env={"SVD_BATCH_INJECT_SLOW": "0:1,1:3"})
 
     def member(rank):
         for p in (out / ".svd-batch" / "members").glob("*.json"):
@@ -196,10 +194,19 @@ def test_a_lost_node_s_units_are_finished_by_the_survivor(manifest, reference, t
                 return d
         return None
 
+    # Rank 1 is paused to look at it: killed only when it holds a unit (else it is let go and looked at again),
+    # so there surely is a unit to take over; a look without the pause could see a unit it finishes meanwhile.
     deadline = time.time() + 300
-    while not ((out / ".svd-batch" / "members").is_dir() and (m := member(1)) and m["rows"] >= 1 and m["holding"]):
-        assert time.time() < deadline, "rank 1 recorded nothing"
-        time.sleep(0.1)
+    while True:
+        assert time.time() < deadline, "rank 1 was never seen holding a unit"
+        m = member(1) if (out / ".svd-batch" / "members").is_dir() else None
+        if m is not None and m["exit_code"] is None:
+            os.kill(m["pid"], signal.SIGSTOP)
+            m = member(1)
+            if m["holding"] and m["exit_code"] is None:
+                break
+            os.kill(m["pid"], signal.SIGCONT)
+        time.sleep(0.05)
     kill_tree(nodes[1].pid)  # the whole node goes: launcher and worker (torchrun starts workers in sessions of their own)
     killed_at = time.time()
     nodes[1].wait()
