@@ -167,8 +167,10 @@ def _from_members(members, job, rec: Records, now: float) -> dict[str, Any]:
     views = sorted((_member_view(m, rec, now) for m in current), key=lambda v: (v["rank"] is None, v["rank"] or 0))
     alive = any(v["alive"] for v in views)
     state = "running" if alive else ("finished" if (job or {}).get("state") == "complete" else "stopped")
-    rows = sum(v["rows"] for v in views)
     first = min((v["started_at"] for v in views), default=now)
+    # A member's counts reach its file with its next heartbeat, its records before that: the run's rows are
+    # the more of the two (a snapshot in a run's first seconds would otherwise have records but no rate).
+    rows = max(sum(v["rows"] for v in views), int(np.sum(rec.fin >= first)) if rec.n else 0)
     end = now if alive else max((float(m.get("beat_at") or first) for m in current), default=first)
     return {"state": state, "members": views, "run_rows": rows,
             "rows_per_minute": 60.0 * rows / (end - first) if rows and end > first else None,

@@ -144,6 +144,20 @@ def test_running_rate_and_eta_are_the_current_run_s(resumed_run):
     assert "state: running" in text and "rate (this run: 30 rows): 6.0 rows/min, ETA 11m40s" in text
 
 
+def test_rows_recorded_before_the_members_next_heartbeat_count_in_the_rate(resumed_run):
+    """Records are durable before the member's file says so (its counts go out with its next heartbeat): a
+    snapshot in between still has the current run's rows, a rate and an ETA (CI caught one with none)."""
+    root, start = resumed_run
+    fds = [member(root, "L2", r, state="working", started=start, beat=NOW - 1, rows=0, hold=True) for r in (0, 1)]
+    try:
+        st = collect(str(root), now=dt.datetime.fromtimestamp(NOW, dt.timezone.utc))
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert st["state"] == "running" and st["run_rows"] == 30 and abs(st["rows_per_minute"] - 6.0) < 1e-6
+    assert st["eta_seconds"] is not None and st["eta_seconds"] > 0
+
+
 def test_a_run_whose_members_are_gone_is_stopped_with_no_eta(resumed_run):
     root, start = resumed_run
     # Killed: their files still say "working", but nobody holds their locks any more.
